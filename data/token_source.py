@@ -1,0 +1,38 @@
+"""The TokenSource record every source builds, plus the pieces all sources share."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+BYTE_VOCAB_SIZE = 256
+
+
+@dataclass
+class TokenSource:
+    """A train/validation split of one token stream and the codec that produced it."""
+
+    train: torch.Tensor  # 1-D integer tensor, any dtype; the sampler widens to int64 per batch
+    val: torch.Tensor  # 1-D held-out tail of the same stream
+    vocab_size: int
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+
+
+def encode_bytes(text: str) -> list[int]:
+    """Encode text as its UTF-8 bytes (the byte-level tokenizer)."""
+    return list(text.encode("utf-8"))
+
+
+def decode_bytes(ids: list[int]) -> str:
+    """Decode UTF-8 byte ids, replacing invalid sequences rather than failing."""
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+def split_holdout(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a stream into (train, val) views, val being the last `val_fraction` of it."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(len(tokens) * val_fraction)
+    n_train = len(tokens) - n_val
+    return tokens[:n_train], tokens[n_train:]

@@ -1,0 +1,164 @@
+"""`python -m launcher.train [overrides]`: the Hydra entry point, alone or under torchrun.
+
+Config is validated (exit code 2, one line) before any process group starts. Under torchrun
+every rank runs this; all agree on one run directory and only rank 0 writes shared files.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from data import DistributedBatchSampler, TokenSource, build_token_source, validation_batches
+from launcher.config import Config, ConfigError, load_config, validate
+from launcher.generate import generate
+from launcher.metrics import MetricsLogger
+from launcher.trainer import Trainer
+from models.llama import ModelArgs
+from parallel.mesh import build_mesh, resolve_device
+from parallel.parallelize import parallelize
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_GROUPS = ("model", "data", "parallel")
+
+
+@dataclass
+class TrainSummary:
+    """Per-step losses (every rank knows them) and the final validation loss."""
+
+    losses: list[float] = field(default_factory=list)
+    val_loss: float | None = None
+    sample: str | None = None
+    trainer: Trainer | None = None
+
+
+def model_args(cfg: Config) -> ModelArgs:
+    """The architecture part of the model config."""
+    return ModelArgs(**{f.name: getattr(cfg.model, f.name) for f in fields(ModelArgs)})
+
+
+def load_data(cfg: Config) -> TokenSource:
+    """Build the token source; a missing or unreadable file is a config error."""
+    d = cfg.data
+    try:
+        source = build_token_source(d.source, d.path, d.tokenizer, d.val_fraction, d.max_bytes)
+    except (FileNotFoundError, ValueError) as err:
+        field_name = "data.tokenizer" if d.tokenizer and d.tokenizer in str(err) else "data.path"
+        raise ConfigError(field_name, getattr(d, field_name.split(".")[1]), str(err)) from None
+    if source.vocab_size > cfg.model.vocab_size:
+        raise ConfigError("model.vocab_size", cfg.model.vocab_size,
+                          f"the data has {source.vocab_size} token ids; set model.vocab_size >= that")
+    return source
+
+
+def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> TrainSummary:
+    """Train on an already started (or startable) process group; returns the losses."""
+    par = cfg.parallel
+    device = resolve_device(cfg.device)
+    mesh = build_mesh(device, par.dp, par.pp, par.tp)
+    torch.manual_seed(cfg.train.seed)
+    model = parallelize(
+        model_args(cfg), mesh, device, cfg.train.seed,
+        virtual_stages=par.virtual_stages, schedule=par.schedule, microbatches=par.microbatches,
+        layers=par.layers_per_stage, dp_shard=par.dp_shard,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+    )
+    dp_rank, dp = mesh["dp"].get_local_rank(), par.dp
+    sampler = DistributedBatchSampler(tokens.train, cfg.train.seq_len, cfg.train.global_batch_size,
+                                      dp_rank, dp, cfg.train.seed)
+    trainer = Trainer(cfg, model, sampler, device)
+    val = validation_batches(tokens.val, cfg.train.seq_len, cfg.train.global_batch_size // dp,
+                             cfg.train.val_batches)
+    is_rank0 = dist.get_rank() == 0
+    logger = MetricsLogger(run_dir, is_rank0) if run_dir is not None else None
+    summary = TrainSummary(trainer=trainer)
+    t = cfg.train
+    tokens_per_step = t.global_batch_size * t.seq_len
+    last_time, last_step = time.perf_counter(), trainer.step
+    while trainer.step < t.steps:
+        result = trainer.train_step()
+        loss = trainer.global_mean(result.loss)  # one sync per step (not per microbatch)
+        summary.losses.append(loss)
+        done = trainer.step == t.steps
+        if logger and (trainer.step % t.log_interval == 0 or done):
+            now = time.perf_counter()
+            record = {"step": trainer.step, "loss": loss, "lr": trainer.lr_scheduler.get_last_lr()[0],
+                      "grad_norm": result.grad_norm.item(),
+                      "tokens_per_s": tokens_per_step * (trainer.step - last_step) / (now - last_time)}
+            if trainer.step % t.val_interval == 0 or done:
+                record["val_loss"] = summary.val_loss = trainer.global_mean(trainer.evaluate(val))
+            logger.log(record)
+            last_time, last_step = time.perf_counter(), trainer.step
+    if t.sample_tokens > 0 and par.pp == 1:
+        prompt = tokens.encode("def ")
+        out = generate(model.chunks[0], prompt, t.sample_tokens, cfg.model.max_seq_len, seed=t.seed)
+        summary.sample = tokens.decode(prompt + out)
+        if is_rank0:
+            print(f"\n--- sample from the trained model ---\n{summary.sample}\n---", flush=True)
+    if logger:
+        logger.close()
+    return summary
+
+
+def _run_dir_name() -> str:
+    """One name all ranks of a job agree on: the rendezvous id under torchrun, else the time."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none":
+        return f"run-{run_id[:16]}"
+    return datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+
+
+OmegaConf.register_new_resolver("run_dir_name", _run_dir_name, replace=True)
+
+
+def _fail(err: ConfigError) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(str(err).replace("\n", " "), file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def _hydra_main(raw: DictConfig) -> None:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = load_config(raw)
+        validate(cfg, world_size)
+        tokens = load_data(cfg)
+    except ConfigError as err:
+        _fail(err)
+    run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    try:
+        train(cfg, tokens, run_dir)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _check_group_choices(argv: list[str]) -> None:
+    """An unknown flavor (`model=llama3_9b`) is refused with the list of known ones."""
+    for arg in argv:
+        group, _, choice = arg.partition("=")
+        if group in CONFIG_GROUPS and choice and not (CONF_DIR / group / f"{choice}.yaml").is_file():
+            known = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+            _fail(ConfigError(group, choice, f"unknown {group}; choose one of {', '.join(known)}"))
+
+
+def main() -> None:
+    """Entry point: check group names, keep non-zero ranks from writing Hydra's files, run."""
+    _check_group_choices(sys.argv[1:])
+    if int(os.environ.get("RANK", "0")) != 0:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

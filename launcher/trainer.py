@@ -1,0 +1,164 @@
+"""The training loop: one step = all microbatches of a global batch, then clip and update.
+
+Loss semantics match one process whatever the layout: each microbatch contributes its token
+mean divided by the number of microbatches, and data parallelism averages across dp ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+
+from data import DistributedBatchSampler
+from launcher.config import Config
+from parallel.grad_clip import clip_grad_norm
+from parallel.loss import cross_entropy, loss_context
+from parallel.parallelize import ParallelModel
+
+
+def build_optimizer(model: ParallelModel, cfg: Config) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms (1-D parameters), as in Llama."""
+    params = model.parameters()
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    o = cfg.optim
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+    )
+
+
+def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to min_ratio at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up + cosine as a LambdaLR (its state is saved with checkpoints)."""
+    o, steps = cfg.optim, cfg.train.steps
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, o.warmup_steps, steps, o.min_lr_ratio)
+    )
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast where asked (default on CUDA); plain fp32 otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _set_gradient_sync(model: ParallelModel, enabled: bool) -> None:
+    for chunk in model.chunks:
+        if isinstance(chunk, FSDPModule):
+            chunk.set_requires_gradient_sync(enabled)
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced, as tensors (no host sync until someone reads them)."""
+
+    loss: torch.Tensor  # this rank's mean loss (0 on ranks without the last stage)
+    grad_norm: torch.Tensor
+
+
+@dataclass
+class Trainer:
+    """Drives one ParallelModel through forward, backward and update, step after step."""
+
+    cfg: Config
+    model: ParallelModel
+    sampler: DistributedBatchSampler
+    device: torch.device
+    optimizer: torch.optim.Optimizer = field(init=False)
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
+    step: int = 0
+
+    def __post_init__(self) -> None:
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cfg)
+        self._tp = self.model.mesh["tp"].size()
+        self._pp_group = self.model.mesh["pp"].get_group() if self.model.mesh["pp"].size() > 1 else None
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Accumulate gradients over the microbatches of this rank's batch; return its mean loss."""
+        m = self.cfg.parallel.microbatches
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        with autocast(self.device, self.cfg.precision), loss_context(self._tp):
+            if self.model.schedule is not None:
+                losses: list[torch.Tensor] = []
+                args = (inputs,) if self.model.has_first_stage else ()
+                target = targets if self.model.has_last_stage else None
+                self.model.schedule.step(*args, target=target, losses=losses)
+                if not losses:
+                    return torch.zeros((), device=self.device)
+                return _local(torch.stack([_local(x) for x in losses]).mean())
+            chunk = self.model.chunks[0]
+            total = torch.zeros((), device=self.device)
+            for i, (x, y) in enumerate(zip(inputs.chunk(m), targets.chunk(m))):
+                _set_gradient_sync(self.model, i == m - 1)  # reduce across dp once, at the end
+                loss = cross_entropy(chunk(x), y) / m
+                loss.backward()
+                total += _local(loss.detach())
+            return total
+
+    def train_step(self) -> StepResult:
+        """One optimizer step on the next global batch."""
+        inputs, targets = self.sampler.next_batch()
+        loss = self.forward_backward(inputs, targets)
+        grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip, self._pp_group)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return StepResult(loss, grad_norm)
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Mean loss over fixed validation batches (every rank evaluates the same ones)."""
+        total = torch.zeros((), device=self.device)
+        with autocast(self.device, self.cfg.precision), loss_context(self._tp):
+            for inputs, targets in batches:
+                inputs, targets = inputs.to(self.device), targets.to(self.device)
+                if self.model.schedule is None:
+                    total += _local(cross_entropy(self.model.chunks[0](inputs), targets))
+                    continue
+                losses: list[torch.Tensor] = []
+                args = (inputs,) if self.model.has_first_stage else ()
+                target = targets if self.model.has_last_stage else None
+                self.model.schedule.eval(*args, target=target, losses=losses)
+                if losses:
+                    total += _local(torch.stack([_local(x) for x in losses]).mean())
+        return total / len(batches)
+
+    def global_mean(self, value: torch.Tensor) -> float:
+        """Average a per-rank loss over dp; pick it from the last pipeline stage (a host sync)."""
+        value = value.detach().clone()
+        if dist.get_world_size() > 1:
+            # ranks without the last stage hold 0; every tp rank of it holds the same value
+            dist.all_reduce(value)
+            value /= self.model.mesh["dp"].size() * self._tp
+        return value.item()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a (replicated) DTensor loss; plain tensors pass through."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def timed_steps(trainer: Trainer, n: int) -> float:
+    """Run n steps and return their wall time in seconds (syncing once at the end)."""
+    start = time.perf_counter()
+    for _ in range(n):
+        result = trainer.train_step()
+    result.loss.item()  # one host sync so queued device work is counted
+    return time.perf_counter() - start

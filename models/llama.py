@@ -1,0 +1,203 @@
+"""A Llama-3-style decoder written as plain single-device PyTorch.
+
+Parallelism is applied from outside (see parallel/): blocks live in an nn.ModuleDict keyed by
+layer index, and the embedding, final norm and output head may be None on pipeline stages that
+do not own them, so parameter names stay the same however the model is split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    """Architecture of a Llama-3-style decoder."""
+
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int | None = None
+    vocab_size: int = 256
+    multiple_of: int = 64
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: bool = False  # Llama 3.1 long-context frequency scaling
+    rope_scale_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (GQA); equals n_heads when unset."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU hidden width, sized the way Llama sizes it."""
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+
+def rope_frequencies(args: ModelArgs, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with optional Llama 3.1 scaling."""
+    freqs = 1.0 / (
+        args.rope_theta
+        ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64, device=device) / args.head_dim)
+    )
+    if not args.rope_scaling:
+        return freqs.float()
+    low_wavelen = args.rope_original_max_seq_len / args.rope_low_freq_factor
+    high_wavelen = args.rope_original_max_seq_len / args.rope_high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (args.rope_original_max_seq_len / wavelen - args.rope_low_freq_factor) / (
+        args.rope_high_freq_factor - args.rope_low_freq_factor
+    )
+    smoothed = (1 - smooth) * freqs / args.rope_scale_factor + smooth * freqs
+    scaled = torch.where(wavelen > low_wavelen, freqs / args.rope_scale_factor, smoothed)
+    scaled = torch.where(wavelen < high_wavelen, freqs, scaled)
+    return scaled.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x [b, s, h, d] by the angles in cos/sin [s, d/2] (Meta layout)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention through scaled_dot_product_attention."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Attend causally over the sequence; head counts come from the weights (TP-agnostic)."""
+        b, s, _ = x.shape
+        q = apply_rope(self.wq(x).view(b, s, -1, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(b, s, -1, self.head_dim), cos, sin)
+        v = self.wv(x).view(b, s, -1, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        repeats = q.shape[1] // k.shape[1]
+        if repeats > 1:
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.ffn_hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.ffn_hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.ffn_hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Gated feed-forward."""
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm attention and feed-forward with residuals."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One decoder layer."""
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The decoder: embedding, blocks keyed by layer index, final norm, output head.
+
+    A pipeline stage is this same class with the parts it does not own set to None (or removed
+    from `layers`); forward skips whatever is missing.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.norm: nn.RMSNorm | None = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self._rope_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables for positions [0, seq_len), cached per length and device."""
+        key = (seq_len, device)
+        if key not in self._rope_cache:
+            angles = torch.outer(
+                torch.arange(seq_len, device=device, dtype=torch.float32),
+                rope_frequencies(self.args, device),
+            )
+            self._rope_cache[key] = (angles.cos(), angles.sin())
+        return self._rope_cache[key]
+
+    def forward(self, tokens_or_hidden: torch.Tensor) -> torch.Tensor:
+        """Token ids [b, s] (first stage) or hidden states [b, s, dim] in; logits or hidden out."""
+        h = tokens_or_hidden
+        if self.tok_embeddings is not None:
+            h = self.tok_embeddings(h)
+        cos, sin = self.rope(h.shape[1], h.device)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is not None:
+            h = self.output(h)
+        return h
+
+
+def initial_value(fqn: str, shape: torch.Size, args: ModelArgs, generator: torch.Generator) -> torch.Tensor:
+    """The full (unsharded) initial value of parameter `fqn`, drawn from `generator`.
+
+    Depends only on the name, the shape and the generator, never on how the model is split, so
+    every parallel layout starts from the same weights.
+    """
+    if fqn.endswith("norm.weight"):
+        return torch.ones(shape)
+    if fqn.startswith("tok_embeddings"):
+        std = 1.0
+    elif fqn.startswith("output"):
+        std = args.dim**-0.5
+    elif fqn.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        layer = int(fqn.split(".")[1])
+        std = 0.02 / math.sqrt(2 * (layer + 1))  # depth-scaled residual projections
+    else:
+        std = 0.02
+    return torch.randn(shape, generator=generator).clamp_(-3, 3) * std

@@ -1,0 +1,31 @@
+"""Gradient clipping by the true global norm: across tp and dp (DTensor) and all pp stages."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, pp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Clip in place and return the global L2 norm of all gradients of the whole model."""
+    grads = [p.grad for p in params if p.grad is not None]
+    # torch's get_total_norm cannot stack norms of DTensors on different meshes (TP-sharded
+    # linears live on (dp, tp), replicated norms on dp only), so reduce each group separately.
+    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
+    for g in grads:
+        groups[(g.device_mesh, g.placements) if isinstance(g, DTensor) else None].append(g)
+    squares = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm(group)
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
+    total_sq = torch.stack(squares).sum() if squares else torch.zeros(())
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        dist.all_reduce(total_sq, group=pp_group)  # each pp rank holds only its stages' grads
+    total = total_sq.sqrt()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total

@@ -1,0 +1,104 @@
+"""Config in, parallel model out: split into pipeline chunks, then TP, init, recompute, DP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining.schedules import _PipelineSchedule
+
+from models.llama import ModelArgs, Transformer
+from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.data_parallel import apply_data_parallel
+from parallel.init import init_parameters
+from parallel.loss import cross_entropy
+from parallel.pipeline import (
+    V_SHAPE_SCHEDULES,
+    build_schedule,
+    build_stage_module,
+    layers_per_stage,
+    stage_ids_for_rank,
+)
+from parallel.tensor_parallel import apply_tensor_parallel
+
+
+@dataclass
+class ParallelModel:
+    """The model chunks this rank owns and, under pipelining, the schedule that drives them."""
+
+    chunks: list[Transformer]
+    stage_ids: list[int]
+    n_stages: int
+    schedule: _PipelineSchedule | None
+    mesh: DeviceMesh
+
+    @property
+    def has_first_stage(self) -> bool:
+        """True if this rank embeds tokens (feeds the pipeline)."""
+        return 0 in self.stage_ids
+
+    @property
+    def has_last_stage(self) -> bool:
+        """True if this rank computes the logits and the loss."""
+        return self.n_stages - 1 in self.stage_ids
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """All parameters of all local chunks."""
+        return [p for chunk in self.chunks for p in chunk.parameters()]
+
+
+def n_pipeline_stages(pp: int, virtual_stages: int, schedule: str) -> int:
+    """Total pipeline stages: pp * v (V-shaped schedules always place two per rank)."""
+    return pp * (2 if schedule in V_SHAPE_SCHEDULES else virtual_stages)
+
+
+def parallelize(
+    args: ModelArgs,
+    mesh: DeviceMesh,
+    device: torch.device,
+    seed: int,
+    *,
+    virtual_stages: int = 1,
+    schedule: str = "1f1b",
+    microbatches: int = 1,
+    layers: list[int] | None = None,
+    dp_shard: bool = True,
+    activation_checkpointing: str = "none",
+) -> ParallelModel:
+    """Build this rank's part of the model on `mesh`, initialized identically for any layout."""
+    dp, pp, tp = (mesh[d].size() for d in ("dp", "pp", "tp"))
+    with torch.device("meta"):
+        whole = Transformer(args)
+    n_stages = n_pipeline_stages(pp, virtual_stages, schedule)
+    if n_stages == 1:
+        stage_ids, chunks = [0], [whole]
+    else:
+        counts = layers_per_stage(args.n_layers, n_stages, layers)
+        stage_ids = stage_ids_for_rank(mesh["pp"].get_local_rank(), pp, virtual_stages, schedule)
+        chunks = [build_stage_module(whole, sid, counts) for sid in stage_ids]
+    for chunk in chunks:
+        if tp > 1:
+            apply_tensor_parallel(chunk, mesh["tp"])
+        chunk.to_empty(device=device)
+        init_parameters(chunk, args, seed)
+        apply_activation_checkpointing(chunk, activation_checkpointing)
+        if dp > 1:
+            apply_data_parallel(chunk, mesh["dp"], shard=dp_shard, pipelined=pp > 1)
+    sched = None
+    if pp > 1:
+        sched = build_schedule(chunks, stage_ids, n_stages, schedule, microbatches, cross_entropy,
+                               device, mesh["pp"].get_group())
+    return ParallelModel(chunks, stage_ids, n_stages, sched, mesh)
+
+
+def full_state_dict(model: ParallelModel) -> dict[str, torch.Tensor]:
+    """Full (unsharded) parameters of this rank's chunks, by full-model name.
+
+    Collective over dp and tp: every rank of those groups must call it.
+    """
+    out = {}
+    for chunk in model.chunks:
+        for fqn, p in chunk.named_parameters():
+            out[fqn] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
+    return out

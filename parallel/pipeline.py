@@ -1,0 +1,108 @@
+"""Pipeline parallelism: split the model into pp x virtual_stages chunks, place them, schedule them.
+
+Splitting copies the whole model (on the meta device) and deletes what a stage does not own,
+so every parameter keeps its full-model name (`layers.7.attention.wq.weight`) on every layout.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (
+    PipelineScheduleMulti,
+    PipelineScheduleSingle,
+    get_schedule_class,
+)
+
+from models.llama import Transformer
+
+# the literature's names -> torch.distributed.pipelining's
+SCHEDULE_CLASS_NAMES = {
+    "gpipe": "GPipe",
+    "1f1b": "1F1B",
+    "interleaved_1f1b": "Interleaved1F1B",
+    "looped_bfs": "LoopedBFS",
+    "interleaved_zb": "InterleavedZeroBubble",
+    "zbv": "ZBVZeroBubble",
+    "dualpipev": "DualPipeV",
+}
+V_SHAPE_SCHEDULES = ("zbv", "dualpipev")
+
+
+def layers_per_stage(n_layers: int, n_stages: int, explicit: list[int] | None = None) -> list[int]:
+    """How many transformer blocks each pipeline stage holds.
+
+    Even when n_layers divides; otherwise the embedding and the output head each count as one
+    layer of work, so the first and last stages take one block fewer. Anything else must be
+    given explicitly: layers are never silently dropped.
+    """
+    if explicit is not None:
+        if len(explicit) != n_stages or sum(explicit) != n_layers or min(explicit) < 0:
+            raise ValueError(
+                f"needs {n_stages} non-negative entries (pp*virtual_stages) summing to "
+                f"n_layers={n_layers}, got {list(explicit)}"
+            )
+        return list(explicit)
+    if n_layers % n_stages == 0:
+        return [n_layers // n_stages] * n_stages
+    if n_stages > 1 and (n_layers + 2) % n_stages == 0:
+        per = (n_layers + 2) // n_stages
+        return [per - 1] + [per] * (n_stages - 2) + [per - 1]
+    even = [n_layers // n_stages + (1 if i < n_layers % n_stages else 0) for i in range(n_stages)]
+    raise ValueError(
+        f"n_layers={n_layers} does not split into pp*virtual_stages={n_stages} stages; "
+        f"choose pp*virtual_stages dividing {n_layers} (or {n_layers + 2} counting embedding and "
+        f"head) or set parallel.layers_per_stage, e.g. {even}"
+    )
+
+
+def stage_ids_for_rank(pp_rank: int, pp: int, virtual_stages: int, schedule: str) -> list[int]:
+    """The stages pipeline rank `pp_rank` runs: looped (s mod pp) or V-shaped (r and 2pp-1-r)."""
+    if schedule in V_SHAPE_SCHEDULES:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + k * pp for k in range(virtual_stages)]
+
+
+def build_stage_module(whole: Transformer, stage_id: int, counts: list[int]) -> Transformer:
+    """A copy of `whole` keeping only stage `stage_id`'s blocks (plus embedding/head at the ends)."""
+    stage = copy.deepcopy(whole)
+    first = sum(counts[:stage_id])
+    keep = {str(i) for i in range(first, first + counts[stage_id])}
+    for name in list(stage.layers.keys()):
+        if name not in keep:
+            del stage.layers[name]
+    if stage_id != 0:
+        stage.tok_embeddings = None
+    if stage_id != len(counts) - 1:
+        stage.norm = None
+        stage.output = None
+    return stage
+
+
+def build_schedule(
+    modules: list[nn.Module],
+    stage_ids: list[int],
+    n_stages: int,
+    schedule: str,
+    microbatches: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device,
+    pp_group: torch.distributed.ProcessGroup,
+) -> PipelineScheduleSingle | PipelineScheduleMulti:
+    """Wrap each local chunk in a PipelineStage and build the named torch schedule.
+
+    The loss function returns the mean over a microbatch's tokens and scale_grads divides the
+    summed gradients by the number of microbatches: the gradient of the batch mean.
+    """
+    stages = [
+        PipelineStage(module, sid, n_stages, device, group=pp_group)
+        for module, sid in zip(modules, stage_ids)
+    ]
+    cls = get_schedule_class(SCHEDULE_CLASS_NAMES[schedule])
+    if issubclass(cls, PipelineScheduleSingle):
+        return cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True)
+    return cls(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True)
