@@ -27,5 +27,7 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, pp_group: dist.P
         dist.all_reduce(total_sq, group=pp_group)  # each pp rank holds only its stages' grads
     total = total_sq.sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        # scale the local shards directly: torch's clip_grads_with_norm_ cannot mix meshes either
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], coef)
     return total
