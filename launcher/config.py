@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -108,6 +109,16 @@ class Config:
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16
 
 
+def register_schema_defaults() -> None:
+    """Give Hydra every schema key with its default (untyped), so any field can be overridden;
+    types are checked afterwards by load_config, which reports them as ConfigErrors."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(Config))
+    ConfigStore.instance().store(name="schema_defaults", node=defaults)
+
+
+register_schema_defaults()
+
+
 def load_config(raw: DictConfig) -> Config:
     """Merge Hydra's composed config onto the typed schema; type errors become ConfigErrors."""
     try:
@@ -196,7 +207,7 @@ def _validate_pipeline(m: ModelConfig, par: ParallelConfig) -> None:
     if s in ("interleaved_1f1b", "interleaved_zb"):
         rounds = max(1, mb // pp)
         _check(mb % rounds == 0, "parallel.microbatches", mb,
-               f"{s} needs a multiple of pp={pp} microbatches (or fewer than pp); e.g. {rounds * pp}")
+               f"{s} runs microbatches in rounds of pp={pp}; use a multiple of {pp}, e.g. {rounds * pp}")
     _check(not m.tie_embeddings, "model.tie_embeddings", True,
            "tied embeddings with pp > 1 put the embedding and head on different stages; "
            "set model.tie_embeddings=false (the default) or pp=1")

@@ -60,8 +60,8 @@ def load_data(cfg: Config) -> TokenSource:
     return source
 
 
-def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> TrainSummary:
-    """Train on an already started (or startable) process group; returns the losses."""
+def build_trainer(cfg: Config, tokens: TokenSource) -> Trainer:
+    """Start the process group and mesh, build this rank's model, sampler and optimizer."""
     par = cfg.parallel
     device = resolve_device(cfg.device)
     mesh = build_mesh(device, par.dp, par.pp, par.tp)
@@ -72,10 +72,16 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
         layers=par.layers_per_stage, dp_shard=par.dp_shard,
         activation_checkpointing=cfg.model.activation_checkpointing,
     )
-    dp_rank, dp = mesh["dp"].get_local_rank(), par.dp
     sampler = DistributedBatchSampler(tokens.train, cfg.train.seq_len, cfg.train.global_batch_size,
-                                      dp_rank, dp, cfg.train.seed)
-    trainer = Trainer(cfg, model, sampler, device)
+                                      mesh["dp"].get_local_rank(), par.dp, cfg.train.seed)
+    return Trainer(cfg, model, sampler, device)
+
+
+def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> TrainSummary:
+    """Train on an already started (or startable) process group; returns the losses."""
+    par = cfg.parallel
+    trainer = build_trainer(cfg, tokens)
+    model, dp = trainer.model, par.dp
     val = validation_batches(tokens.val, cfg.train.seq_len, cfg.train.global_batch_size // dp,
                              cfg.train.val_batches)
     is_rank0 = dist.get_rank() == 0
@@ -84,20 +90,21 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
     t = cfg.train
     tokens_per_step = t.global_batch_size * t.seq_len
     last_time, last_step = time.perf_counter(), trainer.step
+    step_losses: list[torch.Tensor] = []
     while trainer.step < t.steps:
         result = trainer.train_step()
-        loss = trainer.global_mean(result.loss)  # one sync per step (not per microbatch)
-        summary.losses.append(loss)
+        step_losses.append(trainer.global_mean(result.loss))  # a collective, no host sync
         done = trainer.step == t.steps
         if logger and (trainer.step % t.log_interval == 0 or done):
             now = time.perf_counter()
-            record = {"step": trainer.step, "loss": loss, "lr": trainer.lr_scheduler.get_last_lr()[0],
+            record = {"step": trainer.step, "loss": step_losses[-1].item(), "lr": trainer.lr_scheduler.get_last_lr()[0],
                       "grad_norm": result.grad_norm.item(),
                       "tokens_per_s": tokens_per_step * (trainer.step - last_step) / (now - last_time)}
             if trainer.step % t.val_interval == 0 or done:
-                record["val_loss"] = summary.val_loss = trainer.global_mean(trainer.evaluate(val))
+                record["val_loss"] = summary.val_loss = trainer.global_mean(trainer.evaluate(val)).item()
             logger.log(record)
             last_time, last_step = time.perf_counter(), trainer.step
+    summary.losses = torch.stack(step_losses).tolist() if step_losses else []
     if t.sample_tokens > 0 and par.pp == 1:
         prompt = tokens.encode("def ")
         out = generate(model.chunks[0], prompt, t.sample_tokens, cfg.model.max_seq_len, seed=t.seed)

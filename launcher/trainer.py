@@ -140,14 +140,14 @@ class Trainer:
                     total += _local(torch.stack([_local(x) for x in losses]).mean())
         return total / len(batches)
 
-    def global_mean(self, value: torch.Tensor) -> float:
-        """Average a per-rank loss over dp; pick it from the last pipeline stage (a host sync)."""
+    def global_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Average a per-rank loss over dp, taken from the last pipeline stage (no host sync)."""
         value = value.detach().clone()
         if dist.get_world_size() > 1:
             # ranks without the last stage hold 0; every tp rank of it holds the same value
             dist.all_reduce(value)
             value /= self.model.mesh["dp"].size() * self._tp
-        return value.item()
+        return value
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,48 @@
+"""Invalid mesh and schedule settings are refused by validate(), naming field and fix."""
+
+import subprocess
+import sys
+
+import pytest
+
+from launcher.config import ConfigError
+from tests.run_training import make_config
+
+CASES = [  # overrides, world size, field named in the error
+    (["parallel.pp=2", "parallel.microbatches=2", "parallel.schedule=1f1b", "parallel.virtual_stages=2"], 2,
+     "parallel.virtual_stages"),
+    (["parallel.pp=2", "parallel.schedule=zbv", "parallel.microbatches=4"], 2, "parallel.virtual_stages"),
+    (["parallel.pp=2", "parallel.schedule=1f1b", "parallel.microbatches=1"], 2, "parallel.microbatches"),
+    (["model=debug", "parallel.pp=4", "parallel.virtual_stages=2", "parallel.schedule=interleaved_1f1b",
+      "parallel.microbatches=9", "train.global_batch_size=18"], 4, "parallel.microbatches"),
+    (["model.n_layers=5", "parallel.pp=3", "parallel.microbatches=4"], 3, "parallel.layers_per_stage"),
+    (["parallel.tp=3"], 3, "model.n_heads"),
+    (["parallel.tp=8"], 8, "model.n_kv_heads"),
+    (["parallel.pp=2", "parallel.schedule=warp_speed"], 2, "parallel.schedule"),
+    (["parallel.dp=3"], 3, "train.global_batch_size"),
+    (["parallel.pp=2", "parallel.microbatches=2", "model.tie_embeddings=true"], 2, "model.tie_embeddings"),
+]
+
+
+@pytest.mark.parametrize("overrides,world,field", CASES)
+def test_refused(overrides: list[str], world: int, field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        make_config(overrides, world)
+    assert err.value.field_name == field, str(err.value)
+
+
+def test_tp_may_not_cross_a_node(monkeypatch) -> None:
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="inside one node"):
+        make_config(["parallel.tp=4"], 4)
+    make_config(["parallel.tp=4", "parallel.allow_cross_node_tp=true"], 4)
+
+
+def test_refused_before_any_process_group_under_torchrun() -> None:
+    # 2 ranks, pp=2 with 1 microbatch: refused by every rank before init_process_group, so
+    # torchrun returns promptly with exit code 2 from the workers instead of hanging in rendezvous
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "launcher.train", "parallel.pp=2", "parallel.microbatches=1"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "parallel.microbatches" in result.stderr
