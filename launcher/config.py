@@ -71,7 +71,7 @@ class ParallelConfig:
 class TrainConfig:
     """Length, batch and seed of the run."""
 
-    steps: int = 300
+    steps: int = 240
     global_batch_size: int = 16
     seq_len: int = 128
     seed: int = 0
