@@ -1,0 +1,340 @@
+"""Distributed checkpoints: per-shard safetensors via torch.distributed.checkpoint, atomic commits,
+exact resume, and loading into any (dp, pp, tp, v) layout.
+
+    root/step-00000100/
+        model/shard-0000R-model-00001-of-00001.safetensors   one file per writing rank (DCP)
+        optim/shard-0000R-model-00001-of-00001.safetensors   optimizer tensors (<name>.exp_avg, ...)
+        manifest.json     step, config, layout, sampler, lr schedule, RNG, file sizes/CRCs; LAST
+    root/latest           "step-00000100": moved only after a complete save (for people and tools)
+
+A save writes into root/.tmp-step-XXXXXXXX and rank 0 renames it once every shard and the
+manifest are on disk, so a directory named step-* with a manifest.json is always complete.
+
+Written by hand, because DCP's safetensors storage does not do it: the manifest (that storage
+holds only tensors; a non-tensor entry would be written raw in front of the safetensors data),
+the CRC32s (DCP keeps no checksums), and the tmp-dir commit and `latest` pointer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import (
+    CheckpointException,
+    HuggingFaceStorageReader,
+    HuggingFaceStorageWriter,
+)
+
+from parallel.checkpoint_state import (
+    CheckpointError,
+    TensorState,
+    load_model_state,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
+    param_group_settings,
+    restore_param_group_settings,
+    rng_state,
+    set_rng_state,
+)
+
+if TYPE_CHECKING:
+    from launcher.trainer import Trainer
+
+__all__ = ["CheckpointError", "find_latest", "load_checkpoint", "resume_path", "save_checkpoint"]
+
+FORMAT = "tridist-checkpoint-1"
+MANIFEST = "manifest.json"
+LATEST = "latest"
+STEP_PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+PARTS = ("model", "optim")  # one DCP save each, into a subdirectory of that name
+
+
+def checkpoint_name(step: int) -> str:
+    """Directory name of the checkpoint taken after `step` optimizer steps."""
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def _step_of(path: Path) -> int | None:
+    digits = path.name.removeprefix(STEP_PREFIX)
+    return int(digits) if path.name.startswith(STEP_PREFIX) and digits.isdigit() else None
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """Committed checkpoints under root, oldest first (.tmp dirs and manifest-less ones skipped)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _step_of(p) is not None and (p / MANIFEST).is_file()]
+    return sorted(found, key=_step_of)
+
+
+def find_latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under root, or None.
+
+    Scans the step-* directories rather than trusting `latest`: a job killed between the
+    rename and the pointer update leaves `latest` one checkpoint behind (or missing).
+    """
+    complete = _complete_checkpoints(Path(root))
+    return complete[-1] if complete else None
+
+
+def resume_path(resume: str, root: Path | None) -> Path | None:
+    """What `train.resume` names: none -> None; auto -> the newest checkpoint under root (None if
+    there is none yet); a path -> that checkpoint, or the newest one under a checkpoint root."""
+    if resume == "none" or (resume == "auto" and root is None):
+        return None
+    if resume == "auto":
+        return find_latest(root)
+    path = Path(resume)
+    if (path / MANIFEST).is_file():
+        return path
+    if (latest := find_latest(path)) is None:
+        raise CheckpointError(f"train.resume={resume}: no complete checkpoint (with {MANIFEST}) "
+                              "there")
+    return latest
+
+
+def _layout(trainer: Trainer) -> dict[str, Any]:
+    par = trainer.cfg.parallel
+    return {"world_size": dist.get_world_size(), "dp": par.dp, "pp": par.pp, "tp": par.tp,
+            "virtual_stages": par.virtual_stages, "schedule": par.schedule,
+            "dp_shard": par.dp_shard}
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _shard_files(directory: Path) -> list[str]:
+    """Every file of the DCP parts, relative to `directory`, in one order all ranks agree on."""
+    return sorted(str(p.relative_to(directory)) for part in PARTS
+                  for p in (directory / part).glob("*") if p.is_file())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write via a temporary name and os.replace, so readers see the old or the new file."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    root: Path, trainer: Trainer, extra: dict[str, Any] | None = None, keep: int | None = None
+) -> Path:
+    """Save model, optimizer and training state at trainer.step; every rank must call it.
+
+    Returns the committed directory. keep: how many complete checkpoints to retain (None = all).
+    """
+    root = Path(root)
+    name = checkpoint_name(trainer.step)
+    final, tmp = root / name, root / f"{TMP_PREFIX}{name}"
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # built (and JSON-checked) on every rank, before any collective, so a bad value fails everywhere
+    manifest = {
+        "format": FORMAT, "step": trainer.step,
+        "tokens_seen": trainer.sampler.samples_consumed * trainer.sampler.seq_len,
+        "torch_version": torch.__version__, "layout": _layout(trainer),
+        "config": dataclasses.asdict(trainer.cfg), "sampler": trainer.sampler.state_dict(),
+        "lr_scheduler": trainer.lr_scheduler.state_dict(),
+        "optimizer_param_groups": param_group_settings(trainer.optimizer), "extra": extra or {},
+    }
+    try:
+        json.dumps(manifest)
+    except TypeError as err:
+        raise CheckpointError(f"{final}: manifest entry is not JSON-serializable: {err}") from None
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a killed save
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+    dist.barrier()  # no rank writes into tmp before rank 0 has cleared it
+    for part, state in (("model", model_state(trainer.model)),
+                        ("optim", optimizer_state(trainer.model, trainer.optimizer))):
+        writer = HuggingFaceStorageWriter(str(tmp / part), save_distributed=True)
+        dcp.save(state.tensors, storage_writer=writer)
+    dist.barrier()  # every shard is on disk before anyone lists the directory
+    files = _shard_files(tmp)
+    mine = {f: {"bytes": (tmp / f).stat().st_size, "crc32": _crc32(tmp / f)}
+            for f in files[rank::world]}
+    gathered: list[Any] = [None] * world if rank == 0 else []
+    # rank 0 collects every rank's RNG state and its share of the file checksums
+    dist.gather_object({"rng": rng_state(), "files": mine}, gathered if rank == 0 else None, dst=0)
+    if rank == 0:
+        manifest["rng"] = _dedup_rng([g["rng"] for g in gathered])
+        files = {f: info for g in gathered for f, info in g["files"].items()}
+        manifest["files"] = {f: files[f] for f in sorted(files)}
+        _write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        _commit(root, tmp, final, keep)
+    dist.barrier()  # no rank goes on (or exits) before the checkpoint is committed
+    return final
+
+
+def _dedup_rng(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each distinct RNG state once plus, per rank, which one: ranks seeded alike share a state,
+    so the manifest stays small at thousands of ranks."""
+    states: list[dict[str, Any]] = []
+    keys: list[str] = []
+    of_rank = []
+    for state in per_rank:
+        key = json.dumps(state, sort_keys=True)
+        if key not in keys:
+            keys.append(key)
+            states.append(state)
+        of_rank.append(keys.index(key))
+    return {"states": states, "of_rank": of_rank}
+
+
+def _commit(root: Path, tmp: Path, final: Path, keep: int | None) -> None:
+    """Rename tmp into place, move `latest`, then drop checkpoints beyond the newest `keep`."""
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again (e.g. after resuming): swap it out
+        trash = root / f"{TMP_PREFIX}old-{final.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        final.rename(trash)
+        tmp.rename(final)
+        shutil.rmtree(trash)
+    else:
+        tmp.rename(final)
+    _fsync_dir(root)
+    _write_text(root / LATEST, final.name + "\n")
+    if keep is not None and keep > 0:
+        for old in _complete_checkpoints(root)[:-keep]:
+            if old != final:
+                shutil.rmtree(old)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST}; not a checkpoint, or an interrupted save")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{manifest_path}: unreadable ({err})") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r}, "
+                              f"expected {FORMAT!r}")
+    return manifest
+
+
+def _file_problems(path: Path, manifest: dict[str, Any], verify: bool) -> list[str]:
+    """Missing or resized shard files (checked by all ranks); CRCs of this rank's share."""
+    problems = []
+    listed = sorted(manifest["files"])
+    for rel in listed:
+        f = path / rel
+        expected = manifest["files"][rel]["bytes"]
+        if not f.is_file():
+            problems.append(f"missing shard file {f}")
+        elif (size := f.stat().st_size) != expected:
+            problems.append(f"shard file {f} has {size} bytes, the manifest says {expected}: "
+                            "truncated or overwritten")
+    if verify and not problems:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        for rel in listed[rank::world]:  # each rank reads a share, so the checkpoint is read once
+            if _crc32(path / rel) != manifest["files"][rel]["crc32"]:
+                problems.append(f"shard file {path / rel} is corrupt: "
+                                "its CRC32 differs from the manifest")
+    # the safetensors reader reads every *.safetensors file it finds, listed or not
+    unlisted = sorted(f for f in set(_shard_files(path)) - set(listed)
+                      if f.endswith(".safetensors"))
+    problems += [f"unexpected file {path / rel} (not in the manifest)" for rel in unlisted]
+    return problems
+
+
+def _all_problems(local: list[str]) -> list[str]:
+    """Every rank's problems, so that all raise together instead of some hanging in a collective."""
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local)
+    return sorted({p for rank_problems in everyone for p in rank_problems})
+
+
+def _raise_if_any(path: Path, problems: list[str]) -> None:
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CheckpointError(f"cannot load {path}: " + "; ".join(problems[:5]) + more)
+
+
+def _load_part(directory: Path, state: TensorState, what: str) -> None:
+    """Fill `state` in place from one DCP part, after checking names and shapes on all ranks."""
+    try:
+        saved = HuggingFaceStorageReader(str(directory)).read_metadata().state_dict_metadata
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{directory}: cannot read the safetensors headers: {err}") from None
+    problems = []
+    for name, tensor in state.tensors.items():
+        if name not in saved:
+            problems.append(f"{what} tensor {name!r} is not in the checkpoint")
+        elif tuple(saved[name].size) != tuple(tensor.shape):
+            problems.append(f"{what} tensor {name!r} has shape {list(saved[name].size)} in the "
+                            f"checkpoint but {list(tensor.shape)} in this model")
+    # names no rank of this model has mean the checkpoint is of another model
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (problems, sorted(state.tensors)))
+    problems = sorted({p for rank_problems, _ in everyone for p in rank_problems})
+    unknown = sorted(set(saved) - {n for _, names in everyone for n in names})
+    if unknown:
+        problems.append(f"it holds {len(unknown)} {what} tensors this model lacks, e.g. "
+                        f"{unknown[:3]}: a checkpoint of another model?")
+    _raise_if_any(directory, problems)
+    try:
+        dcp.load(state.tensors, storage_reader=HuggingFaceStorageReader(str(directory)))
+    except CheckpointException as err:  # raised on every rank: DCP gathers failures
+        raise CheckpointError(f"{directory}: reading the shards failed: {err}") from None
+
+
+def load_checkpoint(path: Path, trainer: Trainer, verify: bool = True) -> dict[str, Any]:
+    """Restore everything save_checkpoint wrote into `trainer`, whatever its layout.
+
+    Every rank must call it. Returns the manifest (its "extra" is what the saver passed).
+    verify: also check each shard's CRC32 (each rank reads a share of the files).
+    """
+    path = Path(path)
+    manifest = _read_manifest(path)
+    _raise_if_any(path, _all_problems(_file_problems(path, manifest, verify)))
+    # optimizer tensors first: creating them on a fresh optimizer takes a zero-lr step
+    optim = optimizer_state(trainer.model, trainer.optimizer)
+    model = model_state(trainer.model)
+    _load_part(path / "model", model, "model")
+    _load_part(path / "optim", optim, "optimizer")
+    load_model_state(trainer.model, model)
+    load_optimizer_state(trainer.model, trainer.optimizer, optim)
+    restore_param_group_settings(trainer.optimizer, manifest["optimizer_param_groups"])
+    trainer.lr_scheduler.load_state_dict(manifest["lr_scheduler"])
+    try:
+        trainer.sampler.load_state_dict(manifest["sampler"])
+    except ValueError as err:
+        raise CheckpointError(f"{path / MANIFEST}: {err}") from None
+    trainer.step = manifest["step"]
+    # per-rank generators carry over only to the same layout; otherwise every rank takes rank 0's
+    rng = manifest["rng"]
+    same_layout = manifest["layout"] == _layout(trainer)
+    set_rng_state(rng["states"][rng["of_rank"][dist.get_rank() if same_layout else 0]])
+    return manifest
