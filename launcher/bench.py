@@ -29,6 +29,7 @@ from launcher.config import SCHEDULES, SCHEDULES_ONE_STAGE_PER_RANK, Config, loa
 from launcher.train import CONF_DIR, build_trainer, load_data, model_args
 from launcher.trainer import lr_multiplier, timed_steps
 from models.llama import Transformer
+from parallel.bubble import bubble_fraction
 from parallel.pipeline import SCHEDULE_CLASS_NAMES, build_schedule, stage_ids_for_rank
 
 
@@ -191,19 +192,8 @@ def stages_per_rank(schedule: str) -> int:
 
 
 def formula_bubble(schedule: str, p: int, m: int) -> float:
-    """The literature's bubble as a fraction of the step, for F = B_input = W per stage.
-
-    Bubble time in units of one stage's forward f on a rank (a chunk costs f/v):
-    gpipe, 1f1b (p-1)(F+B) = 3f(p-1); interleaved_1f1b, looped_bfs the same per chunk, 3f(p-1)/v;
-    interleaved_zb ZB1P (p-1)(F+B_input-W) per chunk = f(p-1)/v; zbv ~0 at m >= 2p;
-    dualpipev (p-1)(F&B+B-3W) per chunk (DualPipe with PP=2p, F&B = F+B: no overlap) = f(p-1).
-    The rank's compute is 3fm, so bubble/step = t / (3fm + t).
-    """
-    v = stages_per_rank(schedule)
-    t = {"gpipe": 3 * (p - 1), "1f1b": 3 * (p - 1), "interleaved_1f1b": 3 * (p - 1) / v,
-         "looped_bfs": 3 * (p - 1) / v, "interleaved_zb": (p - 1) / v, "zbv": 0.0,
-         "dualpipev": float(p - 1)}[schedule]
-    return t / (3 * m + t)
+    """The literature's bubble (parallel/bubble.py) at this benchmark's v per schedule."""
+    return bubble_fraction(schedule, p, m, stages_per_rank(schedule))
 
 
 def simulated_bubble(schedule: str, p: int, m: int) -> float:

@@ -65,6 +65,7 @@ class ParallelConfig:
     dp_shard: bool = True  # FSDP2 over dp; false replicates (DDP-style)
     sequence_parallel: bool = False
     allow_cross_node_tp: bool = False
+    timeline: bool = False  # record one step's pipeline actions on every rank (trace + PNG)
 
 
 @dataclass
@@ -97,6 +98,55 @@ class OptimConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """When and where checkpoints are written (see parallel/checkpoint.py)."""
+
+    dir: str | None = None  # default: <run dir>/checkpoints
+    interval: int = 0  # save every N steps; 0 = only at the end (and on a preemption signal)
+    keep: int = 3  # complete checkpoints kept; older ones are deleted after a save
+    async_save: bool = False  # write in the background; the step loop waits only for staging
+    verify: bool = True  # check shard CRC32s when loading
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases: online when WANDB_API_KEY is set, offline otherwise."""
+
+    enabled: bool = False
+    project: str = "tridist"
+    entity: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go besides the console and metrics.jsonl."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = False
+    progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines
+
+
+@dataclass
+class HardwareConfig:
+    """Peak throughput for MFU; null = filled in from the GPU's name (required on CPU for MFU)."""
+
+    peak_tflops: float | None = None
+
+
+@dataclass
+class ClusterConfig:
+    """The machines a plan is made for (launcher/plan.py); training ignores it."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_mem_gib: float = 80.0
+    intra_node_gbps: float = 450.0  # GB/s per GPU inside a node (NVLink)
+    inter_node_gbps: float = 50.0  # GB/s per GPU across nodes (400 Gb/s InfiniBand)
+    peak_tflops: float = 989.0  # dense bf16 per GPU (H100 SXM)
+
+
+@dataclass
 class Config:
     """Everything a training run needs."""
 
@@ -105,6 +155,10 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16
 
@@ -162,6 +216,13 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
         _positive(f"train.{name}", getattr(t, name))
     _check(t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
     _validate_data(cfg.data)
+    c = cfg.checkpoint
+    _check(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0 = only at the end)")
+    _check(c.keep >= 1, "checkpoint.keep", c.keep, "keep at least 1 checkpoint")
+    _check(t.resume in ("none", "auto") or os.path.exists(t.resume), "train.resume", t.resume,
+           "use none, auto, or the path of a checkpoint (or of a checkpoint folder)")
+    _check(cfg.logging.progress in ("auto", "bar", "lines"), "logging.progress",
+           cfg.logging.progress, "use auto, bar or lines")
     for name in ("dp", "pp", "tp", "virtual_stages", "microbatches"):
         _positive(f"parallel.{name}", getattr(par, name))
     layout = par.dp * par.pp * par.tp
