@@ -19,11 +19,15 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from data import DistributedBatchSampler, TokenSource, build_token_source, validation_batches
+from launcher.checkpointing import RunCheckpoints
 from launcher.config import Config, ConfigError, load_config, validate
 from launcher.generate import generate
 from launcher.metrics import MetricsLogger
+from launcher.preemption import StopSignal
 from launcher.trainer import Trainer
 from models.llama import ModelArgs
+from parallel.checkpoint import CheckpointError
+from parallel.init import InitialValues
 from parallel.mesh import build_mesh, resolve_device
 from parallel.parallelize import parallelize
 
@@ -39,6 +43,7 @@ class TrainSummary:
     val_loss: float | None = None
     sample: str | None = None
     trainer: Trainer | None = None
+    preempted: bool = False  # stopped early by SIGUSR1/SIGTERM, after saving a checkpoint
 
 
 def model_args(cfg: Config) -> ModelArgs:
@@ -60,8 +65,10 @@ def load_data(cfg: Config) -> TokenSource:
     return source
 
 
-def build_trainer(cfg: Config, tokens: TokenSource) -> Trainer:
-    """Start the process group and mesh, build this rank's model, sampler and optimizer."""
+def build_trainer(cfg: Config, tokens: TokenSource, initial_values: InitialValues | None = None) -> Trainer:
+    """Start the process group and mesh, build this rank's model, sampler and optimizer.
+
+    initial_values: where the weights come from (default: drawn from train.seed)."""
     par = cfg.parallel
     device = resolve_device(cfg.device)
     mesh = build_mesh(device, par.dp, par.pp, par.tp)
@@ -71,6 +78,7 @@ def build_trainer(cfg: Config, tokens: TokenSource) -> Trainer:
         virtual_stages=par.virtual_stages, schedule=par.schedule, microbatches=par.microbatches,
         layers=par.layers_per_stage, dp_shard=par.dp_shard,
         activation_checkpointing=cfg.model.activation_checkpointing,
+        initial_values=initial_values,
     )
     sampler = DistributedBatchSampler(tokens.train, cfg.train.seq_len, cfg.train.global_batch_size,
                                       mesh["dp"].get_local_rank(), par.dp, cfg.train.seed)
@@ -80,7 +88,16 @@ def build_trainer(cfg: Config, tokens: TokenSource) -> Trainer:
 def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> TrainSummary:
     """Train on an already started (or startable) process group; returns the losses."""
     par = cfg.parallel
-    trainer = build_trainer(cfg, tokens)
+    checkpoints = RunCheckpoints(cfg, run_dir)
+    resume = checkpoints.resume_from()
+    try:
+        trainer = build_trainer(cfg, tokens, checkpoints.initial_values(resuming=resume is not None))
+    except CheckpointError as err:  # a bad model.init_from, found while filling the weights
+        raise ConfigError("model.init_from", cfg.model.init_from, str(err)) from None
+    if resume is not None:
+        checkpoints.load(resume, trainer)
+        if dist.get_rank() == 0:
+            print(f"resumed from {resume} at step {trainer.step}", flush=True)
     model, dp = trainer.model, par.dp
     val = validation_batches(tokens.val, cfg.train.seq_len, cfg.train.global_batch_size // dp,
                              cfg.train.val_batches)
@@ -91,7 +108,8 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
     tokens_per_step = t.global_batch_size * t.seq_len
     last_time, last_step = time.perf_counter(), trainer.step
     step_losses: list[torch.Tensor] = []
-    while trainer.step < t.steps:
+    stop = StopSignal()
+    while trainer.step < t.steps and not summary.preempted:
         result = trainer.train_step()
         step_losses.append(trainer.global_mean(result.loss))  # a collective, no host sync
         done = trainer.step == t.steps
@@ -104,6 +122,14 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
                 record["val_loss"] = summary.val_loss = trainer.global_mean(trainer.evaluate(val)).item()
             logger.log(record)
             last_time, last_step = time.perf_counter(), trainer.step
+        summary.preempted = stop.agreed()  # any rank signalled: all save and stop after this step
+        if checkpoints.due(trainer.step, done) or summary.preempted:
+            checkpoints.save(trainer)
+    stop.restore()
+    checkpoints.close()
+    if summary.preempted and is_rank0:
+        print(f"stopped by a signal after step {trainer.step}; checkpoint saved in {checkpoints.root}",
+              flush=True)
     summary.losses = torch.stack(step_losses).tolist() if step_losses else []
     if t.sample_tokens > 0 and par.pp == 1:
         prompt = tokens.encode("def ")
@@ -145,6 +171,12 @@ def _hydra_main(raw: DictConfig) -> None:
     run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     try:
         train(cfg, tokens, run_dir)
+    except ConfigError as err:  # found after start-up, e.g. a model.init_from that does not fit
+        _fail(err)
+    except CheckpointError as err:  # a checkpoint to resume from that cannot be loaded
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"checkpoint error: {err}", file=sys.stderr)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

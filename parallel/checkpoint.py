@@ -21,7 +21,10 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +36,7 @@ from torch.distributed.checkpoint import (
     HuggingFaceStorageReader,
     HuggingFaceStorageWriter,
 )
+from torch.distributed.tensor import DTensor
 
 from parallel.checkpoint_state import (
     CheckpointError,
@@ -50,7 +54,8 @@ from parallel.checkpoint_state import (
 if TYPE_CHECKING:
     from launcher.trainer import Trainer
 
-__all__ = ["CheckpointError", "find_latest", "load_checkpoint", "resume_path", "save_checkpoint"]
+__all__ = ["AsyncCheckpointer", "CheckpointError", "find_latest", "load_checkpoint", "resume_path",
+           "save_checkpoint"]
 
 FORMAT = "tridist-checkpoint-1"
 MANIFEST = "manifest.json"
@@ -143,17 +148,36 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(
-    root: Path, trainer: Trainer, extra: dict[str, Any] | None = None, keep: int | None = None
-) -> Path:
-    """Save model, optimizer and training state at trainer.step; every rank must call it.
+@dataclass
+class Snapshot:
+    """Everything one checkpoint holds, taken between steps: tensors and the JSON manifest."""
 
-    Returns the committed directory. keep: how many complete checkpoints to retain (None = all).
-    """
+    root: Path
+    step: int
+    manifest: dict[str, Any]
+    model: dict[str, torch.Tensor]
+    optim: dict[str, torch.Tensor]
+    rng: dict[str, Any]
+
+
+def _staged(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies that training may not touch (DTensors keep their mesh and placements)."""
+    out = {}
+    for name, t in tensors.items():
+        if isinstance(t, DTensor):
+            local = t.to_local().detach().to("cpu", copy=True)
+            out[name] = DTensor.from_local(local, t.device_mesh, t.placements, run_check=False,
+                                           shape=t.shape, stride=t.stride())
+        else:
+            out[name] = t.detach().to("cpu", copy=True)
+    return out
+
+
+def take_snapshot(
+    root: Path, trainer: Trainer, extra: dict[str, Any] | None = None, copy: bool = False
+) -> Snapshot:
+    """The checkpoint of trainer's current step; copy=True stages CPU copies (for async saves)."""
     root = Path(root)
-    name = checkpoint_name(trainer.step)
-    final, tmp = root / name, root / f"{TMP_PREFIX}{name}"
-    rank, world = dist.get_rank(), dist.get_world_size()
     # built (and JSON-checked) on every rank, before any collective, so a bad value fails everywhere
     manifest = {
         "format": FORMAT, "step": trainer.step,
@@ -166,7 +190,26 @@ def save_checkpoint(
     try:
         json.dumps(manifest)
     except TypeError as err:
-        raise CheckpointError(f"{final}: manifest entry is not JSON-serializable: {err}") from None
+        raise CheckpointError(f"{root / checkpoint_name(trainer.step)}: manifest entry is not "
+                              f"JSON-serializable: {err}") from None
+    model = model_state(trainer.model).tensors
+    optim = optimizer_state(trainer.model, trainer.optimizer).tensors
+    if copy:
+        model, optim = _staged(model), _staged(optim)
+    return Snapshot(root, trainer.step, manifest, model, optim, rng_state())
+
+
+def write_snapshot(
+    snap: Snapshot, keep: int | None = None, group: dist.ProcessGroup | None = None
+) -> Path:
+    """Write and commit a snapshot; a collective over `group` (default: all ranks).
+
+    Async saves run this in a background thread on a private gloo group, so its collectives
+    never interleave with training's.
+    """
+    root, name = snap.root, checkpoint_name(snap.step)
+    final, tmp = root / name, root / f"{TMP_PREFIX}{name}"
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a killed save
@@ -174,26 +217,72 @@ def save_checkpoint(
                 shutil.rmtree(stale)
             else:
                 stale.unlink()
-    dist.barrier()  # no rank writes into tmp before rank 0 has cleared it
-    for part, state in (("model", model_state(trainer.model)),
-                        ("optim", optimizer_state(trainer.model, trainer.optimizer))):
+    dist.barrier(group)  # no rank writes into tmp before rank 0 has cleared it
+    for part, tensors in (("model", snap.model), ("optim", snap.optim)):
         writer = HuggingFaceStorageWriter(str(tmp / part), save_distributed=True)
-        dcp.save(state.tensors, storage_writer=writer)
-    dist.barrier()  # every shard is on disk before anyone lists the directory
+        dcp.save(tensors, storage_writer=writer, process_group=group)
+    dist.barrier(group)  # every shard is on disk before anyone lists the directory
     files = _shard_files(tmp)
     mine = {f: {"bytes": (tmp / f).stat().st_size, "crc32": _crc32(tmp / f)}
             for f in files[rank::world]}
     gathered: list[Any] = [None] * world if rank == 0 else []
     # rank 0 collects every rank's RNG state and its share of the file checksums
-    dist.gather_object({"rng": rng_state(), "files": mine}, gathered if rank == 0 else None, dst=0)
+    dist.gather_object({"rng": snap.rng, "files": mine}, gathered if rank == 0 else None,
+                       dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     if rank == 0:
+        manifest = dict(snap.manifest)
         manifest["rng"] = _dedup_rng([g["rng"] for g in gathered])
         files = {f: info for g in gathered for f, info in g["files"].items()}
         manifest["files"] = {f: files[f] for f in sorted(files)}
         _write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         _commit(root, tmp, final, keep)
-    dist.barrier()  # no rank goes on (or exits) before the checkpoint is committed
+    dist.barrier(group)  # no rank goes on (or exits) before the checkpoint is committed
     return final
+
+
+def save_checkpoint(
+    root: Path, trainer: Trainer, extra: dict[str, Any] | None = None, keep: int | None = None
+) -> Path:
+    """Save model, optimizer and training state at trainer.step; every rank must call it.
+
+    Returns the committed directory. keep: how many complete checkpoints to retain (None = all).
+    """
+    return write_snapshot(take_snapshot(root, trainer, extra), keep)
+
+
+class AsyncCheckpointer:
+    """Saves in a background thread: the step loop blocks only while tensors are copied to CPU.
+
+    Written by hand around the synchronous save rather than with dcp.async_save, because the
+    commit (CRCs, manifest, rename, `latest`) must follow the write as one unit; the thread uses
+    a private gloo group, which every rank creates here in the same order.
+    """
+
+    def __init__(self) -> None:
+        self._group = dist.new_group(backend="gloo")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future[Path] | None = None
+
+    def save(self, root: Path, trainer: Trainer, extra: dict[str, Any] | None = None,
+             keep: int | None = None) -> float:
+        """Start saving trainer's current step; returns the seconds the caller was blocked."""
+        start = time.perf_counter()
+        self.wait()  # one save in flight at a time
+        snap = take_snapshot(root, trainer, extra, copy=True)
+        self._pending = self._pool.submit(write_snapshot, snap, keep, self._group)
+        return time.perf_counter() - start
+
+    def wait(self) -> Path | None:
+        """Block until the save in flight is committed (re-raising its error); its directory."""
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else None
+
+    def close(self) -> None:
+        """Finish the save in flight and stop the thread."""
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
 
 
 def _dedup_rng(per_rank: list[dict[str, Any]]) -> dict[str, Any]:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from models.llama import ModelArgs, initial_value
+
+# full value of a parameter by full-model name and shape, e.g. read from a Hugging Face checkpoint
+InitialValues = Callable[[str, torch.Size], torch.Tensor]
 
 
 def parameter_seed(seed: int, fqn: str) -> int:
@@ -17,10 +21,16 @@ def parameter_seed(seed: int, fqn: str) -> int:
 
 
 @torch.no_grad()
-def init_parameters(module: nn.Module, args: ModelArgs, seed: int) -> None:
-    """Fill every (possibly TP-sharded) parameter of `module` with its full-model initial value."""
+def init_parameters(module: nn.Module, args: ModelArgs, seed: int,
+                    values: InitialValues | None = None) -> None:
+    """Fill every (possibly TP-sharded) parameter of `module` with its full-model initial value:
+    drawn from the seed, or taken from `values` (e.g. pretrained weights)."""
     for fqn, param in module.named_parameters():
-        full = initial_value(fqn, param.shape, args, torch.Generator().manual_seed(parameter_seed(seed, fqn)))
+        if values is not None:
+            full = values(fqn, param.shape)
+        else:
+            generator = torch.Generator().manual_seed(parameter_seed(seed, fqn))
+            full = initial_value(fqn, param.shape, args, generator)
         if isinstance(param, DTensor):
             # src_data_rank=None: each rank slices its own copy, no communication
             local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)

@@ -11,7 +11,7 @@ from torch.distributed.pipelining.schedules import _PipelineSchedule
 from models.llama import ModelArgs, Transformer
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.data_parallel import apply_data_parallel
-from parallel.init import init_parameters
+from parallel.init import InitialValues, init_parameters
 from parallel.loss import cross_entropy
 from parallel.pipeline import (
     V_SHAPE_SCHEDULES,
@@ -65,6 +65,7 @@ def parallelize(
     layers: list[int] | None = None,
     dp_shard: bool = True,
     activation_checkpointing: str = "none",
+    initial_values: InitialValues | None = None,
 ) -> ParallelModel:
     """Build this rank's part of the model on `mesh`, initialized identically for any layout."""
     dp, pp, tp = (mesh[d].size() for d in ("dp", "pp", "tp"))
@@ -81,7 +82,7 @@ def parallelize(
         if tp > 1:
             apply_tensor_parallel(chunk, mesh["tp"])
         chunk.to_empty(device=device)
-        init_parameters(chunk, args, seed)
+        init_parameters(chunk, args, seed, initial_values)
         apply_activation_checkpointing(chunk, activation_checkpointing)
         if dp > 1:
             apply_data_parallel(chunk, mesh["dp"], shard=dp_shard, pipelined=pp > 1)
