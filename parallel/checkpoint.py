@@ -319,7 +319,8 @@ def _commit(root: Path, tmp: Path, final: Path, keep: int | None) -> None:
                 shutil.rmtree(old)
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the checkpoint directory `path`, checked for its format."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{path}: no {MANIFEST}; not a checkpoint, or an interrupted save")
@@ -406,7 +407,7 @@ def load_checkpoint(path: Path, trainer: Trainer, verify: bool = True) -> dict[s
     verify: also check each shard's CRC32 (each rank reads a share of the files).
     """
     path = Path(path)
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     _raise_if_any(path, _all_problems(_file_problems(path, manifest, verify)))
     # optimizer tensors first: creating them on a fresh optimizer takes a zero-lr step
     optim = optimizer_state(trainer.model, trainer.optimizer)

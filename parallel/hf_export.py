@@ -1,0 +1,88 @@
+"""Export a tridist checkpoint (any layout) to the Hugging Face Llama layout, on one process.
+
+Full tensors are assembled from the per-rank shards by DCP itself (`dcp.load(no_dist=True)`
+into full-size tensors), a group of tensors at a time so memory stays near one output file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+from models.llama import ModelArgs
+from parallel.checkpoint import read_manifest
+from parallel.checkpoint_state import CheckpointError
+from parallel.hf_llama import INDEX, SINGLE_FILE, hf_config, hf_name, to_hf_tensor
+
+DEFAULT_SHARD_BYTES = 5 * 2**30  # Hugging Face's default max_shard_size
+
+
+def model_args_of(manifest: dict) -> ModelArgs:
+    """The architecture a checkpoint was saved with (from its manifest's resolved config)."""
+    fields = ModelArgs.__dataclass_fields__
+    return ModelArgs(**{k: v for k, v in manifest["config"]["model"].items() if k in fields})
+
+
+def _groups(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """Names in order, cut into consecutive groups of at most `limit` bytes (one tensor at least)."""
+    groups: list[list[str]] = [[]]
+    total = 0
+    for name, size in sizes.items():
+        if groups[-1] and total + size > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(name)
+        total += size
+    return groups
+
+
+def export_to_hf(checkpoint: Path, out: Path, dtype: torch.dtype | None = None,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Path]:
+    """Write config.json and the weights (sharded with an index when over max_shard_bytes).
+
+    Returns the safetensors files written. dtype: cast the weights (default: as saved).
+    """
+    checkpoint, out = Path(checkpoint), Path(out)
+    manifest = read_manifest(checkpoint)
+    args = model_args_of(manifest)
+    meta = HuggingFaceStorageReader(str(checkpoint / "model")).read_metadata().state_dict_metadata
+    names = sorted(meta, key=_export_order)
+    saved_dtype = meta[names[0]].properties.dtype
+    dtype = dtype or saved_dtype
+    sizes = {n: meta[n].size.numel() * dtype.itemsize for n in names}
+    groups = _groups(sizes, max_shard_bytes)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / (SINGLE_FILE if len(groups) == 1 else
+                    f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors") for i in range(len(groups))]
+    weight_map = {}
+    for group, path in zip(groups, files):
+        full = {n: torch.empty(meta[n].size, dtype=meta[n].properties.dtype) for n in group}
+        dcp.load(full, storage_reader=HuggingFaceStorageReader(str(checkpoint / "model")),
+                 no_dist=True)
+        tensors = {hf_name(n): to_hf_tensor(n, t, args).to(dtype).contiguous()
+                   for n, t in full.items()}
+        tmp = path.with_name(f".tmp-{path.name}")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        shutil.move(tmp, path)
+        weight_map.update(dict.fromkeys(tensors, path.name))
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (out / INDEX).write_text(json.dumps(index, indent=2))
+    if not args.tie_embeddings and "lm_head.weight" not in weight_map:
+        raise CheckpointError(f"{checkpoint}: no output.weight in the checkpoint")
+    (out / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2))
+    return files
+
+
+def _export_order(name: str) -> tuple[int, str]:
+    """Embedding first, then layers in numeric order, then the final norm and head."""
+    if name.startswith("layers."):
+        return int(name.split(".")[1]) + 1, name
+    return (0 if name.startswith("tok_embeddings") else 1 << 30), name

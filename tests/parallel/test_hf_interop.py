@@ -1,0 +1,119 @@
+"""Hugging Face Llama interop, checked against `transformers` itself.
+
+One spawn of 2 gloo ranks: train at tp=2 and save; start from a Hugging Face model at pp=2 and at
+tp=2. Then, in this process: export the checkpoint and load it with
+`LlamaForCausalLM.from_pretrained`; its logits must equal tridist's, and tridist started from the
+HF weights must give the HF model's loss and logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher.train import build_trainer, load_data, model_args, train
+from parallel.checkpoint_state import CheckpointError
+from parallel.hf_export import export_to_hf
+from parallel.hf_llama import HFLlamaWeights, hf_name
+from tests.run_training import make_config
+from tests.spawn import run_ranks
+
+transformers = pytest.importorskip("transformers")  # a test dependency: in the [dev] extra
+
+BASE = ["model=debug", "train.seq_len=16", "train.global_batch_size=4", "train.sample_tokens=0",
+        "train.val_interval=1000", "device=cpu"]
+# Llama 3.1 frequency scaling on, with an original length short enough to change frequencies
+ROPE = ["model.rope_scaling=true", "model.rope_original_max_seq_len=64"]
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 256, (2, 17), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _logits(trainer) -> torch.Tensor:  # noqa: ANN001 - a Trainer
+    out = trainer.model.chunks[0](_batch()[0])
+    return (out.full_tensor() if hasattr(out, "full_tensor") else out).detach()
+
+
+def _on_two_ranks(ckpt: str, hf_dir: str) -> dict[str, object]:
+    """Train at tp=2 (saving at the end); then start from hf_dir at pp=2 and at tp=2."""
+    cfg = make_config(BASE + ROPE + ["parallel.tp=2", "train.steps=2", f"checkpoint.dir={ckpt}"], 2)
+    trained = train(cfg, load_data(cfg)).trainer
+    out: dict[str, object] = {"trained_logits": _logits(trained)}
+    cfg = make_config(BASE + ["parallel.pp=2", "parallel.microbatches=2",
+                              f"model.init_from={hf_dir}"], 2)
+    pp2 = build_trainer(cfg, load_data(cfg), HFLlamaWeights(Path(hf_dir), cfg.model))
+    out["pp2_loss"] = pp2.global_mean(pp2.evaluate([_batch()])).item()
+    cfg = make_config(BASE + ["parallel.tp=2", f"model.init_from={hf_dir}"], 2)
+    tp2 = build_trainer(cfg, load_data(cfg), HFLlamaWeights(Path(hf_dir), cfg.model))
+    out["tp2_logits"] = _logits(tp2)
+    return out
+
+
+def _hf_model_like_debug(path: Path) -> transformers.LlamaForCausalLM:
+    args = model_args(make_config(BASE))
+    config = transformers.LlamaConfig(
+        hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
+        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+        num_key_value_heads=args.kv_heads, vocab_size=args.vocab_size, rms_norm_eps=args.norm_eps,
+        rope_theta=args.rope_theta, max_position_embeddings=args.max_seq_len)
+    torch.manual_seed(3)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def interop(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    tmp = tmp_path_factory.mktemp("hf")
+    hf_model = _hf_model_like_debug(tmp / "hf_in")
+    results = run_ranks(2, _on_two_ranks, str(tmp / "ckpt"), str(tmp / "hf_in"))
+    # small shards so the export must write several files and the index
+    files = export_to_hf(tmp / "ckpt" / "step-00000002", tmp / "hf_out", max_shard_bytes=100_000)
+    return {"tmp": tmp, "hf_in": hf_model, "ranks": results, "files": files}
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_export_loads_in_transformers_with_the_same_logits(interop: dict) -> None:
+    out = interop["tmp"] / "hf_out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(interop["files"]) > 1
+    assert set(index["weight_map"].values()) == {f.name for f in interop["files"]}
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "llama3"
+    model = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        hf_logits = model(_batch()[0]).logits
+    for rank in interop["ranks"]:  # every tp rank gathered the same full logits
+        assert _close(rank["trained_logits"], hf_logits) < 1e-5
+
+
+def test_training_starts_from_hf_weights_in_any_layout(interop: dict) -> None:
+    inputs, targets = _batch()
+    with torch.no_grad():
+        hf = interop["hf_in"](inputs, labels=None).logits
+    hf_loss = torch.nn.functional.cross_entropy(hf.flatten(0, 1), targets.flatten()).item()
+    for rank in interop["ranks"]:
+        assert abs(rank["pp2_loss"] - hf_loss) / hf_loss < 1e-5
+        assert _close(rank["tp2_logits"], hf) < 1e-5
+
+
+def test_mismatched_hf_model_is_refused_with_the_field(interop: dict) -> None:
+    cfg = make_config(BASE + ["model.n_layers=4"])
+    with pytest.raises(CheckpointError, match="num_hidden_layers=8 \\(model needs 4\\)"):
+        HFLlamaWeights(interop["tmp"] / "hf_in", cfg.model)
+
+
+def test_every_parameter_has_a_hugging_face_name() -> None:
+    from models.llama import Transformer
+
+    names = [hf_name(n) for n, _ in Transformer(model_args(make_config(BASE))).named_parameters()]
+    assert len(set(names)) == len(names) and "model.layers.7.mlp.down_proj.weight" in names
