@@ -230,11 +230,11 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
            f"dp*pp*tp = {par.dp}*{par.pp}*{par.tp} = {layout} must equal the world size {world_size}; "
            f"set parallel.dp={world_size // (par.pp * par.tp) or 1} or launch {layout} ranks")
     _validate_batch(t.global_batch_size, par.dp, par.microbatches)
-    _validate_tensor_parallel(m, par, ranks_per_node)
+    _validate_tensor_parallel(m, par, t, ranks_per_node)
     _validate_pipeline(m, par)
 
 
-def _validate_tensor_parallel(m: ModelConfig, par: ParallelConfig, ranks_per_node: int | None) -> None:
+def _validate_tensor_parallel(m: ModelConfig, par: ParallelConfig, t: TrainConfig, ranks_per_node: int | None) -> None:
     for name, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)):
         _check(heads % par.tp == 0, name, heads, f"must be divisible by parallel.tp={par.tp}; "
                f"use tp in {[d for d in range(1, heads + 1) if heads % d == 0 and m.n_heads % d == 0]}")
@@ -244,8 +244,16 @@ def _validate_tensor_parallel(m: ModelConfig, par: ParallelConfig, ranks_per_nod
     _check(par.tp <= per_node and per_node % par.tp == 0 or par.allow_cross_node_tp, "parallel.tp", par.tp,
            f"a TP group must fit inside one node ({per_node} ranks per node); lower tp or set "
            "parallel.allow_cross_node_tp=true")
-    _check(not par.sequence_parallel, "parallel.sequence_parallel", True,
-           "sequence parallelism is not implemented yet; set parallel.sequence_parallel=false")
+    if not par.sequence_parallel or par.tp == 1:
+        return
+    # sequence parallelism splits every sequence into tp equal slices between blocks
+    _check(t.seq_len % par.tp == 0, "train.seq_len", t.seq_len,
+           f"must be divisible by parallel.tp={par.tp} with parallel.sequence_parallel=true; set "
+           f"train.seq_len={max(par.tp, t.seq_len // par.tp * par.tp)} or parallel.sequence_parallel=false")
+    # the closing sample (run when pp == 1) feeds prompts of every length, most not divisible by tp
+    _check(t.sample_tokens == 0 or par.pp > 1, "train.sample_tokens", t.sample_tokens,
+           "sampling does not run under sequence parallelism yet; set train.sample_tokens=0 "
+           "or parallel.sequence_parallel=false")
 
 
 def _validate_pipeline(m: ModelConfig, par: ParallelConfig) -> None:

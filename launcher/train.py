@@ -77,7 +77,7 @@ def build_trainer(cfg: Config, tokens: TokenSource, initial_values: InitialValue
         model_args(cfg), mesh, device, cfg.train.seed,
         virtual_stages=par.virtual_stages, schedule=par.schedule, microbatches=par.microbatches,
         layers=par.layers_per_stage, dp_shard=par.dp_shard,
-        activation_checkpointing=cfg.model.activation_checkpointing,
+        activation_checkpointing=cfg.model.activation_checkpointing, sequence_parallel=par.sequence_parallel,
         initial_values=initial_values,
     )
     sampler = DistributedBatchSampler(tokens.train, cfg.train.seq_len, cfg.train.global_batch_size,

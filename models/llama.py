@@ -96,8 +96,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Attend causally over the sequence; head counts come from the weights (TP-agnostic)."""
+        """Attend causally over the sequence; head counts come from the weights (TP-agnostic).
+
+        cos/sin cover positions [0, max_seq_len): the first s rows are used, with s read from x,
+        which may be longer than the hidden state between blocks (sequence-sharded there).
+        """
         b, s, _ = x.shape
+        cos, sin = cos[:s], sin[:s]
         q = apply_rope(self.wq(x).view(b, s, -1, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(b, s, -1, self.head_dim), cos, sin)
         v = self.wv(x).view(b, s, -1, self.head_dim)
@@ -173,7 +178,8 @@ class Transformer(nn.Module):
         h = tokens_or_hidden
         if self.tok_embeddings is not None:
             h = self.tok_embeddings(h)
-        cos, sin = self.rope(h.shape[1], h.device)
+        # tables for every position: a block may see a longer sequence than h (e.g. gathered)
+        cos, sin = self.rope(self.args.max_seq_len, h.device)
         for layer in self.layers.values():
             h = layer(h, cos, sin)
         if self.norm is not None:

@@ -65,6 +65,7 @@ def parallelize(
     layers: list[int] | None = None,
     dp_shard: bool = True,
     activation_checkpointing: str = "none",
+    sequence_parallel: bool = False,
     initial_values: InitialValues | None = None,
 ) -> ParallelModel:
     """Build this rank's part of the model on `mesh`, initialized identically for any layout."""
@@ -80,7 +81,7 @@ def parallelize(
         chunks = [build_stage_module(whole, sid, counts) for sid in stage_ids]
     for chunk in chunks:
         if tp > 1:
-            apply_tensor_parallel(chunk, mesh["tp"])
+            apply_tensor_parallel(chunk, mesh["tp"], sequence_parallel=sequence_parallel)
         chunk.to_empty(device=device)
         init_parameters(chunk, args, seed, initial_values)
         apply_activation_checkpointing(chunk, activation_checkpointing)

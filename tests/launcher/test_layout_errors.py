@@ -21,6 +21,9 @@ CASES = [  # overrides, world size, field named in the error
     (["parallel.pp=2", "parallel.schedule=warp_speed"], 2, "parallel.schedule"),
     (["parallel.dp=3"], 3, "train.global_batch_size"),
     (["parallel.pp=2", "parallel.microbatches=2", "model.tie_embeddings=true"], 2, "model.tie_embeddings"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=127", "train.sample_tokens=0"], 2,
+     "train.seq_len"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true"], 2, "train.sample_tokens"),
 ]
 
 
@@ -29,6 +32,14 @@ def test_refused(overrides: list[str], world: int, field: str) -> None:
     with pytest.raises(ConfigError) as err:
         make_config(overrides, world)
     assert err.value.field_name == field, str(err.value)
+
+
+def test_sequence_parallel_accepted_when_the_sequence_splits() -> None:
+    cfg = make_config(["parallel.tp=2", "parallel.sequence_parallel=true", "train.sample_tokens=0"], 2)
+    assert cfg.parallel.sequence_parallel and cfg.train.seq_len % 2 == 0
+    with pytest.raises(ConfigError, match=r"train.seq_len=126 or parallel.sequence_parallel=false"):
+        make_config(["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=127"], 2)
+    make_config(["parallel.sequence_parallel=true", "train.seq_len=127"], 1)  # tp=1: nothing to split
 
 
 def test_tp_may_not_cross_a_node(monkeypatch) -> None:

@@ -60,6 +60,18 @@ def test_rope_scaling_changes_only_low_frequencies() -> None:
     assert torch.equal(plain[:4], scaled[:4]) and torch.allclose(scaled[-1], plain[-1] / 8)
 
 
+def test_blocks_use_the_first_positions_of_longer_rope_tables() -> None:
+    # sequence parallelism hands a block a shorter hidden state than the sequence its attention
+    # sees, so the tables are built for max_seq_len and each attention takes what it needs
+    model = _model()
+    block, x = model.layers["0"], torch.randn(2, 10, ARGS.dim)
+    long_cos, long_sin = model.rope(ARGS.max_seq_len, x.device)
+    short_cos, short_sin = model.rope(10, x.device)
+    assert torch.equal(long_cos[:10], short_cos) and long_cos.shape[0] == ARGS.max_seq_len
+    assert torch.equal(block(x, long_cos, long_sin), block(x, short_cos, short_sin))
+    assert not torch.equal(block(x, long_cos, long_sin), block(x, long_cos[5:], long_sin[5:]))
+
+
 def test_models_package_never_imports_distributed() -> None:
     for path in Path("models").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -3,9 +3,13 @@
 Cases sharing a world size run one after another inside one set of spawned gloo ranks.
 """
 
+from typing import NamedTuple
+
 import pytest
 import torch
+from torch.nn.modules.module import register_module_forward_hook
 
+from models.llama import TransformerBlock
 from tests.run_training import train_and_report
 from tests.spawn import run_ranks
 
@@ -13,26 +17,60 @@ from tests.spawn import run_ranks
 # gradient is ~1e-9 (pure rounding noise) moves by a full lr step in one layout and the other
 # way in another. A slightly larger eps keeps such elements still; a wrong gradient anywhere
 # still moves weights by ~lr and fails the 1e-5 check by orders of magnitude.
-BASE = ["model=debug", "train.steps=3", "train.seq_len=16", "train.global_batch_size=32",
+SEQ_LEN = 16
+BASE = ["model=debug", "train.steps=3", f"train.seq_len={SEQ_LEN}", "train.global_batch_size=32",
         "train.sample_tokens=0", "train.val_interval=1000", "optim.warmup_steps=1",
         "optim.eps=1e-5", "device=cpu"]
 ONE_STAGE = ("gpipe", "1f1b")
 MULTI_STAGE = ("interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev")
-LAYOUTS = {  # world size -> [(dp, pp, tp, v, schedules)]
-    2: [(1, 2, 1, 1, ONE_STAGE), (1, 2, 1, 2, MULTI_STAGE)],
-    4: [(1, 4, 1, 2, MULTI_STAGE)],
-    8: [(2, 2, 2, 1, ONE_STAGE), (2, 2, 2, 2, MULTI_STAGE), (1, 2, 4, 1, ONE_STAGE),
-        (4, 2, 1, 1, ONE_STAGE), (1, 4, 2, 2, MULTI_STAGE)],
+SP = ("parallel.sequence_parallel=true",)
+
+
+class Layout(NamedTuple):
+    dp: int
+    pp: int
+    tp: int
+    v: int
+    schedules: tuple[str, ...]
+    extra: tuple[str, ...] = ()  # further overrides, e.g. SP
+
+
+# pp=1 layouts name one schedule only: without a pipeline it is not used
+LAYOUTS = {
+    2: [Layout(1, 2, 1, 1, ONE_STAGE), Layout(1, 2, 1, 2, MULTI_STAGE),
+        Layout(1, 1, 2, 1, ("1f1b",), SP)],  # SP without dp: norm grads stay Partial into the optimizer
+    4: [Layout(1, 4, 1, 2, MULTI_STAGE),
+        Layout(2, 1, 2, 1, ("1f1b",), SP),  # SP under FSDP2, which reduces norm grads across tp
+        Layout(1, 2, 2, 1, ("gpipe",), SP)],  # sequence-sharded activations between stages
+    8: [Layout(2, 2, 2, 1, ONE_STAGE), Layout(2, 2, 2, 2, MULTI_STAGE), Layout(1, 2, 4, 1, ONE_STAGE),
+        Layout(4, 2, 1, 1, ONE_STAGE), Layout(1, 4, 2, 2, MULTI_STAGE),
+        Layout(2, 2, 2, 1, ("1f1b",), SP), Layout(1, 4, 2, 2, ("interleaved_1f1b",), SP)],
 }
 
 
-def _overrides(dp: int, pp: int, tp: int, v: int, schedule: str) -> list[str]:
-    return BASE + [f"parallel.dp={dp}", f"parallel.pp={pp}", f"parallel.tp={tp}",
-                   f"parallel.virtual_stages={v}", f"parallel.schedule={schedule}", "parallel.microbatches=8"]
+def _overrides(layout: Layout, schedule: str) -> list[str]:
+    return BASE + [f"parallel.dp={layout.dp}", f"parallel.pp={layout.pp}", f"parallel.tp={layout.tp}",
+                   f"parallel.virtual_stages={layout.v}", f"parallel.schedule={schedule}",
+                   "parallel.microbatches=8", *layout.extra]
 
 
-def _run_cases(cases: list[list[str]], world: int) -> list[tuple[list[float], dict[str, torch.Tensor]]]:
-    return [train_and_report(overrides, world) for overrides in cases]
+def _train_case(overrides: list[str], world: int) -> tuple[list[float], dict[str, torch.Tensor], set[int]]:
+    """Losses and final weights, plus the sequence lengths of the blocks' outputs on this rank."""
+    lengths: set[int] = set()
+
+    def record(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
+        if isinstance(module, TransformerBlock):
+            lengths.add(output.shape[1])
+
+    handle = register_module_forward_hook(record)
+    try:
+        return (*train_and_report(overrides, world), lengths)
+    finally:
+        handle.remove()
+
+
+def _run_cases(cases: list[list[str]], world: int) -> list[tuple[list[float], dict[str, torch.Tensor], set[int]]]:
+    return [_train_case(overrides, world) for overrides in cases]
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +85,18 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
 def test_schedules_and_layouts_match_single_process(world: int, reference) -> None:
     ref_losses, ref_weights = reference
-    cases = [(dp, pp, tp, v, s) for dp, pp, tp, v, schedules in LAYOUTS[world] for s in schedules]
+    cases = [(layout, s) for layout in LAYOUTS[world] for s in layout.schedules]
     per_rank = run_ranks(world, _run_cases, [_overrides(*c) for c in cases], world)
     for i, case in enumerate(cases):
+        layout = case[0]
+        # the residual stream between blocks is split by sequence across tp only under SP
+        seq_between_blocks = SEQ_LEN // layout.tp if SP[0] in layout.extra else SEQ_LEN
         weights: dict[str, torch.Tensor] = {}
         for rank_results in per_rank:
-            losses, rank_weights = rank_results[i]
+            losses, rank_weights, lengths = rank_results[i]
             rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
             assert len(losses) == 3 and rel <= 1e-5, (case, losses, ref_losses)
+            assert lengths == {seq_between_blocks}, (case, lengths)
             weights.update(rank_weights)
         assert weights.keys() == ref_weights.keys(), case  # no layer dropped or duplicated
         worst = max(ref_weights, key=lambda k: _relative(weights[k], ref_weights[k]))
