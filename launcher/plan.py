@@ -1,0 +1,180 @@
+"""`python -m launcher.plan [--search] [overrides]`: memory, bubble, communication and step time
+of a layout before launching it, or a search for the best layouts on a cluster.
+
+Takes the training overrides (model=llama3_405b parallel.tp=8 ...) plus the cluster
+(cluster.nodes, cluster.gpus_per_node, cluster.gpu_mem_gib, bandwidths, peak TFLOP/s). No GPU,
+no process group: parameters come from the real split and TP plan on the meta device
+(parallel/plan_params.py), the rest from parallel/plan_estimate.py. Exit code 2 when the
+config is invalid or the layout does not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+
+from hydra import compose, initialize_config_dir
+
+from launcher.config import SCHEDULES_LOOPED, Config, ConfigError, load_config, validate
+from launcher.train import CONF_DIR, _check_group_choices
+from parallel.plan_estimate import GIB, PlanEstimate, estimate
+from parallel.plan_params import StageCounter
+
+MICROBATCH_SIZES = (1, 2, 4, 8)  # sequences per microbatch tried by --search
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def compose_plan_config(overrides: list[str]) -> Config:
+    """The typed config `python -m launcher.train *overrides` would use (not yet validated)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return load_config(compose("config", overrides=overrides))
+
+
+def world_of(cfg: Config) -> int:
+    """GPUs in the cluster."""
+    return cfg.cluster.nodes * cfg.cluster.gpus_per_node
+
+
+def _schedules(pp: int) -> list[tuple[str, int]]:
+    if pp == 1:
+        return [("1f1b", 1)]
+    return ([("gpipe", 1), ("1f1b", 1)] + [(s, v) for s in SCHEDULES_LOOPED for v in (2, 4)]
+            + [("zbv", 2), ("dualpipev", 2)])
+
+
+def candidates(cfg: Config) -> Iterator[Config]:
+    """Every (tp, pp, dp, v, m, schedule, recompute, sequence parallel) layout of the cluster
+    that passes `validate`; tp stays inside a node, dp_shard is kept from `cfg`."""
+    world, per_node = world_of(cfg), cfg.cluster.gpus_per_node
+    for tp in (d for d in range(1, per_node + 1) if per_node % d == 0):
+        for pp in (d for d in range(1, world // tp + 1) if world // tp % d == 0):
+            dp = world // (tp * pp)
+            local = cfg.train.global_batch_size // dp
+            for (schedule, v), mbs in ((s, b) for s in _schedules(pp) for b in MICROBATCH_SIZES):
+                # shortcuts past validate: no split has more stages than blocks plus the two ends
+                if local % mbs or local < mbs or pp * v > cfg.model.n_layers + 2:
+                    continue
+                for rc in RECOMPUTE_MODES:
+                    for sp in (False, True) if tp > 1 else (False,):
+                        par = replace(cfg.parallel, tp=tp, pp=pp, dp=dp, virtual_stages=v, schedule=schedule,
+                                      microbatches=local // mbs, sequence_parallel=sp, layers_per_stage=None)
+                        c = replace(cfg, parallel=par, model=replace(cfg.model, activation_checkpointing=rc))
+                        try:
+                            validate(c, world, per_node)
+                        except ConfigError:
+                            continue
+                        yield c
+
+
+def search(cfg: Config, top: int) -> tuple[list[tuple[Config, PlanEstimate]], int]:
+    """The `top` fitting layouts by estimated tokens/s, and how many valid layouts there were."""
+    counter = StageCounter(cfg.model)
+    plans = [(c, estimate(c, counter)) for c in candidates(cfg)]
+    fitting = sorted((p for p in plans if p[1].fits), key=lambda p: (-p[1].tokens_per_s, -p[1].headroom))
+    return fitting[:top], len(plans)
+
+
+def describe(cfg: Config) -> str:
+    """The layout in one line."""
+    p, t = cfg.parallel, cfg.train
+    mbs = t.global_batch_size // (p.dp * p.microbatches)
+    return (f"tp={p.tp} x pp={p.pp} x dp={p.dp} ({p.tp * p.pp * p.dp} GPUs), {p.schedule} v={p.virtual_stages}, "
+            f"{p.microbatches} microbatches of {mbs} x {t.seq_len} tokens, recompute "
+            f"{cfg.model.activation_checkpointing}, {'FSDP' if p.dp_shard else 'replicated'} over dp"
+            f"{', sequence parallel' if p.sequence_parallel else ''}")
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f}"
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def report(cfg: Config, plan: PlanEstimate, counter: StageCounter) -> str:
+    """The per-pipeline-rank table and the totals, as printed."""
+    c = cfg.cluster
+    total_params = counter.whole().total
+    lines = [f"plan: {cfg.model.name} ({_count(total_params)} parameters) on {c.nodes} node(s) x "
+             f"{c.gpus_per_node} GPUs ({c.gpu_mem_gib:g} GiB, {c.peak_tflops:g} TFLOP/s, intra-node "
+             f"{c.intra_node_gbps:g} GB/s, inter-node {c.inter_node_gbps:g} GB/s)",
+             f"layout: {describe(cfg)}",
+             f"{'pp':>3} {'stages':>8} {'layers':>6} {'params/GPU':>10} {'sharded':>9} {'weights':>8} "
+             f"{'grads':>6} {'optim':>6} {'activ':>6} {'in flight':>9} {'total GiB':>9}"]
+    for r in plan.ranks:
+        lines.append(f"{r.pp_rank:>3} {','.join(map(str, r.stage_ids)):>8} {r.layers:>6} {_count(r.params):>10} "
+                     f"{_count(r.params_local):>9} {_gib(r.weights):>8} {_gib(r.grads):>6} {_gib(r.optimizer):>6} "
+                     f"{_gib(r.activations):>6} {r.in_flight:>9.2f} {_gib(r.total):>9}")
+    slow = max(plan.ranks, key=lambda r: r.compute_s + r.comm_s)
+    gb = 1e9
+    lines += [
+        f"bubble: {plan.bubble:.1%} of the step ({cfg.parallel.schedule}, p={cfg.parallel.pp}, "
+        f"m={cfg.parallel.microbatches})",
+        f"communication per GPU per step (pp rank {slow.pp_rank}): TP {slow.tp_bytes / gb:.2f} GB, "
+        f"PP {slow.pp_bytes / gb:.2f} GB, DP {slow.dp_bytes / gb:.2f} GB",
+        f"step: {plan.step_s:.3g} s (compute {slow.compute_s:.3g} s, TP+PP {slow.comm_s:.3g} s, DP {slow.dp_s:.3g} s "
+        f"mostly hidden); {plan.tokens_per_s:,.0f} tokens/s; MFU {plan.mfu:.1%}",
+    ]
+    w = plan.worst
+    if plan.fits:
+        lines.append(f"fits: pp rank {w.pp_rank} is the fullest at {_gib(w.total)} GiB of "
+                     f"{_gib(plan.gpu_bytes)} GiB ({_gib(plan.headroom)} GiB headroom)")
+    else:
+        lines.append(f"does not fit: pp rank {w.pp_rank} needs {_gib(w.total)} GiB of {_gib(plan.gpu_bytes)} GiB "
+                     f"(short by {_gib(-plan.headroom)} GiB)")
+    return "\n".join(lines)
+
+
+def search_report(cfg: Config, rows: list[tuple[Config, PlanEstimate]], valid: int, seconds: float) -> str:
+    """The ranked layouts, as printed."""
+    c = cfg.cluster
+    lines = [f"search: {cfg.model.name} on {c.nodes} node(s) x {c.gpus_per_node} GPUs ({c.gpu_mem_gib:g} GiB), "
+             f"global batch {cfg.train.global_batch_size} x {cfg.train.seq_len} tokens: {valid} valid layouts, "
+             f"top {len(rows)} that fit by estimated tokens/s ({seconds:.1f} s)",
+             f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>5} {'schedule':>16} {'v':>2} {'m':>4} {'mbs':>3} {'recompute':>9} "
+             f"{'sp':>3} {'GiB':>6} {'headroom':>8} {'bubble':>6} {'step s':>7} {'tokens/s':>11} {'MFU':>6}"]
+    for i, (c2, p) in enumerate(rows, 1):
+        q = c2.parallel
+        mbs = c2.train.global_batch_size // (q.dp * q.microbatches)
+        lines.append(f"{i:>3} {q.tp:>3} {q.pp:>3} {q.dp:>5} {q.schedule:>16} {q.virtual_stages:>2} {q.microbatches:>4} "
+                     f"{mbs:>3} {c2.model.activation_checkpointing:>9} {'y' if q.sequence_parallel else 'n':>3} "
+                     f"{_gib(p.worst.total):>6} {_gib(p.headroom):>8} {p.bubble:>6.1%} {p.step_s:>7.3g} "
+                     f"{p.tokens_per_s:>11,.0f} {p.mfu:>6.1%}")
+    if not rows:
+        lines.append("no layout fits: use more GPUs, a smaller global batch or a shorter sequence")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2: invalid config, or the layout does not fit)."""
+    parser = argparse.ArgumentParser(prog="python -m launcher.plan", description=__doc__.splitlines()[0])
+    parser.add_argument("--search", action="store_true", help="rank the valid layouts of the cluster")
+    parser.add_argument("--top", type=int, default=10, help="layouts --search prints")
+    args, overrides = parser.parse_known_args(argv)
+    _check_group_choices(overrides)
+    try:
+        cfg = compose_plan_config(overrides)
+        if args.search:
+            start = time.perf_counter()
+            rows, valid = search(cfg, args.top)
+            print(search_report(cfg, rows, valid, time.perf_counter() - start))
+            return 0 if rows else 2
+        validate(cfg, world_of(cfg), cfg.cluster.gpus_per_node)
+    except ConfigError as err:
+        print(str(err).replace("\n", " "), file=sys.stderr)
+        return 2
+    counter = StageCounter(cfg.model)
+    plan = estimate(cfg, counter)
+    print(report(cfg, plan, counter))
+    return 0 if plan.fits else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Bytes each GPU sends per training step over TP, PP and DP, and the link each group uses.
+
+Volumes are per GPU for ring collectives: an all-reduce of N bytes over n ranks moves
+2(n-1)/n N, an all-gather or a reduce-scatter (n-1)/n N. The TP counts are what the DTensor
+plan (models/tp_plan.py) issues in torch 2.13, counted with CommDebugMode on real gloo ranks in
+tests/launcher/test_plan.py.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from models.llama import ModelArgs
+from parallel.plan_memory import ACTIVATION_BYTES, GRAD_BYTES, WEIGHT_BYTES
+
+if TYPE_CHECKING:
+    from launcher.config import ClusterConfig
+
+# without SP: forward all-reduces after wo and w2; backward all-reduces of the input gradients
+# of wq, wk, wv, w1 and w3 (each column-wise linear reduces its own)
+ALL_REDUCES_PER_BLOCK = {"forward": 2, "backward": 5}
+# with SP: an all-gather before attention and feed-forward and a reduce-scatter after each,
+# mirrored in backward
+GATHERS_AND_SCATTERS_PER_BLOCK = {"forward": 4, "backward": 4}
+# per end (embedding, head): without SP the embedding all-reduces its output and the head its
+# input gradient; with SP each also has the mirror image in the other pass
+END_COLLECTIVES = {False: 1, True: 2}
+
+
+def all_reduce_factor(n: int) -> float:
+    """Bytes a ring all-reduce moves per GPU, per byte reduced."""
+    return 2 * (n - 1) / n
+
+
+def gather_factor(n: int) -> float:
+    """Bytes a ring all-gather or reduce-scatter moves per GPU, per byte of the full tensor."""
+    return (n - 1) / n
+
+
+def tp_collectives(*, sequence_parallel: bool, layers: int, ends: int, recompute: str) -> int:
+    """TP collectives of one microbatch on one GPU: all-reduces, or under SP all-gathers plus
+    reduce-scatters (the loss's few token-sized all-reduces are left out)."""
+    counts = GATHERS_AND_SCATTERS_PER_BLOCK if sequence_parallel else ALL_REDUCES_PER_BLOCK
+    per_block = counts["forward"] + counts["backward"] + (counts["forward"] if recompute != "none" else 0)
+    return layers * per_block + ends * END_COLLECTIVES[sequence_parallel]
+
+
+def tp_bytes(args: ModelArgs, *, tp: int, sequence_parallel: bool, layers: int, ends: int, tokens: int,
+             microbatches: int, recompute: str) -> float:
+    """TP traffic of one GPU per step: `layers` blocks and `ends` (embedding, head) over all
+    microbatches of `tokens` tokens each; recompute repeats the blocks' forward collectives."""
+    if tp == 1:
+        return 0.0
+    hidden = tokens * args.dim * ACTIVATION_BYTES  # one full activation of a microbatch
+    factor = gather_factor(tp) if sequence_parallel else all_reduce_factor(tp)
+    ops = tp_collectives(sequence_parallel=sequence_parallel, layers=layers, ends=ends, recompute=recompute)
+    return microbatches * hidden * factor * ops
+
+
+def pp_bytes(args: ModelArgs, *, tp: int, sequence_parallel: bool, stage_ids: list[int], n_stages: int,
+             tokens: int, microbatches: int) -> float:
+    """PP traffic of one GPU per step: each chunk sends its output forward and the gradient of
+    its input backward, once per microbatch (a sequence shard under SP)."""
+    hidden = tokens * args.dim * ACTIVATION_BYTES / (tp if sequence_parallel else 1)
+    sends = sum((sid != n_stages - 1) + (sid != 0) for sid in stage_ids)
+    return microbatches * sends * hidden
+
+
+def dp_bytes(params: int, *, dp: int, fsdp: bool, pipelined: bool, microbatches: int) -> float:
+    """DP traffic of one GPU per step for `params` elements (this rank's, before sharding).
+
+    FSDP all-gathers the weights (once per step under pipelining, which keeps them unsharded;
+    else before each microbatch's forward and backward) and reduce-scatters the gradients once;
+    replication all-reduces the gradients once.
+    """
+    if dp == 1:
+        return 0.0
+    if not fsdp:
+        return all_reduce_factor(dp) * GRAD_BYTES * params
+    gathers = 1 if pipelined else 2 * microbatches
+    return gather_factor(dp) * params * (gathers * WEIGHT_BYTES + GRAD_BYTES)
+
+
+def link_bytes_per_s(cluster: ClusterConfig, group_span: int) -> float:
+    """Bandwidth per GPU of a group spanning `group_span` consecutive ranks (mesh order dp, pp,
+    tp with tp innermost): NVLink inside a node, the network once it crosses one."""
+    gbps = cluster.intra_node_gbps if group_span <= cluster.gpus_per_node else cluster.inter_node_gbps
+    return gbps * 1e9

@@ -1,0 +1,126 @@
+"""Per-GPU memory of a layout: model state, and activations under a pipeline schedule.
+
+Assumptions (mixed precision as in ZeRO and Megatron, bf16 compute on GPUs):
+- per parameter: a bf16 weight (2 B), an fp32 gradient accumulated over microbatches (4 B),
+  fp32 master weight + Adam m and v (12 B);
+- FSDP (dp_shard, dp > 1) shards all three by dp (dim 0, padded like FSDP2), plus its
+  unsharded working set: under pipelining torch keeps a stage's weights and its accumulating
+  gradients unsharded from the first forward to the last backward (no resharding between
+  microbatches); without pipelining only the block in use and the one prefetched;
+- activations in bf16, counted as what autograd keeps in torch 2.13 (checked on CPU against
+  a measurement, tests/parallel/test_plan_memory.py), a Llama block keeps per token:
+  two RMSNorms x 3h (input, normalized, output), attention 4h (q, k and v expanded to all
+  heads by GQA's repeat, and SDPA's output: flash attention keeps no s x s matrix), SwiGLU 4f
+  (w1 and w3 outputs, silu, their product). Korthikanti et al.'s GPT block is the same
+  accounting with LayerNorm/GeLU/dropout instead (sbh(34 + 5as/h) bytes in fp16);
+- TP divides what lies between a column-wise and a row-wise linear; sequence parallelism also
+  divides the norms, but DTensor keeps the all-gathered norm output (h) for the linears;
+- recompute `full` keeps each block's input, `selective` (parallel/activation_checkpoint.py)
+  keeps the block input plus every matmul and SDPA output; both rebuild one block at a time in
+  backward, which is added once.
+"""
+
+from __future__ import annotations
+
+from models.llama import ModelArgs
+
+WEIGHT_BYTES = 2
+GRAD_BYTES = 4
+OPTIMIZER_BYTES = 12
+ACTIVATION_BYTES = 2
+LOGSOFTMAX_BYTES = 4  # the loss runs in fp32 and keeps its log-softmax
+RUNTIME_RESERVED_BYTES = 3 * 2**30  # CUDA context, NCCL buffers, allocator fragmentation
+
+
+def state_bytes(params: int, sharded: int, largest_block: int, *, fsdp: bool, pipelined: bool,
+                microbatches: int) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer) bytes on one GPU.
+
+    `params` are this rank's elements before DP, `sharded` after FSDP sharding. FSDP also holds
+    unsharded copies: every weight from first forward to last backward under pipelining (else
+    the block in use and the one prefetched), and every gradient while they accumulate without
+    syncing over several microbatches (else one block's, until its reduce-scatter).
+    """
+    if not fsdp:
+        return WEIGHT_BYTES * params, GRAD_BYTES * params, OPTIMIZER_BYTES * params
+    weights = params if pipelined else 2 * largest_block
+    grads = params if pipelined or microbatches > 1 else largest_block
+    return (WEIGHT_BYTES * (sharded + weights), GRAD_BYTES * (sharded + grads),
+            OPTIMIZER_BYTES * sharded)
+
+
+def block_activation_elements(args: ModelArgs, tp: int, sequence_parallel: bool, recompute: str) -> float:
+    """Elements one block keeps for backward, per token of a microbatch, on one TP rank."""
+    h, f = args.dim, args.ffn_hidden_dim
+    kv = args.kv_heads * args.head_dim
+    sp = tp if sequence_parallel else 1  # the residual stream is split by sequence under SP
+    gathered = h if sequence_parallel else 0  # the all-gathered norm output the linears keep
+    if recompute == "full":
+        return h / sp
+    if recompute == "selective":
+        # block input; q, k, v, w1, w3 outputs (sharded); SDPA output; wo/w2 partial sums (full)
+        return h / sp + (h + 2 * kv + 2 * f + h) / tp + 2 * h
+    if recompute != "none":
+        raise ValueError(f"unknown recompute mode {recompute!r}; use none, full or selective")
+    return 2 * (3 * h / sp + gathered) + (4 * h + 4 * f) / tp
+
+
+def head_activation_bytes(args: ModelArgs, tp: int, sequence_parallel: bool, pipelined: bool,
+                          dtype_bytes: int = ACTIVATION_BYTES) -> float:
+    """Bytes the final norm, the head and the loss keep per token (last stage only)."""
+    h, vocab = args.dim, args.vocab_size
+    sp = tp if sequence_parallel else 1
+    norm = 3 * h / sp + (h if sequence_parallel else 0)
+    # a pipeline stage keeps its output (the logits) until its backward; the loss its log-softmax
+    logits = vocab / tp if pipelined else 0
+    return dtype_bytes * (norm + logits) + LOGSOFTMAX_BYTES * vocab / tp
+
+
+def microbatches_in_flight(schedule: str, pp: int, pp_rank: int, microbatches: int, virtual_stages: int) -> float:
+    """Microbatches whose activations a pipeline rank holds at its peak, in units of one
+    microbatch through all of the rank's layers.
+
+    gpipe, looped_bfs: all m (every forward before any backward) [GPipe; BFS];
+    1f1b: p - r (r's warm-up forwards plus one) [PipeDream-Flush];
+    interleaved_1f1b, interleaved_zb: Megatron's warm-up, 2(p-r-1) + (v-1)p + 1 chunks of 1/v
+    [Narayanan et al. 2021; ZB-H1 keeps 1F1B's memory];
+    zbv: p on every rank [ZB-V, same peak as 1F1B's first stage];
+    dualpipev: p + 1 [DualPipe's activation column, PP+1].
+    """
+    p, r, m, v = pp, pp_rank, microbatches, virtual_stages
+    if p == 1:
+        return 1.0
+    if schedule in ("gpipe", "looped_bfs"):
+        held = float(m)
+    elif schedule == "1f1b":
+        held = float(p - r)
+    elif schedule in ("interleaved_1f1b", "interleaved_zb"):
+        held = min(m * v, 2 * (p - r - 1) + (v - 1) * p + 1) / v
+    elif schedule == "zbv":
+        held = float(p)
+    elif schedule == "dualpipev":
+        held = float(p + 1)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return min(held, float(m))
+
+
+def activation_bytes(args: ModelArgs, *, layers: int, last_stage: bool, tokens: int, in_flight: float,
+                     tp: int, sequence_parallel: bool, recompute: str, pipelined: bool,
+                     dtype_bytes: int = ACTIVATION_BYTES) -> float:
+    """Peak activation bytes of one pipeline rank: `in_flight` microbatches of `tokens` tokens
+    through its `layers` blocks (and the head if it has the last stage), plus the block being
+    recomputed in backward."""
+    per_token = dtype_bytes * layers * block_activation_elements(args, tp, sequence_parallel, recompute)
+    if last_stage:
+        per_token += head_activation_bytes(args, tp, sequence_parallel, pipelined, dtype_bytes)
+    return tokens * in_flight * per_token + rebuilt_block_bytes(
+        args, tokens, tp, sequence_parallel, recompute, dtype_bytes) * (layers > 0)
+
+
+def rebuilt_block_bytes(args: ModelArgs, tokens: int, tp: int, sequence_parallel: bool, recompute: str,
+                        dtype_bytes: int = ACTIVATION_BYTES) -> float:
+    """Bytes of the one block that recompute rebuilds in full during backward (0 without it)."""
+    if recompute == "none":
+        return 0.0
+    return tokens * dtype_bytes * block_activation_elements(args, tp, sequence_parallel, "none")
