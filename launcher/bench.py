@@ -15,6 +15,7 @@ import socket
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ from torch import nn
 from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops  # private API
 
 from data import DistributedBatchSampler
+from launcher.bench_checkpoint import checkpoint_io, drop_page_cache, format_checkpoint_io
 from launcher.config import SCHEDULES, SCHEDULES_ONE_STAGE_PER_RANK, Config, load_config, validate
 from launcher.train import CONF_DIR, build_trainer, load_data, model_args
 from launcher.trainer import lr_multiplier, timed_steps
@@ -312,6 +314,9 @@ def pipeline(pp: int = 4, microbatches: int = 8, stage_ms: float = 20.0,
 
 # ---------------------------------------------------------------------------------- command line
 
+# 320M parameters: a 1.28 GB model in fp32, 3.8 GB with AdamW's two moments
+CHECKPOINT_MODEL = ["model=llama3_1b", "model.n_layers=4", "model.vocab_size=32000"]
+
 def format_overhead(r: OverheadResult) -> str:
     """The overhead result as a small Markdown table."""
     q = statistics.quantiles(r.pair_ratios, n=4) if len(r.pair_ratios) > 1 else r.pair_ratios * 3
@@ -362,8 +367,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stage-ms", type=float, default=20.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--schedules", default=",".join(SCHEDULES))
+    c = sub.add_parser("checkpoint", help="checkpoint save/load vs raw disk I/O (>= 1 GB)")
+    c.add_argument("--dir", type=Path, default=Path("bench-checkpoint"),
+                   help="scratch folder on the disk to measure (deleted afterwards)")
+    c.add_argument("--model", nargs="*", default=CHECKPOINT_MODEL, help="model overrides")
+    c.add_argument("--tp", type=int, default=2, help="layout the resharded load uses")
     a = parser.parse_args(argv)
-    if a.command == "overhead":
+    if a.command == "checkpoint":
+        print(machine())
+        cold = drop_page_cache()
+        print(format_checkpoint_io(checkpoint_io(a.dir, a.model, a.tp), cold))
+    elif a.command == "overhead":
         print(format_overhead(overhead(a.steps, a.model, a.warmup, a.seq_len, a.batch)))
     else:
         rows = pipeline(a.pp, a.microbatches, a.stage_ms, tuple(a.schedules.split(",")), a.repeats)

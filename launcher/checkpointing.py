@@ -8,7 +8,8 @@ import torch.distributed as dist
 
 from launcher.config import Config
 from launcher.trainer import Trainer
-from parallel.checkpoint import AsyncCheckpointer, load_checkpoint, resume_path, save_checkpoint
+from parallel.checkpoint import AsyncCheckpointer, resume_path, save_checkpoint
+from parallel.checkpoint_load import load_checkpoint
 from parallel.hf_llama import HFLlamaWeights
 from parallel.init import InitialValues
 

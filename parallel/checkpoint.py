@@ -32,30 +32,22 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import (
-    CheckpointException,
-    HuggingFaceStorageReader,
     HuggingFaceStorageWriter,
 )
 from torch.distributed.tensor import DTensor
 
 from parallel.checkpoint_state import (
     CheckpointError,
-    TensorState,
-    load_model_state,
-    load_optimizer_state,
     model_state,
     optimizer_state,
     param_group_settings,
-    restore_param_group_settings,
     rng_state,
-    set_rng_state,
 )
 
 if TYPE_CHECKING:
     from launcher.trainer import Trainer
 
-__all__ = ["AsyncCheckpointer", "CheckpointError", "find_latest", "load_checkpoint", "resume_path",
-           "save_checkpoint"]
+__all__ = ["AsyncCheckpointer", "CheckpointError", "find_latest", "resume_path", "save_checkpoint"]
 
 FORMAT = "tridist-checkpoint-1"
 MANIFEST = "manifest.json"
@@ -109,14 +101,16 @@ def resume_path(resume: str, root: Path | None) -> Path | None:
     return latest
 
 
-def _layout(trainer: Trainer) -> dict[str, Any]:
+def layout_of(trainer: Trainer) -> dict[str, Any]:
+    """The (dp, pp, tp, v, schedule) a trainer runs, as saved in the manifest."""
     par = trainer.cfg.parallel
     return {"world_size": dist.get_world_size(), "dp": par.dp, "pp": par.pp, "tp": par.tp,
             "virtual_stages": par.virtual_stages, "schedule": par.schedule,
             "dp_shard": par.dp_shard}
 
 
-def _crc32(path: Path) -> int:
+def file_crc32(path: Path) -> int:
+    """CRC32 of a file's bytes, read in 16 MiB blocks."""
     crc = 0
     with open(path, "rb") as f:
         while block := f.read(1 << 24):
@@ -124,7 +118,7 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _shard_files(directory: Path) -> list[str]:
+def shard_files(directory: Path) -> list[str]:
     """Every file of the DCP parts, relative to `directory`, in one order all ranks agree on."""
     return sorted(str(p.relative_to(directory)) for part in PARTS
                   for p in (directory / part).glob("*") if p.is_file())
@@ -182,7 +176,7 @@ def take_snapshot(
     manifest = {
         "format": FORMAT, "step": trainer.step,
         "tokens_seen": trainer.sampler.samples_consumed * trainer.sampler.seq_len,
-        "torch_version": torch.__version__, "layout": _layout(trainer),
+        "torch_version": torch.__version__, "layout": layout_of(trainer),
         "config": dataclasses.asdict(trainer.cfg), "sampler": trainer.sampler.state_dict(),
         "lr_scheduler": trainer.lr_scheduler.state_dict(),
         "optimizer_param_groups": param_group_settings(trainer.optimizer), "extra": extra or {},
@@ -222,8 +216,8 @@ def write_snapshot(
         writer = HuggingFaceStorageWriter(str(tmp / part), save_distributed=True)
         dcp.save(tensors, storage_writer=writer, process_group=group)
     dist.barrier(group)  # every shard is on disk before anyone lists the directory
-    files = _shard_files(tmp)
-    mine = {f: {"bytes": (tmp / f).stat().st_size, "crc32": _crc32(tmp / f)}
+    files = shard_files(tmp)
+    mine = {f: {"bytes": (tmp / f).stat().st_size, "crc32": file_crc32(tmp / f)}
             for f in files[rank::world]}
     gathered: list[Any] = [None] * world if rank == 0 else []
     # rank 0 collects every rank's RNG state and its share of the file checksums
@@ -317,114 +311,3 @@ def _commit(root: Path, tmp: Path, final: Path, keep: int | None) -> None:
         for old in _complete_checkpoints(root)[:-keep]:
             if old != final:
                 shutil.rmtree(old)
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of the checkpoint directory `path`, checked for its format."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{path}: no {MANIFEST}; not a checkpoint, or an interrupted save")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{manifest_path}: unreadable ({err})") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r}, "
-                              f"expected {FORMAT!r}")
-    return manifest
-
-
-def _file_problems(path: Path, manifest: dict[str, Any], verify: bool) -> list[str]:
-    """Missing or resized shard files (checked by all ranks); CRCs of this rank's share."""
-    problems = []
-    listed = sorted(manifest["files"])
-    for rel in listed:
-        f = path / rel
-        expected = manifest["files"][rel]["bytes"]
-        if not f.is_file():
-            problems.append(f"missing shard file {f}")
-        elif (size := f.stat().st_size) != expected:
-            problems.append(f"shard file {f} has {size} bytes, the manifest says {expected}: "
-                            "truncated or overwritten")
-    if verify and not problems:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        for rel in listed[rank::world]:  # each rank reads a share, so the checkpoint is read once
-            if _crc32(path / rel) != manifest["files"][rel]["crc32"]:
-                problems.append(f"shard file {path / rel} is corrupt: "
-                                "its CRC32 differs from the manifest")
-    # the safetensors reader reads every *.safetensors file it finds, listed or not
-    unlisted = sorted(f for f in set(_shard_files(path)) - set(listed)
-                      if f.endswith(".safetensors"))
-    problems += [f"unexpected file {path / rel} (not in the manifest)" for rel in unlisted]
-    return problems
-
-
-def _all_problems(local: list[str]) -> list[str]:
-    """Every rank's problems, so that all raise together instead of some hanging in a collective."""
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, local)
-    return sorted({p for rank_problems in everyone for p in rank_problems})
-
-
-def _raise_if_any(path: Path, problems: list[str]) -> None:
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise CheckpointError(f"cannot load {path}: " + "; ".join(problems[:5]) + more)
-
-
-def _load_part(directory: Path, state: TensorState, what: str) -> None:
-    """Fill `state` in place from one DCP part, after checking names and shapes on all ranks."""
-    try:
-        saved = HuggingFaceStorageReader(str(directory)).read_metadata().state_dict_metadata
-    except Exception as err:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{directory}: cannot read the safetensors headers: {err}") from None
-    problems = []
-    for name, tensor in state.tensors.items():
-        if name not in saved:
-            problems.append(f"{what} tensor {name!r} is not in the checkpoint")
-        elif tuple(saved[name].size) != tuple(tensor.shape):
-            problems.append(f"{what} tensor {name!r} has shape {list(saved[name].size)} in the "
-                            f"checkpoint but {list(tensor.shape)} in this model")
-    # names no rank of this model has mean the checkpoint is of another model
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (problems, sorted(state.tensors)))
-    problems = sorted({p for rank_problems, _ in everyone for p in rank_problems})
-    unknown = sorted(set(saved) - {n for _, names in everyone for n in names})
-    if unknown:
-        problems.append(f"it holds {len(unknown)} {what} tensors this model lacks, e.g. "
-                        f"{unknown[:3]}: a checkpoint of another model?")
-    _raise_if_any(directory, problems)
-    try:
-        dcp.load(state.tensors, storage_reader=HuggingFaceStorageReader(str(directory)))
-    except CheckpointException as err:  # raised on every rank: DCP gathers failures
-        raise CheckpointError(f"{directory}: reading the shards failed: {err}") from None
-
-
-def load_checkpoint(path: Path, trainer: Trainer, verify: bool = True) -> dict[str, Any]:
-    """Restore everything save_checkpoint wrote into `trainer`, whatever its layout.
-
-    Every rank must call it. Returns the manifest (its "extra" is what the saver passed).
-    verify: also check each shard's CRC32 (each rank reads a share of the files).
-    """
-    path = Path(path)
-    manifest = read_manifest(path)
-    _raise_if_any(path, _all_problems(_file_problems(path, manifest, verify)))
-    # optimizer tensors first: creating them on a fresh optimizer takes a zero-lr step
-    optim = optimizer_state(trainer.model, trainer.optimizer)
-    model = model_state(trainer.model)
-    _load_part(path / "model", model, "model")
-    _load_part(path / "optim", optim, "optimizer")
-    load_model_state(trainer.model, model)
-    load_optimizer_state(trainer.model, trainer.optimizer, optim)
-    restore_param_group_settings(trainer.optimizer, manifest["optimizer_param_groups"])
-    trainer.lr_scheduler.load_state_dict(manifest["lr_scheduler"])
-    try:
-        trainer.sampler.load_state_dict(manifest["sampler"])
-    except ValueError as err:
-        raise CheckpointError(f"{path / MANIFEST}: {err}") from None
-    trainer.step = manifest["step"]
-    # per-rank generators carry over only to the same layout; otherwise every rank takes rank 0's
-    rng = manifest["rng"]
-    same_layout = manifest["layout"] == _layout(trainer)
-    set_rng_state(rng["states"][rng["of_rank"][dist.get_rank() if same_layout else 0]])
-    return manifest

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 
 from models.llama import ModelArgs
-from parallel.checkpoint import read_manifest
+from parallel.checkpoint_load import read_manifest
 from parallel.checkpoint_state import CheckpointError
 from parallel.hf_llama import INDEX, SINGLE_FILE, hf_config, hf_name, to_hf_tensor
 

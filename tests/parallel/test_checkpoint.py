@@ -28,10 +28,10 @@ from parallel.checkpoint import (
     CheckpointError,
     checkpoint_name,
     find_latest,
-    load_checkpoint,
     resume_path,
     save_checkpoint,
 )
+from parallel.checkpoint_load import load_checkpoint
 from tests.run_training import make_config
 from tests.spawn import run_ranks
 
