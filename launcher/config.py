@@ -250,10 +250,6 @@ def _validate_tensor_parallel(m: ModelConfig, par: ParallelConfig, t: TrainConfi
     _check(t.seq_len % par.tp == 0, "train.seq_len", t.seq_len,
            f"must be divisible by parallel.tp={par.tp} with parallel.sequence_parallel=true; set "
            f"train.seq_len={max(par.tp, t.seq_len // par.tp * par.tp)} or parallel.sequence_parallel=false")
-    # the closing sample (run when pp == 1) feeds prompts of every length, most not divisible by tp
-    _check(t.sample_tokens == 0 or par.pp > 1, "train.sample_tokens", t.sample_tokens,
-           "sampling does not run under sequence parallelism yet; set train.sample_tokens=0 "
-           "or parallel.sequence_parallel=false")
 
 
 def _validate_pipeline(m: ModelConfig, par: ParallelConfig) -> None:

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 @torch.no_grad()
 def generate(model: nn.Module, prompt: list[int], n_tokens: int, max_seq_len: int,
-             temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> list[int]:
-    """Autoregressive top-k sampling; every rank running it in lockstep draws the same tokens."""
+             temperature: float = 0.8, top_k: int = 40, seed: int = 0, pad_to: int = 1) -> list[int]:
+    """Autoregressive top-k sampling; every rank running it in lockstep draws the same tokens.
+
+    pad_to: pad the input on the right to a multiple of this (sequence parallelism splits the
+    sequence into tp equal slices); causal attention keeps the last real position's logits exact.
+    """
     device = next(model.parameters()).device
     tokens = torch.tensor([prompt], device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
+    window = max_seq_len // pad_to * pad_to
     for _ in range(n_tokens):
-        logits = model(tokens[:, -max_seq_len:])[:, -1, :]
+        context = tokens[:, -window:]
+        n = context.shape[1]
+        logits = model(F.pad(context, (0, -n % pad_to)))[:, n - 1, :]
         if hasattr(logits, "full_tensor"):  # vocab-sharded under TP
             logits = logits.full_tensor()
         logits = logits.float() / temperature

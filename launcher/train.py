@@ -133,7 +133,9 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
     summary.losses = torch.stack(step_losses).tolist() if step_losses else []
     if t.sample_tokens > 0 and par.pp == 1:
         prompt = tokens.encode("def ")
-        out = generate(model.chunks[0], prompt, t.sample_tokens, cfg.model.max_seq_len, seed=t.seed)
+        pad_to = par.tp if par.sequence_parallel else 1
+        out = generate(model.chunks[0], prompt, t.sample_tokens, cfg.model.max_seq_len, seed=t.seed,
+                       pad_to=pad_to)
         summary.sample = tokens.decode(prompt + out)
         if is_rank0:
             print(f"\n--- sample from the trained model ---\n{summary.sample}\n---", flush=True)

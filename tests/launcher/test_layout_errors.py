@@ -23,7 +23,6 @@ CASES = [  # overrides, world size, field named in the error
     (["parallel.pp=2", "parallel.microbatches=2", "model.tie_embeddings=true"], 2, "model.tie_embeddings"),
     (["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=127", "train.sample_tokens=0"], 2,
      "train.seq_len"),
-    (["parallel.tp=2", "parallel.sequence_parallel=true"], 2, "train.sample_tokens"),
 ]
 
 
@@ -35,7 +34,7 @@ def test_refused(overrides: list[str], world: int, field: str) -> None:
 
 
 def test_sequence_parallel_accepted_when_the_sequence_splits() -> None:
-    cfg = make_config(["parallel.tp=2", "parallel.sequence_parallel=true", "train.sample_tokens=0"], 2)
+    cfg = make_config(["parallel.tp=2", "parallel.sequence_parallel=true"], 2)
     assert cfg.parallel.sequence_parallel and cfg.train.seq_len % 2 == 0
     with pytest.raises(ConfigError, match=r"train.seq_len=126 or parallel.sequence_parallel=false"):
         make_config(["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=127"], 2)
