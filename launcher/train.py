@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +21,7 @@ from data import DistributedBatchSampler, TokenSource, build_token_source, valid
 from launcher.checkpointing import RunCheckpoints
 from launcher.config import Config, ConfigError, load_config, validate
 from launcher.generate import generate
-from launcher.metrics import MetricsLogger
+from launcher.monitor import RunMonitor
 from launcher.preemption import StopSignal
 from launcher.trainer import Trainer
 from models.llama import ModelArgs
@@ -102,29 +101,25 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
     val = validation_batches(tokens.val, cfg.train.seq_len, cfg.train.global_batch_size // dp,
                              cfg.train.val_batches)
     is_rank0 = dist.get_rank() == 0
-    logger = MetricsLogger(run_dir, is_rank0) if run_dir is not None else None
+    monitor = RunMonitor(cfg, trainer, run_dir)  # progress, metrics sinks, pipeline timeline
     summary = TrainSummary(trainer=trainer)
     t = cfg.train
-    tokens_per_step = t.global_batch_size * t.seq_len
-    last_time, last_step = time.perf_counter(), trainer.step
     step_losses: list[torch.Tensor] = []
     stop = StopSignal()
     while trainer.step < t.steps and not summary.preempted:
-        result = trainer.train_step()
+        result = monitor.train_step(trainer)
         step_losses.append(trainer.global_mean(result.loss))  # a collective, no host sync
         done = trainer.step == t.steps
-        if logger and (trainer.step % t.log_interval == 0 or done):
-            now = time.perf_counter()
+        if monitor.active and (trainer.step % t.log_interval == 0 or done):
             record = {"step": trainer.step, "loss": step_losses[-1].item(), "lr": trainer.lr_scheduler.get_last_lr()[0],
-                      "grad_norm": result.grad_norm.item(),
-                      "tokens_per_s": tokens_per_step * (trainer.step - last_step) / (now - last_time)}
+                      "grad_norm": result.grad_norm.item(), **monitor.throughput(trainer.step)}
             if trainer.step % t.val_interval == 0 or done:
                 record["val_loss"] = summary.val_loss = trainer.global_mean(trainer.evaluate(val)).item()
-            logger.log(record)
-            last_time, last_step = time.perf_counter(), trainer.step
+            monitor.log(record)
         summary.preempted = stop.agreed()  # any rank signalled: all save and stop after this step
         if checkpoints.due(trainer.step, done) or summary.preempted:
             checkpoints.save(trainer)
+    monitor.close()
     stop.restore()
     checkpoints.close()
     if summary.preempted and is_rank0:
@@ -139,8 +134,6 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
         summary.sample = tokens.decode(prompt + out)
         if is_rank0:
             print(f"\n--- sample from the trained model ---\n{summary.sample}\n---", flush=True)
-    if logger:
-        logger.close()
     return summary
 
 

@@ -1,0 +1,57 @@
+"""Model FLOPs per token (PaLM's 6N + 12·L·H·Q·T) and the device peak that MFU divides by.
+
+MFU counts the model's FLOPs only: recomputation under activation checkpointing is not
+credited, so MFU does not rise by recomputing (PaLM, appendix B).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.llama import ModelArgs, Transformer
+
+# dense bf16 tensor-core peaks per device, TFLOP/s, from the vendors' data sheets; matched in
+# order against the lower-cased device name, so the more specific names come first
+GPU_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("gh200", 989.0),
+    ("h200", 989.0),
+    ("h100 pcie", 756.0),
+    ("h100 nvl", 835.0),
+    ("h100", 989.0),  # SXM
+    ("h800", 989.0),
+    ("b200", 2250.0),
+    ("a100", 312.0),
+    ("a800", 312.0),
+    ("l40s", 362.0),
+    ("v100", 125.0),  # fp16: V100 has no bf16
+    ("mi300x", 1307.0),
+    ("mi250x", 383.0),
+)
+
+
+def non_embedding_parameters(args: ModelArgs) -> int:
+    """Parameters of the whole model minus the input embedding, counted on the meta device.
+
+    The embedding is a lookup, not a matmul; with tied embeddings the shared matrix still does
+    the output head's matmul, so it stays in.
+    """
+    with torch.device("meta"):
+        model = Transformer(args)
+    total = sum(p.numel() for p in model.parameters())  # a tied matrix is listed once
+    return total if args.tie_embeddings else total - model.tok_embeddings.weight.numel()
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token: 6N (forward + backward matmuls) + 12·L·H·Q·T (attention)."""
+    attention = 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
+    return 6.0 * non_embedding_parameters(args) + attention
+
+
+def peak_tflops(configured: float | None, device: torch.device) -> float | None:
+    """hardware.peak_tflops if set, else the known GPU's bf16 peak; None when unknown (CPU)."""
+    if configured is not None:
+        return configured
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    return next((peak for key, peak in GPU_PEAK_TFLOPS if key in name), None)
