@@ -15,6 +15,8 @@ from pathlib import Path
 import hydra
 import torch
 import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from data import DistributedBatchSampler, TokenSource, build_token_source, validation_batches
@@ -22,7 +24,9 @@ from launcher.checkpointing import RunCheckpoints
 from launcher.config import Config, ConfigError, load_config, validate
 from launcher.generate import generate
 from launcher.monitor import RunMonitor
+from launcher.multirun import run_worker_group
 from launcher.preemption import StopSignal
+from launcher.slurm import export_rank_env_from_slurm, is_submitit_task, requeue_if_slurm
 from launcher.trainer import Trainer
 from models.llama import ModelArgs
 from parallel.checkpoint import CheckpointError
@@ -145,7 +149,9 @@ def _run_dir_name() -> str:
     return datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
 
 
-OmegaConf.register_new_resolver("run_dir_name", _run_dir_name, replace=True)
+# cached: Hydra copies the cache into every sweep job's config, so all jobs of a multirun (and
+# the summary at its end) resolve the same multirun/<time> folder, seconds apart or not
+OmegaConf.register_new_resolver("run_dir_name", _run_dir_name, replace=True, use_cache=True)
 
 
 def _fail(err: ConfigError) -> None:
@@ -156,16 +162,25 @@ def _fail(err: ConfigError) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _hydra_main(raw: DictConfig) -> None:
+    if is_submitit_task():  # hydra/launcher=submitit_slurm: this Slurm task is one rank
+        export_rank_env_from_slurm()
+    # a local sweep job (`-m`, not under torchrun) starts its own ranks: launcher/multirun.py
+    own_group = HydraConfig.get().mode == RunMode.MULTIRUN and "RANK" not in os.environ
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = load_config(raw)
+        if own_group:
+            world_size = cfg.parallel.dp * cfg.parallel.pp * cfg.parallel.tp
         validate(cfg, world_size)
         tokens = load_data(cfg)
     except ConfigError as err:
         _fail(err)
-    run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if own_group and world_size > 1:
+        run_worker_group(cfg, run_dir)
+        return
     try:
-        train(cfg, tokens, run_dir)
+        summary = train(cfg, tokens, run_dir)
     except ConfigError as err:  # found after start-up, e.g. a model.init_from that does not fit
         _fail(err)
     except CheckpointError as err:  # a checkpoint to resume from that cannot be loaded
@@ -175,22 +190,34 @@ def _hydra_main(raw: DictConfig) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if summary.preempted:
+        # exit code 0: a requested stop with its checkpoint saved, which torchrun must not restart
+        requeue_if_slurm()
 
 
 def _check_group_choices(argv: list[str]) -> None:
     """An unknown flavor (`model=llama3_9b`) is refused with the list of known ones."""
     for arg in argv:
         group, _, choice = arg.partition("=")
-        if group in CONFIG_GROUPS and choice and not (CONF_DIR / group / f"{choice}.yaml").is_file():
+        if group not in CONFIG_GROUPS or not choice:
+            continue
+        unknown = [c for c in choice.split(",") if not (CONF_DIR / group / f"{c}.yaml").is_file()]  # -m a,b
+        if unknown:
             known = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-            _fail(ConfigError(group, choice, f"unknown {group}; choose one of {', '.join(known)}"))
+            _fail(ConfigError(group, unknown[0], f"unknown {group}; choose one of {', '.join(known)}"))
 
 
 def main() -> None:
     """Entry point: check group names, keep non-zero ranks from writing Hydra's files, run."""
+    from hydra_plugins.tridist_launcher.mesh_slurm_launcher import register_mesh_launcher
+
     _check_group_choices(sys.argv[1:])
     if int(os.environ.get("RANK", "0")) != 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    if {"-m", "--multirun"} & set(sys.argv[1:]):
+        register_mesh_launcher()  # hydra/launcher=submitit_slurm: each job sized to its mesh
+        if not any(a.startswith("hydra/callbacks=") for a in sys.argv):
+            sys.argv.append("hydra/callbacks=sweep_summary")  # <sweep dir>/summary.md at the end
     _hydra_main()
 
 
