@@ -102,8 +102,8 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
         if dist.get_rank() == 0:
             print(f"resumed from {resume} at step {trainer.step}", flush=True)
     model, dp = trainer.model, par.dp
-    val = validation_batches(tokens.val, cfg.train.seq_len, cfg.train.global_batch_size // dp,
-                             cfg.train.val_batches)
+    val = validation_batches(tokens.val, cfg.train.seq_len, cfg.train.global_batch_size,
+                             cfg.train.val_batches, model.mesh["dp"].get_local_rank(), dp)
     is_rank0 = dist.get_rank() == 0
     monitor = RunMonitor(cfg, trainer, run_dir)  # progress, metrics sinks, pipeline timeline
     summary = TrainSummary(trainer=trainer)

@@ -135,7 +135,7 @@ class Trainer:
                 losses: list[torch.Tensor] = []
                 args = (inputs,) if self.model.has_first_stage else ()
                 target = targets if self.model.has_last_stage else None
-                self.model.schedule.eval(*args, target=target, losses=losses)
+                self.model.eval_schedule.eval(*args, target=target, losses=losses)
                 if losses:
                     total += _local(torch.stack([_local(x) for x in losses]).mean())
         return total / len(batches)

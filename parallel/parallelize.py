@@ -17,6 +17,7 @@ from parallel.pipeline import (
     V_SHAPE_SCHEDULES,
     build_schedule,
     build_stage_module,
+    build_v_shape_eval_schedule,
     layers_per_stage,
     stage_ids_for_rank,
 )
@@ -32,6 +33,7 @@ class ParallelModel:
     n_stages: int
     schedule: _PipelineSchedule | None
     mesh: DeviceMesh
+    eval_schedule: _PipelineSchedule | None = None  # when evaluation needs its own (V shapes)
 
     @property
     def has_first_stage(self) -> bool:
@@ -91,7 +93,11 @@ def parallelize(
     if pp > 1:
         sched = build_schedule(chunks, stage_ids, n_stages, schedule, microbatches, cross_entropy,
                                device, mesh["pp"].get_group())
-    return ParallelModel(chunks, stage_ids, n_stages, sched, mesh)
+    eval_sched = sched
+    if schedule in V_SHAPE_SCHEDULES and pp > 1:
+        eval_sched = build_v_shape_eval_schedule(chunks, stage_ids, n_stages, microbatches,
+                                                 cross_entropy, device, mesh["pp"].get_group())
+    return ParallelModel(chunks, stage_ids, n_stages, sched, mesh, eval_sched)
 
 
 def full_state_dict(model: ParallelModel) -> dict[str, torch.Tensor]:

@@ -13,8 +13,14 @@ import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
+    FORWARD,
     PipelineScheduleMulti,
     PipelineScheduleSingle,
+    _Action,
+    _add_send_recv,
+    _add_unshard_reshard,
+    _PipelineScheduleRuntime,
+    generate_stage_to_rank_mapping,
     get_schedule_class,
 )
 
@@ -106,3 +112,39 @@ def build_schedule(
     if issubclass(cls, PipelineScheduleSingle):
         return cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True)
     return cls(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True)
+
+
+def build_v_shape_eval_schedule(
+    modules: list[nn.Module],
+    stage_ids: list[int],
+    n_stages: int,
+    microbatches: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device,
+    pp_group: torch.distributed.ProcessGroup,
+) -> _PipelineScheduleRuntime:
+    """A forward-only schedule for V-shaped placements, for evaluation.
+
+    torch 2.13's ZBV and DualPipeV orders keep their backward actions in eval() and fail
+    ("can't steal_bwd_input"), so evaluation runs its own order: every rank passes all
+    microbatches through its first stage, then through its second; torch's runtime (a private
+    class: the public schedules take no custom order) adds the sends and receives. Separate
+    PipelineStage wrappers of the same modules keep the training schedule's buffers untouched.
+    """
+    stages = [PipelineStage(module, sid, n_stages, device, group=pp_group)
+              for module, sid in zip(modules, stage_ids)]
+    sched = _PipelineScheduleRuntime(stages, n_microbatches=microbatches, loss_fn=loss_fn)
+    pp = torch.distributed.get_world_size(pp_group)
+    order = {rank: [_Action(sid, FORWARD, mb) for sid in (rank, n_stages - 1 - rank)
+                    for mb in range(microbatches)] for rank in range(pp)}
+    # lowered here rather than by _prepare_schedule_with_comms, whose check wants backwards
+    to_rank = generate_stage_to_rank_mapping(pp, n_stages, style="v")
+    sched.stage_index_to_group_rank = to_rank
+    for stage in stages:
+        stage.stage_index_to_group_rank = to_rank
+    sched.pipeline_order = order
+    # as torch's own lowering: FSDP unshard/reshard around each stage's compute, then the p2p ops
+    with_fsdp = {rank: _add_unshard_reshard(actions) for rank, actions in order.items()}
+    sched.pipeline_order_with_comms = _add_send_recv(with_fsdp, stage_to_rank=lambda s: to_rank[s],
+                                                     num_stages=n_stages)
+    return sched

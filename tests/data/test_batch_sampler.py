@@ -74,3 +74,11 @@ def test_validation_batches_are_the_first_windows_in_order() -> None:
     starts = torch.cat([inputs[:, 0] for inputs, _ in batches])
     assert starts.tolist() == [0, 8, 16, 24, 32, 40, 48, 56]
     assert len(validation_batches(TOKENS, SEQ, 100, 5)) == 1  # only one full batch fits
+
+
+def test_validation_batches_split_over_dp_cover_the_single_process_batches() -> None:
+    whole = validation_batches(TOKENS, SEQ, 4, 2)
+    halves = [validation_batches(TOKENS, SEQ, 4, 2, rank, 2) for rank in range(2)]
+    for b, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([halves[0][b][0], halves[1][b][0]]), x)
+        assert torch.equal(torch.cat([halves[0][b][1], halves[1][b][1]]), y)

@@ -10,7 +10,7 @@ import torch
 from torch.nn.modules.module import register_module_forward_hook
 
 from models.llama import TransformerBlock
-from tests.run_training import train_and_report
+from tests.run_training import train_validate_and_report
 from tests.spawn import run_ranks
 
 # optim.eps=1e-5: Adam's first updates are ~lr*sign(g), so with eps=1e-8 an element whose
@@ -54,8 +54,8 @@ def _overrides(layout: Layout, schedule: str) -> list[str]:
                    "parallel.microbatches=8", *layout.extra]
 
 
-def _train_case(overrides: list[str], world: int) -> tuple[list[float], dict[str, torch.Tensor], set[int]]:
-    """Losses and final weights, plus the sequence lengths of the blocks' outputs on this rank."""
+def _train_case(overrides: list[str], world: int) -> tuple[list[float], dict[str, torch.Tensor], float, set[int]]:
+    """Losses, final weights and validation loss, plus the sequence lengths of the blocks' outputs on this rank."""
     lengths: set[int] = set()
 
     def record(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
@@ -64,18 +64,18 @@ def _train_case(overrides: list[str], world: int) -> tuple[list[float], dict[str
 
     handle = register_module_forward_hook(record)
     try:
-        return (*train_and_report(overrides, world), lengths)
+        return (*train_validate_and_report(overrides, world), lengths)
     finally:
         handle.remove()
 
 
-def _run_cases(cases: list[list[str]], world: int) -> list[tuple[list[float], dict[str, torch.Tensor], set[int]]]:
+def _run_cases(cases: list[list[str]], world: int) -> list[tuple[list[float], dict[str, torch.Tensor], float, set[int]]]:
     return [_train_case(overrides, world) for overrides in cases]
 
 
 @pytest.fixture(scope="module")
-def reference() -> tuple[list[float], dict[str, torch.Tensor]]:
-    return train_and_report(BASE, 1)
+def reference() -> tuple[list[float], dict[str, torch.Tensor], float]:
+    return train_validate_and_report(BASE, 1)
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -84,7 +84,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
 def test_schedules_and_layouts_match_single_process(world: int, reference) -> None:
-    ref_losses, ref_weights = reference
+    ref_losses, ref_weights, ref_val = reference
     cases = [(layout, s) for layout in LAYOUTS[world] for s in layout.schedules]
     per_rank = run_ranks(world, _run_cases, [_overrides(*c) for c in cases], world)
     for i, case in enumerate(cases):
@@ -93,9 +93,11 @@ def test_schedules_and_layouts_match_single_process(world: int, reference) -> No
         seq_between_blocks = SEQ_LEN // layout.tp if SP[0] in layout.extra else SEQ_LEN
         weights: dict[str, torch.Tensor] = {}
         for rank_results in per_rank:
-            losses, rank_weights, lengths = rank_results[i]
+            losses, rank_weights, val, lengths = rank_results[i]
             rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
             assert len(losses) == 3 and rel <= 1e-5, (case, losses, ref_losses)
+            # evaluation runs forward-only orders (V shapes have their own): same loss too
+            assert abs(val - ref_val) / ref_val <= 1e-5, (case, val, ref_val)
             assert lengths == {seq_between_blocks}, (case, lengths)
             weights.update(rank_weights)
         assert weights.keys() == ref_weights.keys(), case  # no layer dropped or duplicated
