@@ -18,12 +18,15 @@ the CRC32s (DCP keeps no checksums), and the tmp-dir commit and `latest` pointer
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +37,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import (
     HuggingFaceStorageWriter,
 )
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.tensor import DTensor
 
 from parallel.checkpoint_state import (
@@ -142,6 +146,62 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+WRITER_THREADS = 2  # files written in parallel per rank: serializing a file is CPU-bound
+
+
+class _Crc32Stream(io.RawIOBase):
+    """A write-only file that checksums the bytes on their way to disk (no read-back)."""
+
+    def __init__(self, raw: io.IOBase) -> None:
+        super().__init__()
+        self.raw, self.crc = raw, 0
+
+    def write(self, data: Any) -> int:
+        """Checksum, then write through."""
+        self.crc = zlib.crc32(data, self.crc)  # releases the GIL for large buffers
+        return self.raw.write(data)
+
+    def writable(self) -> bool:
+        """Yes."""
+        return True
+
+    def tell(self) -> int:
+        """Position in the underlying file."""
+        return self.raw.tell()
+
+    def fileno(self) -> int:
+        """The underlying descriptor (DCP fsyncs it)."""
+        return self.raw.fileno()
+
+    def flush(self) -> None:
+        """Flush the underlying file."""
+        self.raw.flush()
+
+
+class _Crc32FileSystem(FileSystem):
+    """DCP's local file system, recording each written file's CRC32 as `<part>/<name>`.
+
+    DCP's safetensors writer sends each file as one sequential stream (no seeks), so the CRC of
+    what passed through equals the file's; loading re-checks it against the bytes on disk.
+    """
+
+    def __init__(self, part: str, crcs: dict[str, int]) -> None:
+        super().__init__()
+        self.part, self.crcs = part, crcs
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[io.IOBase]:
+        """Wrap write streams; reads pass through."""
+        with super().create_stream(path, mode) as raw:
+            if "w" not in mode:
+                yield raw
+                return
+            stream = _Crc32Stream(raw)
+            yield stream
+            raw.flush()
+            self.crcs[f"{self.part}/{Path(path).name}"] = stream.crc  # writer threads: GIL-atomic
+
+
 @dataclass
 class Snapshot:
     """Everything one checkpoint holds, taken between steps: tensors and the JSON manifest."""
@@ -212,13 +272,19 @@ def write_snapshot(
             else:
                 stale.unlink()
     dist.barrier(group)  # no rank writes into tmp before rank 0 has cleared it
+    written: dict[str, int] = {}  # file (relative to tmp) -> CRC32 of the bytes this rank wrote
     for part, tensors in (("model", snap.model), ("optim", snap.optim)):
-        writer = HuggingFaceStorageWriter(str(tmp / part), save_distributed=True)
+        writer = HuggingFaceStorageWriter(str(tmp / part), save_distributed=True,
+                                          thread_count=WRITER_THREADS)
+        writer.fs = _Crc32FileSystem(part, written)
         dcp.save(tensors, storage_writer=writer, process_group=group)
     dist.barrier(group)  # every shard is on disk before anyone lists the directory
     files = shard_files(tmp)
-    mine = {f: {"bytes": (tmp / f).stat().st_size, "crc32": file_crc32(tmp / f)}
-            for f in files[rank::world]}
+    # CRCs as written; a file no rank wrote through the writer (none in torch 2.13) is read back
+    unclaimed = [f for f in files if f not in written]
+    mine = {f: {"bytes": (tmp / f).stat().st_size,
+                "crc32": written[f] if f in written else file_crc32(tmp / f)}
+            for f in [f for f in files if f in written] + unclaimed[rank::world]}
     gathered: list[Any] = [None] * world if rank == 0 else []
     # rank 0 collects every rank's RNG state and its share of the file checksums
     dist.gather_object({"rng": snap.rng, "files": mine}, gathered if rank == 0 else None,
