@@ -34,12 +34,15 @@ def test_replaying_torchs_action_order_reproduces_the_formulas() -> None:
 
 
 def test_pipeline_bubbles_follow_their_formulas() -> None:
-    rows = {r.schedule: r for r in pipeline(pp=2, microbatches=4, stage_ms=15.0, repeats=2,
+    # 30 ms stages, median of 3 steps, 0.15 tolerance: stalls of this shared 2-core VM added
+    # ~50 ms to a ~500 ms step (0.13 of bubble) in repeated runs; a pipeline that serialized its
+    # ranks would read 0.5 against the formula's 0.2
+    rows = {r.schedule: r for r in pipeline(pp=2, microbatches=4, stage_ms=30.0, repeats=3,
                                             schedules=("gpipe", "1f1b", "interleaved_1f1b"))}
     gpipe = rows["gpipe"]
-    assert gpipe.ideal_ms == 4 * 3 * 15.0
-    assert abs(gpipe.bubble - gpipe.formula) < 0.1, gpipe
-    assert abs(rows["1f1b"].bubble - rows["1f1b"].formula) < 0.1, rows["1f1b"]
+    assert gpipe.ideal_ms == 4 * 3 * 30.0
+    assert abs(gpipe.bubble - gpipe.formula) < 0.15, gpipe
+    assert abs(rows["1f1b"].bubble - rows["1f1b"].formula) < 0.15, rows["1f1b"]
     assert rows["interleaved_1f1b"].bubble < gpipe.bubble, rows
     for row in rows.values():  # the runtime's own cost explains what the formula leaves out
         assert abs(row.off_simulated) < 0.15, row
