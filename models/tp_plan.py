@@ -1,7 +1,7 @@
 """How the Llama model shards under tensor parallelism, as data: module path -> style name.
 
 parallel/tensor_parallel.py maps the names to torch's ParallelStyle objects; keeping the plan
-here (as plain strings) lets the model's author own it without importing torch.distributed.
+here (as plain strings) lets the model's author own it without importing any distributed code.
 """
 
 
