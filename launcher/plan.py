@@ -19,7 +19,7 @@ from dataclasses import replace
 from hydra import compose, initialize_config_dir
 
 from launcher.config import SCHEDULES_LOOPED, Config, ConfigError, load_config, validate
-from launcher.train import CONF_DIR, _check_group_choices
+from launcher.train import CONF_DIR, check_group_choices
 from parallel.plan_estimate import GIB, PlanEstimate, estimate
 from parallel.plan_params import StageCounter
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search", action="store_true", help="rank the valid layouts of the cluster")
     parser.add_argument("--top", type=int, default=10, help="layouts --search prints")
     args, overrides = parser.parse_known_args(argv)
-    _check_group_choices(overrides)
+    check_group_choices(overrides)
     try:
         cfg = compose_plan_config(overrides)
         if args.search:

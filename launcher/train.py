@@ -195,7 +195,7 @@ def _hydra_main(raw: DictConfig) -> None:
         requeue_if_slurm()
 
 
-def _check_group_choices(argv: list[str]) -> None:
+def check_group_choices(argv: list[str]) -> None:
     """An unknown flavor (`model=llama3_9b`) is refused with the list of known ones."""
     for arg in argv:
         group, _, choice = arg.partition("=")
@@ -211,7 +211,7 @@ def main() -> None:
     """Entry point: check group names, keep non-zero ranks from writing Hydra's files, run."""
     from hydra_plugins.tridist_launcher.mesh_slurm_launcher import register_mesh_launcher
 
-    _check_group_choices(sys.argv[1:])
+    check_group_choices(sys.argv[1:])
     if int(os.environ.get("RANK", "0")) != 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     if {"-m", "--multirun"} & set(sys.argv[1:]):
