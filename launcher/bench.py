@@ -26,13 +26,15 @@ from torch import nn
 from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops  # private API
 
 from data import DistributedBatchSampler
-from launcher.bench_checkpoint import checkpoint_io, drop_page_cache, format_checkpoint_io
-from launcher.config import SCHEDULES, SCHEDULES_ONE_STAGE_PER_RANK, Config, load_config, validate
-from launcher.train import CONF_DIR, build_trainer, load_data, model_args
-from launcher.trainer import lr_multiplier, timed_steps
+from launcher.benchmarks.checkpoint import checkpoint_io, drop_page_cache, format_checkpoint_io
+from launcher.config import Config, load_config
+from launcher.run.build import build_trainer, load_data, model_args
+from launcher.run.compose import CONF_DIR
+from launcher.run.trainer import lr_multiplier, timed_steps
+from launcher.validate import validate
 from models.llama import Transformer
-from parallel.bubble import bubble_fraction
 from parallel.pipeline import SCHEDULE_CLASS_NAMES, build_schedule, stage_ids_for_rank
+from parallel.schedules import SCHEDULES, SCHEDULES_ONE_STAGE_PER_RANK, bubble_fraction
 
 
 def machine() -> str:
@@ -194,7 +196,7 @@ def stages_per_rank(schedule: str) -> int:
 
 
 def formula_bubble(schedule: str, p: int, m: int) -> float:
-    """The literature's bubble (parallel/bubble.py) at this benchmark's v per schedule."""
+    """The literature's bubble (parallel/schedules.py) at this benchmark's v per schedule."""
     return bubble_fraction(schedule, p, m, stages_per_rank(schedule))
 
 

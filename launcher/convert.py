@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from parallel.checkpoint import CheckpointError, resume_path
-from parallel.hf_export import DEFAULT_SHARD_BYTES, export_to_hf
+from parallel.checkpoint.hf_export import DEFAULT_SHARD_BYTES, export_to_hf
+from parallel.checkpoint.save import CheckpointError, resume_path
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

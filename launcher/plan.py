@@ -4,7 +4,7 @@ of a layout before launching it, or a search for the best layouts on a cluster.
 Takes the training overrides (model=llama3_405b parallel.tp=8 ...) plus the cluster
 (cluster.nodes, cluster.gpus_per_node, cluster.gpu_mem_gib, bandwidths, peak TFLOP/s). No GPU,
 no process group: parameters come from the real split and TP plan on the meta device
-(parallel/plan_params.py), the rest from parallel/plan_estimate.py. Exit code 2 when the
+(parallel/plan/params.py), the rest from parallel/plan/estimate.py. Exit code 2 when the
 config is invalid or the layout does not fit.
 """
 
@@ -18,10 +18,12 @@ from dataclasses import replace
 
 from hydra import compose, initialize_config_dir
 
-from launcher.config import SCHEDULES_LOOPED, Config, ConfigError, load_config, validate
-from launcher.train import CONF_DIR, check_group_choices
-from parallel.plan_estimate import GIB, PlanEstimate, estimate
-from parallel.plan_params import StageCounter
+from launcher.config import Config, ConfigError, load_config
+from launcher.run.compose import CONF_DIR, check_group_choices
+from launcher.validate import validate
+from parallel.plan.estimate import GIB, PlanEstimate, estimate
+from parallel.plan.params import StageCounter
+from parallel.schedules import SCHEDULES_LOOPED
 
 MICROBATCH_SIZES = (1, 2, 4, 8)  # sequences per microbatch tried by --search
 RECOMPUTE_MODES = ("none", "selective", "full")

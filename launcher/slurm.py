@@ -15,7 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launcher.config import Config, ConfigError, load_config, validate
+from launcher.config import Config, ConfigError, load_config
+from launcher.validate import validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 

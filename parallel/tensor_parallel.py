@@ -1,6 +1,11 @@
-"""Tensor parallelism inside a node: apply the model's TP plan with parallelize_module."""
+"""Tensor parallelism inside a node: the Llama TP plan, in torch's ParallelStyle vocabulary,
+applied with parallelize_module. Reading the plan tells the sharding; every collective is
+inserted by a style, not written here (the comments say which).
+"""
 
 from __future__ import annotations
+
+from fnmatch import fnmatchcase
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -14,44 +19,62 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from models.tp_plan import llama_tp_plan
 
-# Every collective below is inserted by the style, not written here; the comments say which.
-STYLES: dict[str, ParallelStyle] = {
-    # forward: none (input replicated); backward: all-reduce of the input's partial gradient
-    "colwise": ColwiseParallel(),
-    # forward: all-reduce of the partial sums, so the residual stream stays replicated
-    "rowwise": RowwiseParallel(),
-    # forward: reduce-scatter of the partial sums onto this rank's slice of the sequence (SP)
-    "rowwise_to_sequence_shards": RowwiseParallel(output_layouts=Shard(1)),
-    # each rank embeds the ids of its vocabulary rows; all-reduce makes the full embedding
-    "vocab_parallel_embedding": RowwiseParallel(input_layouts=Replicate()),
-    # as above, but reduce-scattered by sequence: the residual stream starts sequence-sharded
-    "vocab_parallel_embedding_to_sequence_shards": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-    # logits leave as a DTensor sharded on the vocabulary dim: the loss runs under
-    # loss_parallel() and the full logits are never gathered
-    "colwise_vocab_logits": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
-    # as above, after an all-gather of the sequence-sharded final norm's output
-    "colwise_vocab_logits_from_sequence_shards": ColwiseParallel(
-        input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
-    # the norm runs on this rank's sequence slice; its replicated weight gets a partial
-    # gradient per rank, which DTensor all-reduces across tp
-    "sequence_parallel": SequenceParallel(),
-    # all-gather the sequence before attention (cos/sin pass through untouched); the input stays
-    # a DTensor so wq/wk/wv's partial input gradients are summed and reduce-scattered once
-    "gather_sequence_for_attention": PrepareModuleInput(
-        input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)),
-    # the same before the feed-forward, whose only input is the hidden state
-    "gather_sequence": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-}
+def llama_tp_plan(sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
+    """Module path pattern -> ParallelStyle for the Llama of models/llama.py.
+
+    Without sequence parallelism the hidden state between blocks is replicated across tp and
+    each block ends in an all-reduce. With it (Megatron-style) the residual stream and the
+    norms run on a 1/tp slice of the sequence: each block starts with an all-gather and ends
+    in a reduce-scatter.
+    """
+    sp = Shard(1) if sequence_parallel else None  # the residual stream's layout between blocks
+    plan: dict[str, ParallelStyle] = {
+        # each rank embeds the ids of its vocabulary rows; the partial sums are all-reduced
+        # (or reduce-scattered by sequence under SP)
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=sp or Replicate()),
+        # q/k/v and w1/w3 split by heads / hidden units: no forward collective; backward
+        # all-reduces the input's partial gradient
+        "layers.*.attention.wq": ColwiseParallel(),
+        "layers.*.attention.wk": ColwiseParallel(),
+        "layers.*.attention.wv": ColwiseParallel(),
+        "layers.*.feed_forward.w1": ColwiseParallel(),
+        "layers.*.feed_forward.w3": ColwiseParallel(),
+        # forward: all-reduce of the partial sums (reduce-scatter onto this rank's sequence
+        # slice under SP)
+        "layers.*.attention.wo": RowwiseParallel(output_layouts=sp or Replicate()),
+        "layers.*.feed_forward.w2": RowwiseParallel(output_layouts=sp or Replicate()),
+        # logits leave as a DTensor sharded by vocabulary: the loss runs under loss_parallel()
+        # and the full logits are never gathered (under SP: after an all-gather of the norm)
+        "output": ColwiseParallel(input_layouts=sp or Replicate(), output_layouts=Shard(-1),
+                                  use_local_output=False),
+    }
+    if sequence_parallel:
+        plan |= {
+            # norms run on this rank's sequence slice; their replicated weights get partial
+            # gradients, which DTensor all-reduces across tp
+            "layers.*.attention_norm": SequenceParallel(),
+            "layers.*.ffn_norm": SequenceParallel(),
+            "norm": SequenceParallel(),
+            # attention needs every position: all-gather the sequence (cos/sin pass through);
+            # the input stays a DTensor so wq/wk/wv's partial input gradients are reduced once
+            "layers.*.attention": PrepareModuleInput(
+                input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)),
+            "layers.*.feed_forward": PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        }
+    return plan
+
+
+def matches(pattern: str, name: str) -> bool:
+    """True if a dotted module name matches a plan pattern, `*` standing for one component."""
+    parts, atoms = name.split("."), pattern.split(".")
+    return len(parts) == len(atoms) and all(fnmatchcase(p, a) for p, a in zip(parts, atoms))
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool = False) -> None:
-    """Shard the modules of the Llama TP plan that this (possibly partial) stage actually has."""
-    present = {name for name, _ in model.named_modules()}
-    styles = {}
-    for pattern, style in llama_tp_plan(sequence_parallel).items():
-        head = pattern.split(".")[0]
-        if head in present:  # a pipeline stage may lack the embedding, head or some blocks
-            styles[pattern] = STYLES[style]
-    parallelize_module(model, tp_mesh, styles)
+    """Shard the modules of the Llama TP plan that this (possibly partial) stage really has."""
+    names = [name for name, _ in model.named_modules() if name]
+    plan = {pattern: style for pattern, style in llama_tp_plan(sequence_parallel).items()
+            if any(matches(pattern, name) for name in names)}  # a stage may lack the ends or blocks
+    parallelize_module(model, tp_mesh, plan)

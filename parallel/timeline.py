@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import schedules as torch_schedules
 
-from parallel.bubble import bubble_fraction
+from parallel.schedules import bubble_fraction
 
 T = TypeVar("T")
 COMPUTE_KINDS = ("F", "B", "I", "W")  # forward, full backward, input-grad only, weight-grad only
@@ -145,7 +145,7 @@ class TimelineInfo:
 
     @property
     def formula(self) -> float:
-        """The literature's bubble fraction for this schedule (parallel/bubble.py)."""
+        """The literature's bubble fraction for this schedule (parallel/schedules.py)."""
         return bubble_fraction(self.schedule, self.pp, self.microbatches, self.virtual_stages)
 
 

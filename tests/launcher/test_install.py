@@ -13,7 +13,7 @@ def test_non_editable_install_composes_the_default_config(tmp_path: Path) -> Non
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                     "--no-build-isolation", "--target", str(target), str(REPO)],
                    check=True, capture_output=True, cwd=tmp_path)
-    code = ("import launcher.train as t\n"
+    code = ("import launcher.run.compose as t\n"
             "from hydra import compose, initialize_config_dir\n"
             "with initialize_config_dir(config_dir=str(t.CONF_DIR), version_base='1.3'):\n"
             "    cfg = compose('config', overrides=['model=llama3_8b'])\n"

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from launcher.config import ConfigError
-from tests.run_training import make_config
+from launcher.run.compose import compose_config
+from tests.helpers.run_training import make_config
 
 CASES = [  # overrides, world size, field named in the error
     (["parallel.pp=2", "parallel.microbatches=2", "parallel.schedule=1f1b", "parallel.virtual_stages=2"], 2,
@@ -41,11 +42,10 @@ def test_sequence_parallel_accepted_when_the_sequence_splits() -> None:
     make_config(["parallel.sequence_parallel=true", "train.seq_len=127"], 1)  # tp=1: nothing to split
 
 
-def test_tp_may_not_cross_a_node(monkeypatch) -> None:
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+def test_tp_may_not_cross_a_node() -> None:
     with pytest.raises(ConfigError, match="inside one node"):
-        make_config(["parallel.tp=4"], 4)
-    make_config(["parallel.tp=4", "parallel.allow_cross_node_tp=true"], 4)
+        compose_config(["parallel.tp=4"], 4, ranks_per_node=2)
+    compose_config(["parallel.tp=4", "parallel.allow_cross_node_tp=true"], 4, ranks_per_node=2)
 
 
 def test_refused_before_any_process_group_under_torchrun() -> None:

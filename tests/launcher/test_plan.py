@@ -8,14 +8,14 @@ import time
 
 import pytest
 import torch
-
-from launcher.config import validate
-from launcher.plan import compose_plan_config, main, search, search_report
-from parallel.plan_comm import tp_collectives
-from parallel.plan_estimate import GIB, PlanEstimate, estimate
-from parallel.plan_params import StageCounter
 from tests.parallel.test_plan_memory import live_activation_bytes
-from tests.spawn import run_ranks
+
+from launcher.plan import compose_plan_config, main, search, search_report
+from launcher.validate import validate
+from parallel.plan.comm import tp_collectives
+from parallel.plan.estimate import GIB, PlanEstimate, estimate
+from parallel.plan.params import StageCounter
+from tests.helpers.spawn import run_ranks
 
 REAL = ["model=debug", "train.seq_len=32", "train.sample_tokens=0", "device=cpu", "parallel.pp=2", "parallel.tp=2",
         "train.global_batch_size=8", "parallel.microbatches=4"]
@@ -46,9 +46,9 @@ def _count_collectives() -> torch.utils._python_dispatch.TorchDispatchMode:
 def _real_run(world: int) -> dict[str, object]:
     """On each of 4 gloo ranks (dp=1, pp=2, tp=2): parameters held, microbatches in flight and
     TP collectives per step, and the activation bytes a forward of the first chunk keeps."""
-    from launcher.train import build_trainer, load_data
-    from parallel.activation_memory import SavedActivationTracker
-    from tests.run_training import make_config
+    from launcher.run.build import build_trainer, load_data
+    from tests.helpers.activation_memory import SavedActivationTracker
+    from tests.helpers.run_training import make_config
 
     out: dict[str, object] = {}
     for schedule in SCHEDULES:
@@ -107,7 +107,7 @@ def test_microbatches_in_flight_and_tp_collectives_match_the_real_run(real: list
 
 
 def test_tensor_parallel_activation_estimate_matches_the_real_run(real: list[dict[str, object]]) -> None:
-    from parallel.plan_memory import activation_bytes
+    from parallel.plan.memory import activation_bytes
 
     cfg = compose_plan_config(REAL)
     for rank in (0, 1):  # pp rank 0: the embedding and 4 blocks, sharded over tp=2

@@ -10,7 +10,7 @@ import pytest
 
 from launcher.config import ConfigError
 from launcher.slurm import check_fits_allocation, requeue_if_slurm
-from tests.run_training import make_config
+from tests.helpers.run_training import make_config
 
 MESH_2X2 = ["model=debug", "parallel.pp=2", "parallel.tp=2", "parallel.microbatches=2"]
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from tests.run_training import train_and_report
-from tests.spawn import run_ranks
+from tests.helpers.run_training import train_and_report
+from tests.helpers.spawn import run_ranks
 
 BASE = ["model=debug", "train.steps=4", "train.global_batch_size=8", "train.seq_len=32",
         "train.sample_tokens=0", "optim.warmup_steps=1", "device=cpu"]

@@ -3,10 +3,10 @@ lowers memory without changing the numbers."""
 
 import torch
 
-from launcher.train import build_trainer, load_data
-from parallel.activation_memory import SavedActivationTracker
-from tests.run_training import make_config
-from tests.spawn import run_ranks
+from launcher.run.build import build_trainer, load_data
+from tests.helpers.activation_memory import SavedActivationTracker
+from tests.helpers.run_training import make_config
+from tests.helpers.spawn import run_ranks
 
 BASE = ["model=debug", "train.seq_len=32", "train.sample_tokens=0", "optim.eps=1e-5", "device=cpu"]
 

@@ -10,8 +10,8 @@ import torch
 from torch.nn.modules.module import register_module_forward_hook
 
 from models.llama import TransformerBlock
-from tests.run_training import train_validate_and_report
-from tests.spawn import run_ranks
+from tests.helpers.run_training import train_validate_and_report
+from tests.helpers.spawn import run_ranks
 
 # optim.eps=1e-5: Adam's first updates are ~lr*sign(g), so with eps=1e-8 an element whose
 # gradient is ~1e-9 (pure rounding noise) moves by a full lr step in one layout and the other

@@ -15,10 +15,10 @@ import pytest
 from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops  # private API
 
 from launcher.bench import stages_per_rank
-from parallel.bubble import bubble_fraction
 from parallel.pipeline import SCHEDULE_CLASS_NAMES
+from parallel.schedules import bubble_fraction
 from parallel.timeline import COMPUTE_KINDS, WAIT, Event, measured_bubbles
-from tests.spawn import run_ranks
+from tests.helpers.spawn import run_ranks
 
 PP = 2
 BUBBLE_SCHEDULES = ("gpipe", "interleaved_1f1b", "interleaved_zb")  # at m = p
@@ -64,8 +64,9 @@ def _sleep_stage_timelines(schedules: dict[str, int], stage_ms: float, recorded:
 
 def _all_cases(tmp: Path) -> dict[str, Any]:
     """Train with the timeline on, then record the sleep-stage schedules."""
-    from launcher.train import load_data, train
-    from tests.run_training import make_config
+    from launcher.run.build import load_data
+    from launcher.run.loop import train
+    from tests.helpers.run_training import make_config
 
     losses = {}
     for name, m in TRAINED.items():

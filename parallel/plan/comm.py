@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from models.llama import ModelArgs
-from parallel.plan_memory import ACTIVATION_BYTES, GRAD_BYTES, WEIGHT_BYTES
+from parallel.plan.memory import ACTIVATION_BYTES, GRAD_BYTES, WEIGHT_BYTES
 
 if TYPE_CHECKING:
     from launcher.config import ClusterConfig

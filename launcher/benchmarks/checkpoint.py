@@ -20,10 +20,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from launcher.config import load_config, validate
-from launcher.train import CONF_DIR, build_trainer, load_data
-from parallel.checkpoint import AsyncCheckpointer, save_checkpoint
-from parallel.checkpoint_load import load_checkpoint, read_manifest
+from launcher.config import load_config
+from launcher.run.build import build_trainer, load_data
+from launcher.run.compose import CONF_DIR
+from launcher.validate import validate
+from parallel.checkpoint.load import load_checkpoint, read_manifest
+from parallel.checkpoint.save import AsyncCheckpointer, save_checkpoint
 
 BLOCK = 64 << 20
 ASYNC = "async save"

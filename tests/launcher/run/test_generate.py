@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from launcher.generate import generate
+from launcher.run.generate import generate
 from models.llama import ModelArgs, Transformer
 from parallel.init import init_parameters
 

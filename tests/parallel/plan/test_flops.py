@@ -1,10 +1,10 @@
-"""launcher.flops: PaLM's FLOPs per token from the real parameter count; peaks by GPU name."""
+"""parallel.plan.flops: PaLM's FLOPs per token from the real parameter count; peaks by GPU name."""
 
 import pytest
 import torch
 
-from launcher.flops import flops_per_token, peak_tflops
 from models.llama import ModelArgs, Transformer
+from parallel.plan.flops import flops_per_token, peak_tflops
 
 
 @pytest.mark.parametrize("tied", [False, True])

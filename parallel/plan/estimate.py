@@ -3,7 +3,7 @@
 Step time is a simple roofline. Each pipeline rank computes its FLOPs at MATMUL_EFFICIENCY of
 peak; TP and PP traffic sit on the critical path (a TP collective separates two matmuls; a
 stage waits for its input); the pipeline then stretches the slowest rank by the schedule's
-bubble (parallel/bubble.py); DP traffic overlaps with compute except what outlasts the window
+bubble (parallel/schedules.py); DP traffic overlaps with compute except what outlasts the window
 FSDP can hide it in (one microbatch under pipelining, the whole step otherwise).
 FLOPs per token (PaLM's convention, used for MFU): 6 per matmul parameter plus 12 s h per
 layer for attention; recompute adds one forward of the blocks to the hardware FLOPs only.
@@ -14,17 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from parallel.bubble import bubble_over_ideal
 from parallel.parallelize import n_pipeline_stages
 from parallel.pipeline import V_SHAPE_SCHEDULES, layers_per_stage, stage_ids_for_rank
-from parallel.plan_comm import dp_bytes, link_bytes_per_s, pp_bytes, tp_bytes
-from parallel.plan_memory import (
+from parallel.plan.comm import dp_bytes, link_bytes_per_s, pp_bytes, tp_bytes
+from parallel.plan.memory import (
     RUNTIME_RESERVED_BYTES,
     activation_bytes,
     microbatches_in_flight,
     state_bytes,
 )
-from parallel.plan_params import StageCounter
+from parallel.plan.params import StageCounter
+from parallel.schedules import bubble_over_ideal
 
 if TYPE_CHECKING:
     from launcher.config import Config

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.train import build_trainer, load_data, model_args, train
-from parallel.checkpoint_state import CheckpointError
-from parallel.hf_export import export_to_hf
-from parallel.hf_llama import HFLlamaWeights, hf_name
-from tests.run_training import make_config
-from tests.spawn import run_ranks
+from launcher.run.build import build_trainer, load_data, model_args
+from launcher.run.loop import train
+from models.hf_llama import HFLlamaWeights, hf_name
+from parallel.checkpoint.hf_export import export_to_hf
+from parallel.checkpoint.state import CheckpointError
+from tests.helpers.run_training import make_config
+from tests.helpers.spawn import run_ranks
 
 transformers = pytest.importorskip("transformers")  # a test dependency: in the [dev] extra
 

@@ -39,7 +39,8 @@ def run_rank(cfg: Config, run_dir: str) -> float | None:
     import torch
     import torch.distributed as dist
 
-    from launcher.train import load_data, train
+    from launcher.run.build import load_data
+    from launcher.run.loop import train
 
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # as torchrun does when it starts several ranks on one machine

@@ -1,6 +1,6 @@
 """Checkpoints: exact resume, resharding across layouts, atomic commits under kill -9, bad input.
 
-Multi-layout scenarios run inside spawned gloo ranks (tests/spawn.py). The checkpoints live in
+Multi-layout scenarios run inside spawned gloo ranks (tests/helpers/spawn.py). The checkpoints live in
 one module-wide directory, so a later spawn loads what an earlier one saved in another layout:
   single (1 rank)  saves a/ at (1,1,1)          eight (8 ranks) saves b/ at (2,2,2,v2), loads a/
   four (4 ranks)   saves c/ at (1,4,1,v2), loads it at (1,4,1,v2) and (2,1,2)
@@ -22,18 +22,18 @@ from typing import Any
 
 import pytest
 
-from launcher.train import build_trainer, load_data
-from launcher.trainer import Trainer
-from parallel.checkpoint import (
+from launcher.run.build import build_trainer, load_data
+from launcher.run.trainer import Trainer
+from parallel.checkpoint.load import load_checkpoint
+from parallel.checkpoint.save import (
     CheckpointError,
     checkpoint_name,
     find_latest,
     resume_path,
     save_checkpoint,
 )
-from parallel.checkpoint_load import load_checkpoint
-from tests.run_training import make_config
-from tests.spawn import run_ranks
+from tests.helpers.run_training import make_config
+from tests.helpers.spawn import run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 # as tests/parallel/test_parity.py: fp32, and an eps that keeps rounding noise from flipping
@@ -107,7 +107,7 @@ def _each(calls: list[tuple[Callable[..., Any], tuple]]) -> list[Any]:
 
 def _save_until_killed(root: str, signal_file: str) -> None:
     """Child process: three saves (keep=2), one more step, then a save that stalls mid-way."""
-    import parallel.checkpoint as checkpoint
+    import parallel.checkpoint.save as checkpoint
 
     trainer = _trainer(SINGLE)
     for _ in range(3):

@@ -1,7 +1,8 @@
 """What the user sees of a run: progress, the throughput fields of each logged step (step time,
 data wait, tokens/s, MFU, peak memory), the metrics sinks, and the one-step pipeline timeline.
 
-The training loop (launcher/train.py) calls `train_step`, `throughput` and `log`; nothing here
+The training loop (launcher/run/loop.py) calls `record_timeline` (at `timeline_step`),
+`throughput` and `log`; nothing here
 adds a host-device sync to a normal step: times are host wall clock between logged steps,
 which the loss's `.item()` at a log step already synchronizes.
 """
@@ -19,10 +20,10 @@ import torch
 import torch.distributed as dist
 
 from launcher.config import Config, ConfigError
-from launcher.flops import flops_per_token, peak_tflops
-from launcher.metrics import MetricsLogger
-from launcher.progress import Progress
-from launcher.trainer import StepResult, Trainer
+from launcher.run.metrics import MetricsLogger
+from launcher.run.progress import Progress
+from launcher.run.trainer import StepResult, Trainer
+from parallel.plan.flops import flops_per_token, peak_tflops
 from parallel.timeline import TimelineInfo, record_step
 
 TIMELINE_AFTER = 3  # record the third step of the run: shapes are inferred and buffers allocated
@@ -95,14 +96,10 @@ class RunMonitor:
     def _restart(self, step: int) -> None:
         self._window = (step, time.perf_counter(), self.data_wait.seconds)
 
-    def train_step(self, trainer: Trainer) -> StepResult:
-        """One training step; the timeline step runs with every rank's actions timed."""
-        if trainer.step + 1 != self.timeline_step:
-            result = trainer.train_step()
-            self.progress.update(trainer.step)
-            return result
+    def record_timeline(self, trainer: Trainer) -> StepResult:
+        """Run the next training step with every rank's pipeline actions timed; rank 0 writes
+        timeline.json and timeline.png into the run folder."""
         result, events = record_step(trainer.train_step, trainer.model.schedule, self.device)
-        self.progress.update(trainer.step)
         if events is not None:  # rank 0
             p = self.cfg.parallel
             info = TimelineInfo(p.schedule, p.pp, p.microbatches, trainer.model.n_stages // p.pp, trainer.step)

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 
 from launcher.config import Config
-from launcher.metrics import MetricsLogger
-from launcher.train import load_data, train
+from launcher.run.build import load_data
+from launcher.run.loop import train
+from launcher.run.metrics import MetricsLogger
 from models.llama import ModelArgs, Transformer
-from tests.run_training import make_config
+from tests.helpers.run_training import make_config
 
 PEAK_TFLOPS = 0.5
 STEPS = 4

@@ -1,8 +1,8 @@
-"""launcher.progress: a redrawn bar with ETA on a terminal, plain lines elsewhere."""
+"""launcher.run.progress: a redrawn bar with ETA on a terminal, plain lines elsewhere."""
 
 import io
 
-from launcher.progress import Progress, format_duration
+from launcher.run.progress import Progress, format_duration
 
 
 class _Terminal(io.StringIO):

@@ -7,6 +7,11 @@ chunks spends F/v per chunk. Used by the benchmark, the timeline and the planner
 
 from __future__ import annotations
 
+SCHEDULES_ONE_STAGE_PER_RANK = ("gpipe", "1f1b")
+SCHEDULES_LOOPED = ("interleaved_1f1b", "looped_bfs", "interleaved_zb")
+SCHEDULES_V_SHAPE = ("zbv", "dualpipev")
+SCHEDULES = SCHEDULES_ONE_STAGE_PER_RANK + SCHEDULES_LOOPED + SCHEDULES_V_SHAPE
+
 
 def bubble_time(schedule: str, pp: int, virtual_stages: int) -> float:
     """Idle time on a rank per step, in units of one rank's forward of one microbatch.

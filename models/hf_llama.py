@@ -16,10 +16,15 @@ import torch
 from safetensors import safe_open
 
 from models.llama import ModelArgs
-from parallel.checkpoint_state import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+
+
+
+class HFFormatError(ValueError):
+    """A Hugging Face directory or tensor that does not fit; the message names the file."""
+
 
 _TOP_LEVEL = {"tok_embeddings.weight": "model.embed_tokens.weight",
               "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
@@ -38,7 +43,7 @@ def hf_name(name: str) -> str:
         return _TOP_LEVEL[name]
     match = _LAYER.fullmatch(name)
     if match is None or match.group(2) not in _PER_LAYER:
-        raise CheckpointError(f"tensor {name!r} has no Hugging Face Llama counterpart")
+        raise HFFormatError(f"tensor {name!r} has no Hugging Face Llama counterpart")
     return f"model.layers.{match.group(1)}.{_PER_LAYER[match.group(2)]}.weight"
 
 
@@ -100,7 +105,7 @@ def check_hf_config(config: dict[str, Any], args: ModelArgs, where: Path) -> Non
              f"(model needs {v})" for k, v in expected.items()
              if config.get(k, config.get("num_attention_heads") if k == "num_key_value_heads" else None) != v]
     if wrong:
-        raise CheckpointError(f"{where}: this Hugging Face model does not match the configured "
+        raise HFFormatError(f"{where}: this Hugging Face model does not match the configured "
                               f"model: {', '.join(wrong)}; pick the matching model flavor")
 
 
@@ -111,7 +116,7 @@ class HFLlamaWeights:
         self.directory, self.args = Path(directory), args
         config_path = self.directory / "config.json"
         if not config_path.is_file():
-            raise CheckpointError(f"{config_path}: missing; model.init_from must be a Hugging "
+            raise HFFormatError(f"{config_path}: missing; model.init_from must be a Hugging "
                                   "Face Llama directory")
         check_hf_config(json.loads(config_path.read_text()), args, config_path)
         if (self.directory / INDEX).is_file():
@@ -121,21 +126,21 @@ class HFLlamaWeights:
             with safe_open(self.directory / SINGLE_FILE, "pt") as f:
                 self._file_of = {k: self.directory / SINGLE_FILE for k in f.keys()}  # noqa: SIM118
         else:
-            raise CheckpointError(f"{self.directory}: neither {SINGLE_FILE} nor {INDEX}")
+            raise HFFormatError(f"{self.directory}: neither {SINGLE_FILE} nor {INDEX}")
 
     def __call__(self, name: str, shape: torch.Size) -> torch.Tensor:
         """The full value of tridist parameter `name`, checked against `shape`."""
         key = "model.embed_tokens.weight" if name == "output.weight" and self.args.tie_embeddings \
             else hf_name(name)
         if key not in self._file_of:
-            raise CheckpointError(f"{self.directory}: tensor {key!r} (for {name}) is missing")
+            raise HFFormatError(f"{self.directory}: tensor {key!r} (for {name}) is missing")
         path = self._file_of[key]
         try:
             with safe_open(path, "pt") as f:
                 tensor = f.get_tensor(key)
         except Exception as err:  # safetensors raises its own types for bad files
-            raise CheckpointError(f"{path}: cannot read tensor {key!r}: {err}") from None
+            raise HFFormatError(f"{path}: cannot read tensor {key!r}: {err}") from None
         if tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(f"{path}: tensor {key!r} has shape {list(tensor.shape)}, the "
+            raise HFFormatError(f"{path}: tensor {key!r} has shape {list(tensor.shape)}, the "
                                   f"model needs {list(shape)} for {name}")
         return from_hf_tensor(name, tensor.float(), self.args)

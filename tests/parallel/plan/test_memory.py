@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_leaves
 from models.llama import ModelArgs, Transformer
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.loss import cross_entropy
-from parallel.plan_memory import (
+from parallel.plan.memory import (
     GRAD_BYTES,
     OPTIMIZER_BYTES,
     WEIGHT_BYTES,

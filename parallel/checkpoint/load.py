@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader
 
-from parallel.checkpoint import FORMAT, MANIFEST, file_crc32, layout_of, shard_files
-from parallel.checkpoint_state import (
+from parallel.checkpoint.save import FORMAT, MANIFEST, file_crc32, layout_of, shard_files
+from parallel.checkpoint.state import (
     CheckpointError,
     TensorState,
     load_model_state,
@@ -28,7 +28,7 @@ from parallel.checkpoint_state import (
 )
 
 if TYPE_CHECKING:
-    from launcher.trainer import Trainer
+    from launcher.run.trainer import Trainer
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

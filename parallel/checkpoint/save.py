@@ -40,7 +40,7 @@ from torch.distributed.checkpoint import (
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.tensor import DTensor
 
-from parallel.checkpoint_state import (
+from parallel.checkpoint.state import (
     CheckpointError,
     model_state,
     optimizer_state,
@@ -49,7 +49,7 @@ from parallel.checkpoint_state import (
 )
 
 if TYPE_CHECKING:
-    from launcher.trainer import Trainer
+    from launcher.run.trainer import Trainer
 
 __all__ = ["AsyncCheckpointer", "CheckpointError", "find_latest", "resume_path", "save_checkpoint"]
 

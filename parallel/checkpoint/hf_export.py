@@ -15,10 +15,10 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 
+from models.hf_llama import INDEX, SINGLE_FILE, hf_config, hf_name, to_hf_tensor
 from models.llama import ModelArgs
-from parallel.checkpoint_load import read_manifest
-from parallel.checkpoint_state import CheckpointError
-from parallel.hf_llama import INDEX, SINGLE_FILE, hf_config, hf_name, to_hf_tensor
+from parallel.checkpoint.load import read_manifest
+from parallel.checkpoint.state import CheckpointError
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # Hugging Face's default max_shard_size
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 from launcher.config import Config
-from launcher.trainer import Trainer
-from parallel.checkpoint import AsyncCheckpointer, resume_path, save_checkpoint
-from parallel.checkpoint_load import load_checkpoint
-from parallel.hf_llama import HFLlamaWeights
+from launcher.run.trainer import Trainer
+from models.hf_llama import HFLlamaWeights
+from parallel.checkpoint.load import load_checkpoint
+from parallel.checkpoint.save import AsyncCheckpointer, resume_path, save_checkpoint
 from parallel.init import InitialValues
 
 

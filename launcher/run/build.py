@@ -1,0 +1,55 @@
+"""Config in, a ready Trainer out: token source, process group and mesh, the parallel model,
+the sampler and the optimizer."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import torch
+
+from data import DistributedBatchSampler, TokenSource, build_token_source
+from launcher.config import Config, ConfigError
+from launcher.run.trainer import Trainer
+from models.llama import ModelArgs
+from parallel.init import InitialValues
+from parallel.mesh import build_mesh, resolve_device
+from parallel.parallelize import parallelize
+
+
+def model_args(cfg: Config) -> ModelArgs:
+    """The architecture part of the model config."""
+    return ModelArgs(**{f.name: getattr(cfg.model, f.name) for f in fields(ModelArgs)})
+
+
+def load_data(cfg: Config) -> TokenSource:
+    """Build the token source; a missing or unreadable file is a config error."""
+    d = cfg.data
+    try:
+        source = build_token_source(d.source, d.path, d.tokenizer, d.val_fraction, d.max_bytes)
+    except (FileNotFoundError, ValueError) as err:
+        field_name = "data.tokenizer" if d.tokenizer and d.tokenizer in str(err) else "data.path"
+        raise ConfigError(field_name, getattr(d, field_name.split(".")[1]), str(err)) from None
+    if source.vocab_size > cfg.model.vocab_size:
+        raise ConfigError("model.vocab_size", cfg.model.vocab_size,
+                          f"the data has {source.vocab_size} token ids; set model.vocab_size >= that")
+    return source
+
+
+def build_trainer(cfg: Config, tokens: TokenSource, initial_values: InitialValues | None = None) -> Trainer:
+    """Start the process group and mesh, build this rank's model, sampler and optimizer.
+
+    initial_values: where the weights come from (default: drawn from train.seed)."""
+    par = cfg.parallel
+    device = resolve_device(cfg.device)
+    mesh = build_mesh(device, par.dp, par.pp, par.tp)
+    torch.manual_seed(cfg.train.seed)
+    model = parallelize(
+        model_args(cfg), mesh, device, cfg.train.seed,
+        virtual_stages=par.virtual_stages, schedule=par.schedule, microbatches=par.microbatches,
+        layers=par.layers_per_stage, dp_shard=par.dp_shard,
+        activation_checkpointing=cfg.model.activation_checkpointing, sequence_parallel=par.sequence_parallel,
+        initial_values=initial_values,
+    )
+    sampler = DistributedBatchSampler(tokens.train, cfg.train.seq_len, cfg.train.global_batch_size,
+                                      mesh["dp"].get_local_rank(), par.dp, cfg.train.seed)
+    return Trainer(cfg, model, sampler, device)

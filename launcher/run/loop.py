@@ -1,0 +1,98 @@
+"""The training loop of one run: resume, step, log, validate, checkpoint, stop on a signal,
+sample. Every rank runs it; rank 0 alone prints and writes shared files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data import TokenSource, validation_batches
+from launcher.config import Config, ConfigError
+from launcher.run.build import build_trainer
+from launcher.run.checkpointing import RunCheckpoints
+from launcher.run.generate import generate
+from launcher.run.monitor import RunMonitor
+from launcher.run.preemption import StopSignal
+from launcher.run.trainer import Trainer
+from models.hf_llama import HFFormatError
+from parallel.checkpoint.state import CheckpointError
+
+
+@dataclass
+class TrainSummary:
+    """Per-step losses (every rank knows them) and the final validation loss."""
+
+    losses: list[float] = field(default_factory=list)
+    val_loss: float | None = None
+    sample: str | None = None
+    trainer: Trainer | None = None
+    preempted: bool = False  # stopped early by SIGUSR1/SIGTERM, after saving a checkpoint
+
+
+def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> TrainSummary:
+    """Train on an already started (or startable) process group; returns the losses.
+
+    With run_dir None (training called as a library) nothing is shown, logged or validated
+    during the run, and no collective runs per step: the per-step losses are reduced once at
+    the end."""
+    par, t = cfg.parallel, cfg.train
+    checkpoints = RunCheckpoints(cfg, run_dir)
+    resume = checkpoints.resume_from()
+    try:
+        trainer = build_trainer(cfg, tokens, checkpoints.initial_values(resuming=resume is not None))
+    except (CheckpointError, HFFormatError) as err:  # a bad model.init_from, found while filling weights
+        raise ConfigError("model.init_from", cfg.model.init_from, str(err)) from None
+    if resume is not None:
+        checkpoints.load(resume, trainer)
+        if dist.get_rank() == 0:
+            print(f"resumed from {resume} at step {trainer.step}", flush=True)
+    model = trainer.model
+    val = validation_batches(tokens.val, t.seq_len, t.global_batch_size, t.val_batches,
+                             model.mesh["dp"].get_local_rank(), par.dp)
+    monitor = RunMonitor(cfg, trainer, run_dir)  # progress, metrics sinks, pipeline timeline
+    summary = TrainSummary(trainer=trainer)
+    local_losses: list[torch.Tensor] = []  # this rank's, as tensors: no host sync per step
+    stop = StopSignal()
+    while trainer.step < t.steps and not summary.preempted:
+        if monitor.timeline_step == trainer.step + 1:
+            result = monitor.record_timeline(trainer)  # the same step, every action timed
+        else:
+            result = trainer.train_step()
+        monitor.progress.update(trainer.step)
+        local_losses.append(result.loss)
+        done = trainer.step == t.steps
+        if monitor.active and (trainer.step % t.log_interval == 0 or done):
+            record = {"step": trainer.step, "loss": trainer.global_mean(result.loss).item(),
+                      "lr": trainer.lr_scheduler.get_last_lr()[0], "grad_norm": result.grad_norm.item(),
+                      **monitor.throughput(trainer.step)}
+            if trainer.step % t.val_interval == 0 or done:
+                record["val_loss"] = summary.val_loss = trainer.global_mean(trainer.evaluate(val)).item()
+            monitor.log(record)
+        summary.preempted = stop.agreed()  # any rank signalled: all save and stop after this step
+        if checkpoints.due(trainer.step, done) or summary.preempted:
+            checkpoints.save(trainer)
+    monitor.close()
+    stop.restore()
+    checkpoints.close()
+    if summary.preempted and dist.get_rank() == 0:
+        print(f"stopped by a signal after step {trainer.step}; checkpoint saved in {checkpoints.root}",
+              flush=True)
+    if local_losses:  # one collective for the whole run: averaged over dp, from the last stage
+        summary.losses = trainer.global_mean(torch.stack(local_losses)).tolist()
+    if t.sample_tokens > 0 and par.pp == 1:
+        summary.sample = sample(cfg, trainer, tokens)
+        if dist.get_rank() == 0:
+            print(f"\n--- sample from the trained model ---\n{summary.sample}\n---", flush=True)
+    return summary
+
+
+def sample(cfg: Config, trainer: Trainer, tokens: TokenSource) -> str:
+    """Text the trained model writes after the prompt `def ` (greedy, seeded)."""
+    prompt = tokens.encode("def ")
+    pad_to = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+    out = generate(trainer.model.chunks[0], prompt, cfg.train.sample_tokens, cfg.model.max_seq_len,
+                   seed=cfg.train.seed, pad_to=pad_to)
+    return tokens.decode(prompt + out)

@@ -1,0 +1,5 @@
+"""The cost model: parameters, memory, communication, FLOPs and step time of a layout.
+
+Rule: arithmetic on the meta device only; nothing here starts a process group or allocates
+real tensors, so a plan for 405B on 2048 GPUs runs in seconds on a laptop.
+"""

@@ -1,0 +1,1 @@
+"""Test helpers: real gloo ranks (spawn), the real config and training entry, activation probes."""
