@@ -8,19 +8,13 @@ torchrun uses), each training on the job's composed config and writing to the jo
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from pathlib import Path
 
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from launcher.config import Config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from launcher.run.ports import free_port
 
 
 def run_worker_group(cfg: Config, run_dir: Path) -> float | None:
@@ -28,7 +22,7 @@ def run_worker_group(cfg: Config, run_dir: Path) -> float | None:
     world = cfg.parallel.dp * cfg.parallel.pp * cfg.parallel.tp
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=f"sweep-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
         monitor_interval=0.5, start_method="spawn",
     )
     return elastic_launch(config, run_rank)(cfg, str(run_dir))[0]  # local rank 0 = global rank 0
