@@ -127,7 +127,8 @@ class LoggingConfig:
 
 @dataclass
 class HardwareConfig:
-    """Peak throughput for MFU; null = filled in from the GPU's name (required on CPU for MFU)."""
+    """Peak dense TFLOP/s per device, for MFU and the planner; null = from the GPU's name
+    (required on CPU for MFU), or H100 SXM's for a plan."""
 
     peak_tflops: float | None = None
 
@@ -141,7 +142,7 @@ class ClusterConfig:
     gpu_mem_gib: float = 80.0
     intra_node_gbps: float = 450.0  # GB/s per GPU inside a node (NVLink)
     inter_node_gbps: float = 50.0  # GB/s per GPU across nodes (400 Gb/s InfiniBand)
-    peak_tflops: float = 989.0  # dense bf16 per GPU (H100 SXM)
+    # the GPUs' peak TFLOP/s is hardware.peak_tflops (null: H100 SXM's 989 for a plan)
 
 
 @dataclass

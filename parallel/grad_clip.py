@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from parallel.dtensor import full_value, local_part
+
 
 @torch.no_grad()
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, pp_group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -21,7 +23,7 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, pp_group: dist.P
     squares = []
     for group in groups.values():
         norm = torch.nn.utils.get_total_norm(group)
-        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
+        squares.append(full_value(norm) ** 2)
     total_sq = torch.stack(squares).sum() if squares else torch.zeros(())
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         dist.all_reduce(total_sq, group=pp_group)  # each pp rank holds only its stages' grads
@@ -29,5 +31,5 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, pp_group: dist.P
     if max_norm > 0:
         # scale the local shards directly: torch's clip_grads_with_norm_ cannot mix meshes either
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], coef)
+        torch._foreach_mul_([local_part(g) for g in grads], coef)
     return total

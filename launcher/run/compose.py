@@ -11,6 +11,7 @@ from launcher.validate import validate
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 CONFIG_GROUPS = ("model", "data", "parallel")
+MOVED_KEYS = {"cluster.peak_tflops": "hardware.peak_tflops"}  # one key for MFU and the planner
 
 
 def compose_config(overrides: list[str], world_size: int | None = None,
@@ -26,9 +27,12 @@ def compose_config(overrides: list[str], world_size: int | None = None,
 
 
 def check_group_choices(argv: list[str]) -> None:
-    """Refuse an unknown flavor (`model=llama3_9b`) with the list of known ones."""
+    """Refuse an unknown flavor (`model=llama3_9b`) with the list of known ones, and a key that
+    moved with its new name."""
     for arg in argv:
         group, _, choice = arg.partition("=")
+        if group.lstrip("+~") in MOVED_KEYS:
+            raise ConfigError(group, choice, f"this key is now {MOVED_KEYS[group.lstrip('+~')]}")
         if group not in CONFIG_GROUPS or not choice:
             continue
         unknown = [c for c in choice.split(",") if not (CONF_DIR / group / f"{c}.yaml").is_file()]  # -m a,b

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.dtensor import full_value
+
 
 @torch.no_grad()
 def generate(model: nn.Module, prompt: list[int], n_tokens: int, max_seq_len: int,
@@ -23,9 +25,7 @@ def generate(model: nn.Module, prompt: list[int], n_tokens: int, max_seq_len: in
         context = tokens[:, -window:]
         n = context.shape[1]
         logits = model(F.pad(context, (0, -n % pad_to)))[:, n - 1, :]
-        if hasattr(logits, "full_tensor"):  # vocab-sharded under TP
-            logits = logits.full_tensor()
-        logits = logits.float() / temperature
+        logits = full_value(logits).float() / temperature  # vocab-sharded under TP: gathered
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
         tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)

@@ -17,6 +17,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from data import DistributedBatchSampler
 from launcher.config import Config
+from parallel.dtensor import local_part
 from parallel.grad_clip import clip_grad_norm
 from parallel.loss import cross_entropy, loss_context
 from parallel.parallelize import ParallelModel
@@ -101,14 +102,14 @@ class Trainer:
                 self.model.schedule.step(*args, target=target, losses=losses)
                 if not losses:
                     return torch.zeros((), device=self.device)
-                return _local(torch.stack([_local(x) for x in losses]).mean())
+                return local_part(torch.stack([local_part(x) for x in losses]).mean())
             chunk = self.model.chunks[0]
             total = torch.zeros((), device=self.device)
             for i, (x, y) in enumerate(zip(inputs.chunk(m), targets.chunk(m))):
                 _set_gradient_sync(self.model, i == m - 1)  # reduce across dp once, at the end
                 loss = cross_entropy(chunk(x), y) / m
                 loss.backward()
-                total += _local(loss.detach())
+                total += local_part(loss.detach())
             return total
 
     def train_step(self) -> StepResult:
@@ -130,29 +131,25 @@ class Trainer:
             for inputs, targets in batches:
                 inputs, targets = inputs.to(self.device), targets.to(self.device)
                 if self.model.schedule is None:
-                    total += _local(cross_entropy(self.model.chunks[0](inputs), targets))
+                    total += local_part(cross_entropy(self.model.chunks[0](inputs), targets))
                     continue
                 losses: list[torch.Tensor] = []
                 args = (inputs,) if self.model.has_first_stage else ()
                 target = targets if self.model.has_last_stage else None
                 self.model.eval_schedule.eval(*args, target=target, losses=losses)
                 if losses:
-                    total += _local(torch.stack([_local(x) for x in losses]).mean())
+                    total += local_part(torch.stack([local_part(x) for x in losses]).mean())
         return total / len(batches)
 
     def global_mean(self, value: torch.Tensor) -> torch.Tensor:
-        """Average a per-rank loss over dp, taken from the last pipeline stage (no host sync)."""
+        """Average per-rank losses (a scalar or a stack of steps) over dp, taken from the last
+        pipeline stage; a collective over all ranks, no host sync."""
         value = value.detach().clone()
         if dist.get_world_size() > 1:
             # ranks without the last stage hold 0; every tp rank of it holds the same value
             dist.all_reduce(value)
             value /= self.model.mesh["dp"].size() * self._tp
         return value
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A plain tensor from a (replicated) DTensor loss; plain tensors pass through."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def timed_steps(trainer: Trainer, n: int) -> float:

@@ -1,14 +1,8 @@
-"""Distributed checkpoints: per-shard safetensors via torch.distributed.checkpoint, atomic commits,
-exact resume, and loading into any (dp, pp, tp, v) layout.
-
-    root/step-00000100/
-        model/shard-0000R-model-00001-of-00001.safetensors   one file per writing rank (DCP)
-        optim/shard-0000R-model-00001-of-00001.safetensors   optimizer tensors (<name>.exp_avg, ...)
-        manifest.json     step, config, layout, sampler, lr schedule, RNG, file sizes/CRCs; LAST
-    root/latest           "step-00000100": moved only after a complete save (for people and tools)
+"""Saving a checkpoint: per-shard safetensors via torch.distributed.checkpoint, an atomic commit.
 
 A save writes into root/.tmp-step-XXXXXXXX and rank 0 renames it once every shard and the
-manifest are on disk, so a directory named step-* with a manifest.json is always complete.
+manifest are on disk, so a directory named step-* with a manifest.json is always complete
+(the layout and the manifest's entries: parallel/checkpoint/format.py).
 
 Written by hand, because DCP's safetensors storage does not do it: the manifest (that storage
 holds only tensors; a non-tensor entry would be written raw in front of the safetensors data),
@@ -17,115 +11,59 @@ the CRC32s (DCP keeps no checksums), and the tmp-dir commit and `latest` pointer
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
 import shutil
-import time
 import zlib
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import (
-    HuggingFaceStorageWriter,
-)
+from torch.distributed.checkpoint import HuggingFaceStorageWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
+from models.llama import ModelArgs
+from parallel.checkpoint.format import (
+    FORMAT,
+    LATEST,
+    MANIFEST,
+    TMP_PREFIX,
+    checkpoint_name,
+    complete_checkpoints,
+    file_crc32,
+    model_entry,
+    shard_files,
+)
 from parallel.checkpoint.state import (
     CheckpointError,
+    ModelParts,
     model_state,
     optimizer_state,
     param_group_settings,
     rng_state,
 )
+from parallel.dtensor import local_part
 
-if TYPE_CHECKING:
-    from launcher.run.trainer import Trainer
-
-__all__ = ["AsyncCheckpointer", "CheckpointError", "find_latest", "resume_path", "save_checkpoint"]
-
-FORMAT = "tridist-checkpoint-1"
-MANIFEST = "manifest.json"
-LATEST = "latest"
-STEP_PREFIX = "step-"
-TMP_PREFIX = ".tmp-"
-PARTS = ("model", "optim")  # one DCP save each, into a subdirectory of that name
+__all__ = ["CheckpointMeta", "save_checkpoint"]
 
 
-def checkpoint_name(step: int) -> str:
-    """Directory name of the checkpoint taken after `step` optimizer steps."""
-    return f"{STEP_PREFIX}{step:08d}"
+@dataclass
+class CheckpointMeta:
+    """The JSON facts a manifest records beside the tensors (what the saver knows, not torch)."""
 
-
-def _step_of(path: Path) -> int | None:
-    digits = path.name.removeprefix(STEP_PREFIX)
-    return int(digits) if path.name.startswith(STEP_PREFIX) and digits.isdigit() else None
-
-
-def _complete_checkpoints(root: Path) -> list[Path]:
-    """Committed checkpoints under root, oldest first (.tmp dirs and manifest-less ones skipped)."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _step_of(p) is not None and (p / MANIFEST).is_file()]
-    return sorted(found, key=_step_of)
-
-
-def find_latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under root, or None.
-
-    Scans the step-* directories rather than trusting `latest`: a job killed between the
-    rename and the pointer update leaves `latest` one checkpoint behind (or missing).
-    """
-    complete = _complete_checkpoints(Path(root))
-    return complete[-1] if complete else None
-
-
-def resume_path(resume: str, root: Path | None) -> Path | None:
-    """What `train.resume` names: none -> None; auto -> the newest checkpoint under root (None if
-    there is none yet); a path -> that checkpoint, or the newest one under a checkpoint root."""
-    if resume == "none" or (resume == "auto" and root is None):
-        return None
-    if resume == "auto":
-        return find_latest(root)
-    path = Path(resume)
-    if (path / MANIFEST).is_file():
-        return path
-    if (latest := find_latest(path)) is None:
-        raise CheckpointError(f"train.resume={resume}: no complete checkpoint (with {MANIFEST}) "
-                              "there")
-    return latest
-
-
-def layout_of(trainer: Trainer) -> dict[str, Any]:
-    """The (dp, pp, tp, v, schedule) a trainer runs, as saved in the manifest."""
-    par = trainer.cfg.parallel
-    return {"world_size": dist.get_world_size(), "dp": par.dp, "pp": par.pp, "tp": par.tp,
-            "virtual_stages": par.virtual_stages, "schedule": par.schedule,
-            "dp_shard": par.dp_shard}
-
-
-def file_crc32(path: Path) -> int:
-    """CRC32 of a file's bytes, read in 16 MiB blocks."""
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
-def shard_files(directory: Path) -> list[str]:
-    """Every file of the DCP parts, relative to `directory`, in one order all ranks agree on."""
-    return sorted(str(p.relative_to(directory)) for part in PARTS
-                  for p in (directory / part).glob("*") if p.is_file())
+    model: ModelArgs  # the architecture: an export or a reader needs no config to rebuild it
+    layout: dict[str, Any]  # dp, pp, tp, ...: a load in the same layout keeps per-rank RNG
+    config: dict[str, Any] = field(default_factory=dict)  # for people; loading never reads it
+    tokens_seen: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # the saver's own; load returns it
 
 
 def _fsync_dir(path: Path) -> None:
@@ -218,39 +156,38 @@ def _staged(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU copies that training may not touch (DTensors keep their mesh and placements)."""
     out = {}
     for name, t in tensors.items():
-        if isinstance(t, DTensor):
-            local = t.to_local().detach().to("cpu", copy=True)
-            out[name] = DTensor.from_local(local, t.device_mesh, t.placements, run_check=False,
-                                           shape=t.shape, stride=t.stride())
-        else:
-            out[name] = t.detach().to("cpu", copy=True)
+        local = local_part(t).detach().to("cpu", copy=True)
+        out[name] = (DTensor.from_local(local, t.device_mesh, t.placements, run_check=False,
+                                        shape=t.shape, stride=t.stride())
+                     if isinstance(t, DTensor) else local)
     return out
 
 
 def take_snapshot(
-    root: Path, trainer: Trainer, extra: dict[str, Any] | None = None, copy: bool = False
+    root: Path, step: int, model: ModelParts, optimizer: torch.optim.Optimizer,
+    states: Mapping[str, Stateful], meta: CheckpointMeta, copy: bool = False,
 ) -> Snapshot:
-    """The checkpoint of trainer's current step; copy=True stages CPU copies (for async saves)."""
+    """The checkpoint of the current step; copy=True stages CPU copies (for async saves)."""
     root = Path(root)
     # built (and JSON-checked) on every rank, before any collective, so a bad value fails everywhere
     manifest = {
-        "format": FORMAT, "step": trainer.step,
-        "tokens_seen": trainer.sampler.samples_consumed * trainer.sampler.seq_len,
-        "torch_version": torch.__version__, "layout": layout_of(trainer),
-        "config": dataclasses.asdict(trainer.cfg), "sampler": trainer.sampler.state_dict(),
-        "lr_scheduler": trainer.lr_scheduler.state_dict(),
-        "optimizer_param_groups": param_group_settings(trainer.optimizer), "extra": extra or {},
+        "format": FORMAT, "step": step, "tokens_seen": meta.tokens_seen,
+        "torch_version": torch.__version__, "model": model_entry(meta.model),
+        "layout": meta.layout, "config": meta.config,
+        "states": {name: obj.state_dict() for name, obj in states.items()},
+        "optimizer_param_groups": param_group_settings(optimizer), "extra": meta.extra,
     }
     try:
-        json.dumps(manifest)
+        # a JSON round trip: checks it, and detaches it from live objects an async save outlives
+        manifest = json.loads(json.dumps(manifest))
     except TypeError as err:
-        raise CheckpointError(f"{root / checkpoint_name(trainer.step)}: manifest entry is not "
+        raise CheckpointError(f"{root / checkpoint_name(step)}: manifest entry is not "
                               f"JSON-serializable: {err}") from None
-    model = model_state(trainer.model).tensors
-    optim = optimizer_state(trainer.model, trainer.optimizer).tensors
+    model_tensors = model_state(model).tensors
+    optim_tensors = optimizer_state(model, optimizer).tensors
     if copy:
-        model, optim = _staged(model), _staged(optim)
-    return Snapshot(root, trainer.step, manifest, model, optim, rng_state())
+        model_tensors, optim_tensors = _staged(model_tensors), _staged(optim_tensors)
+    return Snapshot(root, step, manifest, model_tensors, optim_tensors, rng_state())
 
 
 def write_snapshot(
@@ -301,48 +238,15 @@ def write_snapshot(
 
 
 def save_checkpoint(
-    root: Path, trainer: Trainer, extra: dict[str, Any] | None = None, keep: int | None = None
+    root: Path, step: int, model: ModelParts, optimizer: torch.optim.Optimizer,
+    states: Mapping[str, Stateful], meta: CheckpointMeta, keep: int | None = None,
 ) -> Path:
-    """Save model, optimizer and training state at trainer.step; every rank must call it.
+    """Save model, optimizer, `states` (each's state_dict()) and `meta` as checkpoint `step`.
 
-    Returns the committed directory. keep: how many complete checkpoints to retain (None = all).
+    Every rank must call it. Returns the committed directory. keep: how many complete
+    checkpoints to retain (None = all).
     """
-    return write_snapshot(take_snapshot(root, trainer, extra), keep)
-
-
-class AsyncCheckpointer:
-    """Saves in a background thread: the step loop blocks only while tensors are copied to CPU.
-
-    Written by hand around the synchronous save rather than with dcp.async_save, because the
-    commit (CRCs, manifest, rename, `latest`) must follow the write as one unit; the thread uses
-    a private gloo group, which every rank creates here in the same order.
-    """
-
-    def __init__(self) -> None:
-        self._group = dist.new_group(backend="gloo")
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._pending: Future[Path] | None = None
-
-    def save(self, root: Path, trainer: Trainer, extra: dict[str, Any] | None = None,
-             keep: int | None = None) -> float:
-        """Start saving trainer's current step; returns the seconds the caller was blocked."""
-        start = time.perf_counter()
-        self.wait()  # one save in flight at a time
-        snap = take_snapshot(root, trainer, extra, copy=True)
-        self._pending = self._pool.submit(write_snapshot, snap, keep, self._group)
-        return time.perf_counter() - start
-
-    def wait(self) -> Path | None:
-        """Block until the save in flight is committed (re-raising its error); its directory."""
-        pending, self._pending = self._pending, None
-        return pending.result() if pending is not None else None
-
-    def close(self) -> None:
-        """Finish the save in flight and stop the thread."""
-        try:
-            self.wait()
-        finally:
-            self._pool.shutdown()
+    return write_snapshot(take_snapshot(root, step, model, optimizer, states, meta), keep)
 
 
 def _dedup_rng(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
@@ -374,6 +278,6 @@ def _commit(root: Path, tmp: Path, final: Path, keep: int | None) -> None:
     _fsync_dir(root)
     _write_text(root / LATEST, final.name + "\n")
     if keep is not None and keep > 0:
-        for old in _complete_checkpoints(root)[:-keep]:
+        for old in complete_checkpoints(root)[:-keep]:
             if old != final:
                 shutil.rmtree(old)

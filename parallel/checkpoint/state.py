@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import base64
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from parallel.parallelize import ParallelModel
+
+# what save and load take as "the model": a ParallelModel or its chunks (TorchTitan's model_parts)
+ModelParts: TypeAlias = ParallelModel | Sequence[nn.Module]
 
 # flattened: {"state.<key>.exp_avg": tensor, ..., "param_groups.<key>.lr": 0.001, ...}
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -49,8 +53,8 @@ class TensorState:
         return {**(rest or {}), **state}
 
 
-def _chunk_list(model: ParallelModel) -> nn.ModuleList:
-    return nn.ModuleList(model.chunks)
+def _chunk_list(model: ModelParts) -> nn.ModuleList:
+    return nn.ModuleList(model.chunks if isinstance(model, ParallelModel) else model)
 
 
 def _by_full_name(flat: dict[str, Any], chunk_index_at: int) -> TensorState:
@@ -65,17 +69,17 @@ def _by_full_name(flat: dict[str, Any], chunk_index_at: int) -> TensorState:
     return TensorState(tensors, torch_keys)
 
 
-def model_state(model: ParallelModel) -> TensorState:
+def model_state(model: ModelParts) -> TensorState:
     """This rank's parameters (DTensors where sharded), by full-model name."""
     return _by_full_name(get_model_state_dict(_chunk_list(model)), 0)
 
 
-def load_model_state(model: ParallelModel, state: TensorState) -> None:
+def load_model_state(model: ModelParts, state: TensorState) -> None:
     """Copy loaded parameters into the chunks (every local parameter must be present)."""
     set_model_state_dict(_chunk_list(model), state.as_torch_state())
 
 
-def optimizer_state(model: ParallelModel, optimizer: torch.optim.Optimizer) -> TensorState:
+def optimizer_state(model: ModelParts, optimizer: torch.optim.Optimizer) -> TensorState:
     """The optimizer's per-parameter tensors by `<full-model name>.<state name>`.
 
     On an optimizer that never stepped, torch first creates its state with one zero-lr step
@@ -95,7 +99,7 @@ def optimizer_state(model: ParallelModel, optimizer: torch.optim.Optimizer) -> T
 
 
 def load_optimizer_state(
-    model: ParallelModel, optimizer: torch.optim.Optimizer, state: TensorState
+    model: ModelParts, optimizer: torch.optim.Optimizer, state: TensorState
 ) -> None:
     """Put loaded optimizer tensors back; param_groups keep their current settings here.
 
@@ -113,7 +117,7 @@ def param_group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any
     """Hyperparameters of each param group (lr, betas, ...), by group index, for JSON.
 
     Written by hand: DCP's safetensors storage holds only tensors. The groups are the same on
-    every rank and layout (build_optimizer makes decay / no-decay), so group order identifies them.
+    every rank and layout (the trainer builds decay / no-decay), so group order identifies them.
     """
     return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 

@@ -1,20 +1,24 @@
-"""Run a function on N real gloo ranks (spawned processes) and collect each rank's return value."""
+"""Run a function on N real gloo ranks (spawned processes) and collect each rank's return value.
+
+`run_ranks(world, fn, *args)` gives fn a started environment (RANK, WORLD_SIZE, MASTER_PORT);
+`run_on_mesh((dp, pp, tp), fn, *args)` also starts the process group and hands fn the real
+named DeviceMesh, so TP, DP or clipping can be unit-tested on a bare mesh (nanotron's
+`init_distributed(tp=, dp=, pp=)(fn)()` is the model).
+"""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
 import pickle
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+from launcher.run.ports import free_port
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+PORT_TAKEN = ("EADDRINUSE", "address already in use", "Address already in use")
+ATTEMPTS = 3  # a free port can be taken by another process before rank 0 binds it
 
 
 def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, queue: Any) -> None:
@@ -35,11 +39,10 @@ def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, args: t
             dist.destroy_process_group()
 
 
-def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 600) -> list[Any]:
-    """fn(*args) on `world` ranks; returns results by rank, raising the first rank's error."""
+def _run_once(world: int, fn: Callable[..., Any], args: tuple, timeout: float) -> list[Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, args, queue)) for r in range(world)]
     for p in procs:
         p.start()
@@ -56,3 +59,33 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 6
             if p.is_alive():
                 p.kill()
     return [results[r] for r in range(world)]
+
+
+def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 600) -> list[Any]:
+    """fn(*args) on `world` ranks; returns results by rank, raising the first rank's error.
+
+    A rendezvous port taken by another process between choosing and binding it is retried on
+    a new port."""
+    for attempt in range(ATTEMPTS):
+        try:
+            return _run_once(world, fn, args, timeout)
+        except RuntimeError as err:
+            if attempt == ATTEMPTS - 1 or not any(s in str(err) for s in PORT_TAKEN):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _on_mesh(shape: tuple[int, int, int], fn: Callable[..., Any], args: tuple) -> Any:
+    import torch
+
+    from parallel.mesh import build_mesh
+
+    mesh = build_mesh(torch.device("cpu"), *shape)
+    return fn(mesh, *args)
+
+
+def run_on_mesh(shape: tuple[int, int, int], fn: Callable[..., Any], *args: Any,
+                timeout: float = 600) -> list[Any]:
+    """fn(mesh, *args) on dp*pp*tp ranks, `mesh` the real (dp, pp, tp) gloo DeviceMesh."""
+    dp, pp, tp = shape
+    return run_ranks(dp * pp * tp, _on_mesh, shape, fn, args, timeout=timeout)

@@ -20,6 +20,7 @@ def _train(*overrides: str, env: dict | None = None) -> subprocess.CompletedProc
     (["data=tokens", "data.path=/no/such/file.bin"], "data.path"),
     (["train.global_batch_size=10", "parallel.microbatches=4"], "train.global_batch_size"),
     (["train.seq_len=abc"], "train.seq_len"),                       # wrong type
+    (["cluster.peak_tflops=312"], "cluster.peak_tflops"),       # moved to hardware.peak_tflops
 ])
 def test_refused_with_exit_2(overrides: list[str], field: str) -> None:
     result = _train(*overrides)

@@ -1,7 +1,5 @@
 """The plain model: shapes, causality, GQA == MHA with repeated weights, seeded init."""
 
-import ast
-from pathlib import Path
 
 import torch
 
@@ -72,11 +70,3 @@ def test_blocks_use_the_first_positions_of_longer_rope_tables() -> None:
     # RoPE is relative: a shift of all positions changes nothing, but other distances must
     stretched = block(x, long_cos[::2], long_sin[::2])  # positions 0, 2, 4, ...
     assert (stretched - block(x, long_cos, long_sin)).abs().max() > 1e-5  # rounding is ~1e-7
-
-
-def test_models_package_never_imports_distributed() -> None:
-    for path in Path("models").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            assert not any(n.startswith(("torch.distributed", "parallel")) for n in names), path

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from launcher.run.ports import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo")
 NODES = ("n1", "n2")
 CPUS_PER_NODE = 4  # more than the host has: jobs here are many small processes, not cores
@@ -65,9 +67,7 @@ def missing_programs() -> list[str]:
 def _free_ports(n: int) -> list[int]:
     """n consecutive free TCP ports (Slurm's Port=a-b range needs them consecutive)."""
     for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
+        base = free_port()
         if base + n < 65000 and all(_port_free(base + i) for i in range(n)):
             return [base + i for i in range(n)]
     raise RuntimeError("no free consecutive ports")
