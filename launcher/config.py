@@ -79,6 +79,11 @@ class TrainConfig:
     val_batches: int = 4
     sample_tokens: int = 240
     resume: str = "none"
+    # a non-finite loss or gradient norm is never applied: stop the run after that step (exit
+    # code 1, the last good checkpoint stays the newest), or skip the update and stop only after
+    # nonfinite_max_skips skipped steps in a row
+    nonfinite: str = "stop"  # stop | skip
+    nonfinite_max_skips: int = 3
 
 
 @dataclass

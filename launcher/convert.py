@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from parallel.checkpoint.format import find_checkpoint
 from parallel.checkpoint.hf_export import DEFAULT_SHARD_BYTES, export_to_hf
-from parallel.checkpoint.save import CheckpointError, resume_path
+from parallel.checkpoint.state import CheckpointError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -30,7 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     to_hf.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 2**30)
     args = parser.parse_args(argv)
     try:
-        checkpoint = resume_path(str(args.checkpoint), None)
+        if str(args.checkpoint) in ("auto", "none") and not args.checkpoint.exists():
+            # train.resume's keywords mean nothing here: there is no run to take a folder from
+            raise CheckpointError(f"{args.checkpoint!s} is a train.resume keyword; convert needs "
+                                  "a checkpoint (step-XXXXXXXX) or a checkpoint folder")
+        checkpoint = find_checkpoint(args.checkpoint)
         files = export_to_hf(checkpoint, args.out, DTYPES.get(args.dtype),
                              int(args.max_shard_gb * 2**30))
     except CheckpointError as err:

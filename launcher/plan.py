@@ -2,10 +2,11 @@
 of a layout before launching it, or a search for the best layouts on a cluster.
 
 Takes the training overrides (model=llama3_405b parallel.tp=8 ...) plus the cluster
-(cluster.nodes, cluster.gpus_per_node, cluster.gpu_mem_gib, bandwidths, peak TFLOP/s). No GPU,
-no process group: parameters come from the real split and TP plan on the meta device
-(parallel/plan/params.py), the rest from parallel/plan/estimate.py. Exit code 2 when the
-config is invalid or the layout does not fit.
+(cluster.nodes, cluster.gpus_per_node, cluster.gpu_mem_gib, bandwidths) and the GPUs' peak
+(hardware.peak_tflops; unset: H100 SXM's). No GPU, no process group: parameters come from the
+real split and TP plan on the meta device (parallel/plan/params.py), the rest from
+parallel/plan/estimate.py, which this turns the config into explicit parts for. Exit code 2
+when the config is invalid or the layout does not fit.
 """
 
 from __future__ import annotations
@@ -16,23 +17,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 
-from hydra import compose, initialize_config_dir
-
-from launcher.config import Config, ConfigError, load_config
-from launcher.run.compose import CONF_DIR, check_group_choices
+from launcher.config import Config, ConfigError
+from launcher.run.build import model_args
+from launcher.run.compose import check_group_choices, compose_config
 from launcher.validate import validate
 from parallel.plan.estimate import GIB, PlanEstimate, estimate
+from parallel.plan.flops import PLAN_DEFAULT_PEAK_TFLOPS
+from parallel.plan.layout import Cluster, Layout
 from parallel.plan.params import StageCounter
-from parallel.schedules import SCHEDULES_LOOPED
+from parallel.schedules import SCHEDULE_SPECS
 
 MICROBATCH_SIZES = (1, 2, 4, 8)  # sequences per microbatch tried by --search
 RECOMPUTE_MODES = ("none", "selective", "full")
-
-
-def compose_plan_config(overrides: list[str]) -> Config:
-    """The typed config `python -m launcher.train *overrides` would use (not yet validated)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return load_config(compose("config", overrides=overrides))
+SEARCHED_VIRTUAL_STAGES = (2, 4)  # tried by --search for schedules that take any number
 
 
 def world_of(cfg: Config) -> int:
@@ -40,11 +37,39 @@ def world_of(cfg: Config) -> int:
     return cfg.cluster.nodes * cfg.cluster.gpus_per_node
 
 
-def _schedules(pp: int) -> list[tuple[str, int]]:
+def layout_of(cfg: Config) -> Layout:
+    """The parallel layout `cfg` describes, as the planner takes it."""
+    p = cfg.parallel
+    explicit = tuple(p.layers_per_stage) if p.layers_per_stage is not None else None
+    return Layout(dp=p.dp, pp=p.pp, tp=p.tp, virtual_stages=p.virtual_stages, schedule=p.schedule,
+                  microbatches=p.microbatches, layers_per_stage=explicit,
+                  sequence_parallel=p.sequence_parallel, dp_shard=p.dp_shard,
+                  recompute=cfg.model.activation_checkpointing)
+
+
+def cluster_of(cfg: Config) -> Cluster:
+    """The cluster `cfg` plans for; its peak is hardware.peak_tflops, else H100 SXM's."""
+    c, peak = cfg.cluster, cfg.hardware.peak_tflops
+    return Cluster(nodes=c.nodes, gpus_per_node=c.gpus_per_node, gpu_mem_gib=c.gpu_mem_gib,
+                   intra_node_gbps=c.intra_node_gbps, inter_node_gbps=c.inter_node_gbps,
+                   peak_tflops=PLAN_DEFAULT_PEAK_TFLOPS if peak is None else peak)
+
+
+def estimate_config(cfg: Config, counter: StageCounter) -> PlanEstimate:
+    """Estimate the (already validated) layout of `cfg` on its cluster."""
+    return estimate(model_args(cfg), layout_of(cfg), cluster_of(cfg),
+                    global_batch_size=cfg.train.global_batch_size, seq_len=cfg.train.seq_len,
+                    counter=counter)
+
+
+def schedule_candidates(pp: int) -> list[tuple[str, int]]:
+    """The (schedule, virtual stages) pairs --search tries: every registered schedule when
+    pipelining, 1f1b alone without."""
     if pp == 1:
         return [("1f1b", 1)]
-    return ([("gpipe", 1), ("1f1b", 1)] + [(s, v) for s in SCHEDULES_LOOPED for v in (2, 4)]
-            + [("zbv", 2), ("dualpipev", 2)])
+    return [(spec.name, v) for spec in SCHEDULE_SPECS.values()
+            for v in (SEARCHED_VIRTUAL_STAGES if spec.stages_per_rank == "virtual_stages"
+                      else (spec.stages_per_rank,))]
 
 
 def candidates(cfg: Config) -> Iterator[Config]:
@@ -55,7 +80,7 @@ def candidates(cfg: Config) -> Iterator[Config]:
         for pp in (d for d in range(1, world // tp + 1) if world // tp % d == 0):
             dp = world // (tp * pp)
             local = cfg.train.global_batch_size // dp
-            for (schedule, v), mbs in ((s, b) for s in _schedules(pp) for b in MICROBATCH_SIZES):
+            for (schedule, v), mbs in ((s, b) for s in schedule_candidates(pp) for b in MICROBATCH_SIZES):
                 # shortcuts past validate: no split has more stages than blocks plus the two ends
                 if local % mbs or local < mbs or pp * v > cfg.model.n_layers + 2:
                     continue
@@ -73,8 +98,8 @@ def candidates(cfg: Config) -> Iterator[Config]:
 
 def search(cfg: Config, top: int) -> tuple[list[tuple[Config, PlanEstimate]], int]:
     """The `top` fitting layouts by estimated tokens/s, and how many valid layouts there were."""
-    counter = StageCounter(cfg.model)
-    plans = [(c, estimate(c, counter)) for c in candidates(cfg)]
+    counter = StageCounter(model_args(cfg))
+    plans = [(c, estimate_config(c, counter)) for c in candidates(cfg)]
     fitting = sorted((p for p in plans if p[1].fits), key=lambda p: (-p[1].tokens_per_s, -p[1].headroom))
     return fitting[:top], len(plans)
 
@@ -102,11 +127,13 @@ def _count(n: float) -> str:
 
 def report(cfg: Config, plan: PlanEstimate, counter: StageCounter) -> str:
     """The per-pipeline-rank table and the totals, as printed."""
-    c = cfg.cluster
+    c = cluster_of(cfg)
     total_params = counter.whole().total
+    source = ("hardware.peak_tflops" if cfg.hardware.peak_tflops is not None
+              else "H100 SXM's: hardware.peak_tflops unset")
     lines = [f"plan: {cfg.model.name} ({_count(total_params)} parameters) on {c.nodes} node(s) x "
-             f"{c.gpus_per_node} GPUs ({c.gpu_mem_gib:g} GiB, {c.peak_tflops:g} TFLOP/s, intra-node "
-             f"{c.intra_node_gbps:g} GB/s, inter-node {c.inter_node_gbps:g} GB/s)",
+             f"{c.gpus_per_node} GPUs ({c.gpu_mem_gib:g} GiB, {c.peak_tflops:g} TFLOP/s ({source}), "
+             f"intra-node {c.intra_node_gbps:g} GB/s, inter-node {c.inter_node_gbps:g} GB/s)",
              f"layout: {describe(cfg)}",
              f"{'pp':>3} {'stages':>8} {'layers':>6} {'params/GPU':>10} {'sharded':>9} {'weights':>8} "
              f"{'grads':>6} {'optim':>6} {'activ':>6} {'in flight':>9} {'total GiB':>9}"]
@@ -160,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search", action="store_true", help="rank the valid layouts of the cluster")
     parser.add_argument("--top", type=int, default=10, help="layouts --search prints")
     args, overrides = parser.parse_known_args(argv)
-    check_group_choices(overrides)
     try:
-        cfg = compose_plan_config(overrides)
+        check_group_choices(overrides)
+        cfg = compose_config(overrides)
         if args.search:
             start = time.perf_counter()
             rows, valid = search(cfg, args.top)
@@ -172,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(str(err).replace("\n", " "), file=sys.stderr)
         return 2
-    counter = StageCounter(cfg.model)
-    plan = estimate(cfg, counter)
+    counter = StageCounter(model_args(cfg))
+    plan = estimate_config(cfg, counter)
     print(report(cfg, plan, counter))
     return 0 if plan.fits else 2
 

@@ -16,9 +16,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from omegaconf import OmegaConf
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -13,12 +13,11 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-from launcher.config import Config, ConfigError, load_config
+from launcher.config import Config, ConfigError
+from launcher.errors import exit_config_error
+from launcher.run.compose import compose_config
 from launcher.validate import validate
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def check_fits_allocation(cfg: Config, nodes: int, ranks_per_node: int) -> None:
@@ -84,13 +83,6 @@ def requeue_if_slurm() -> bool:
     return True
 
 
-def _compose(overrides: list[str]) -> Config:
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return load_config(compose("config", overrides=[o for o in overrides if not o.startswith("hydra.")]))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Check the mesh the overrides ask for against the allocation; 0 if it fits, 2 if not."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -99,10 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     try:
-        check_fits_allocation(_compose(args.overrides), args.nodes, args.ranks_per_node)
+        check_fits_allocation(compose_config(args.overrides), args.nodes, args.ranks_per_node)
     except ConfigError as err:
-        print(str(err).replace("\n", " "), file=sys.stderr)
-        return 2
+        exit_config_error(err)
     except Exception as err:  # an unknown config group or key: Hydra's own message, one line
         print(f"config error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2

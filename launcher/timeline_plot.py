@@ -12,11 +12,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.transforms import blended_transform_factory  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
+from matplotlib.transforms import blended_transform_factory
 
-from parallel.timeline import WAIT, Event, TimelineInfo, chrome_trace, measured_bubbles  # noqa: E402
+from parallel.timeline import WAIT, Event, TimelineInfo, chrome_trace, measured_bubbles
 
 COLOURS = {"F": "#4c78c8", "B": "#3a9a5b", "I": "#8fd19e", "W": "#f2b134"}
 NAMES = {"F": "forward", "B": "backward (full)", "I": "backward (input grad)",

@@ -11,6 +11,7 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 import torch.distributed as dist
@@ -20,9 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from launcher.config import ConfigError, load_config, register_schema
 from launcher.errors import exit_config_error
+from launcher.preflight import check_fits_machine
 from launcher.run.build import load_data
 from launcher.run.compose import CONF_DIR, check_group_choices
-from launcher.run.loop import train
+from launcher.run.loop import NonFiniteError, train
 from launcher.run.multirun import run_worker_group
 from launcher.slurm import export_rank_env_from_slurm, is_submitit_task, requeue_if_slurm
 from launcher.validate import validate
@@ -59,6 +61,7 @@ def _hydra_main(raw: DictConfig) -> None:
         if own_group:
             world_size = per_node = cfg.parallel.dp * cfg.parallel.pp * cfg.parallel.tp
         validate(cfg, world_size, per_node)
+        check_fits_machine(cfg, per_node or world_size)
         tokens = load_data(cfg)
     except ConfigError as err:
         exit_config_error(err)
@@ -71,15 +74,22 @@ def _hydra_main(raw: DictConfig) -> None:
     except ConfigError as err:  # found after start-up, e.g. a model.init_from that does not fit
         exit_config_error(err)
     except CheckpointError as err:  # a checkpoint to resume from that cannot be loaded
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"checkpoint error: {err}", file=sys.stderr)
-        sys.exit(1)
+        _exit_run_error("checkpoint error", err)
+    except NonFiniteError as err:  # a NaN/inf loss or gradient: never applied, never saved
+        _exit_run_error("training stopped", err)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if summary.preempted:
         # exit code 0: a requested stop with its checkpoint saved, which torchrun must not restart
         requeue_if_slurm()
+
+
+def _exit_run_error(kind: str, err: Exception) -> NoReturn:
+    """A run that started but cannot go on: one line on rank 0, exit code 1."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{kind}: {err}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def main() -> None:

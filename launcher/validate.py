@@ -3,7 +3,10 @@ is a ConfigError naming the field, the value and a fix."""
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 from launcher.config import (
     Config,
@@ -13,7 +16,7 @@ from launcher.config import (
     ParallelConfig,
     TrainConfig,
 )
-from parallel.schedules import SCHEDULES, SCHEDULES_ONE_STAGE_PER_RANK, SCHEDULES_V_SHAPE
+from parallel.schedules import SCHEDULES, n_pipeline_stages, schedule_spec
 
 
 def _check(ok: bool, field_name: str, value: object, fix: str) -> None:
@@ -21,8 +24,59 @@ def _check(ok: bool, field_name: str, value: object, fix: str) -> None:
         raise ConfigError(field_name, value, fix)
 
 
-def _positive(name: str, value: int | float) -> None:
-    _check(value > 0, name, value, "must be > 0")
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+# (field, accepts, what to do otherwise): every number has a range. NaN fails every comparison,
+# and inf is refused where a finite value is needed, so neither reaches the training step.
+RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("model.dim", lambda v: 0 < v <= 2**20, "must be in [1, 1048576]"),
+    ("model.n_layers", lambda v: 0 < v <= 10_000, "must be in [1, 10000]"),
+    ("model.n_heads", lambda v: v > 0, "must be > 0"),
+    ("model.vocab_size", lambda v: 0 < v <= 2**24, "must be in [1, 16777216]"),
+    ("model.multiple_of", lambda v: v > 0, "must be > 0 (the SwiGLU width is rounded up to it)"),
+    ("model.ffn_dim_multiplier", lambda v: v is None or (_finite(v) and v > 0), "must be > 0, or null"),
+    ("model.norm_eps", lambda v: _finite(v) and v > 0, "must be > 0, e.g. 1e-5"),
+    ("model.rope_theta", lambda v: _finite(v) and v > 0, "must be > 0, e.g. 10000 or 500000"),
+    ("model.rope_scale_factor", lambda v: _finite(v) and v > 0, "must be > 0"),
+    ("model.max_seq_len", lambda v: v > 0, "must be > 0"),
+    ("optim.lr", lambda v: _finite(v) and v > 0, "the learning rate must be finite and > 0, e.g. 3e-4"),
+    ("optim.min_lr_ratio", lambda v: 0 <= v <= 1, "use a value in [0, 1]"),
+    ("optim.warmup_steps", lambda v: v >= 0, "must be >= 0"),
+    ("optim.weight_decay", lambda v: _finite(v) and v >= 0, "must be finite and >= 0, e.g. 0.1"),
+    ("optim.beta1", lambda v: 0 <= v < 1, "use a value in [0, 1), e.g. 0.9"),
+    ("optim.beta2", lambda v: 0 <= v < 1, "use a value in [0, 1), e.g. 0.95"),
+    ("optim.eps", lambda v: _finite(v) and v > 0, "must be finite and > 0, e.g. 1e-8"),
+    ("optim.grad_clip", lambda v: _finite(v) and v >= 0, "must be finite and >= 0 (0 disables)"),
+    ("train.steps", lambda v: v > 0, "must be > 0"),
+    ("train.global_batch_size", lambda v: v > 0, "must be > 0"),
+    ("train.seq_len", lambda v: v > 0, "must be > 0"),
+    ("train.log_interval", lambda v: v > 0, "must be > 0"),
+    ("train.val_interval", lambda v: v > 0, "must be > 0"),
+    ("train.val_batches", lambda v: v >= 1, "validate on at least 1 batch"),
+    ("train.sample_tokens", lambda v: v >= 0, "must be >= 0 (0: no sample)"),
+    ("train.nonfinite", lambda v: v in ("stop", "skip"), "use stop or skip"),
+    ("train.nonfinite_max_skips", lambda v: v >= 1, "must be >= 1 (skipped steps in a row)"),
+    ("data.max_bytes", lambda v: v > 0, "must be > 0 (bytes of text read for the stdlib/text corpus)"),
+    ("checkpoint.interval", lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
+    ("checkpoint.keep", lambda v: v >= 1, "keep at least 1 checkpoint"),
+    ("parallel.dp", lambda v: v > 0, "must be > 0"),
+    ("parallel.pp", lambda v: v > 0, "must be > 0"),
+    ("parallel.tp", lambda v: v > 0, "must be > 0"),
+    ("parallel.virtual_stages", lambda v: v > 0, "must be > 0"),
+    ("parallel.microbatches", lambda v: v > 0, "must be > 0"),
+]
+
+
+def _value(cfg: Config, field_name: str) -> Any:
+    section, key = field_name.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def _validate_ranges(cfg: Config) -> None:
+    for field_name, accepts, fix in RANGES:
+        _check(accepts(_value(cfg, field_name)), field_name, _value(cfg, field_name), fix)
 
 
 def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) -> None:
@@ -33,8 +87,7 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
     m, t, par = cfg.model, cfg.train, cfg.parallel
     _check(cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "use auto, cpu or cuda")
     _check(cfg.precision in ("auto", "fp32", "bf16"), "precision", cfg.precision, "use auto, fp32 or bf16")
-    for name in ("dim", "n_layers", "n_heads", "vocab_size"):
-        _positive(f"model.{name}", getattr(m, name))
+    _validate_ranges(cfg)
     _check(m.dim % m.n_heads == 0, "model.n_heads", m.n_heads, f"must divide model.dim={m.dim}")
     _check(m.kv_heads > 0 and m.n_heads % m.kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
            f"must divide model.n_heads={m.n_heads} (e.g. {_divisor_near(m.n_heads, m.kv_heads)})")
@@ -43,27 +96,18 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
            "model.activation_checkpointing", m.activation_checkpointing, "use none, full or selective")
     _check(m.init_from is None or os.path.isdir(m.init_from), "model.init_from", m.init_from,
            "must be a Hugging Face Llama directory that exists")
-    _check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "the learning rate must be > 0, e.g. 3e-4")
-    _check(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", cfg.optim.min_lr_ratio, "use a value in [0, 1]")
-    _check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", cfg.optim.warmup_steps, "must be >= 0")
-    _check(cfg.optim.grad_clip >= 0, "optim.grad_clip", cfg.optim.grad_clip, "must be >= 0 (0 disables)")
-    for name in ("steps", "global_batch_size", "seq_len", "log_interval", "val_interval"):
-        _positive(f"train.{name}", getattr(t, name))
     _check(t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
     _validate_data(cfg.data)
-    c = cfg.checkpoint
-    _check(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0 = only at the end)")
-    _check(c.keep >= 1, "checkpoint.keep", c.keep, "keep at least 1 checkpoint")
     _check(t.resume in ("none", "auto") or os.path.exists(t.resume), "train.resume", t.resume,
            "use none, auto, or the path of a checkpoint (or of a checkpoint folder)")
     _check(cfg.logging.progress in ("auto", "bar", "lines"), "logging.progress",
            cfg.logging.progress, "use auto, bar or lines")
-    for name in ("dp", "pp", "tp", "virtual_stages", "microbatches"):
-        _positive(f"parallel.{name}", getattr(par, name))
     layout = par.dp * par.pp * par.tp
     _check(layout == world_size, "parallel.dp", par.dp,
            f"dp*pp*tp = {par.dp}*{par.pp}*{par.tp} = {layout} must equal the world size {world_size}; "
            f"set parallel.dp={world_size // (par.pp * par.tp) or 1} or launch {layout} ranks")
+    _check(par.pp > 1 or par.layers_per_stage is None, "parallel.layers_per_stage", par.layers_per_stage,
+           "a split into pipeline stages needs parallel.pp > 1; remove it or raise pp")
     _validate_batch(t.global_batch_size, par.dp, par.microbatches)
     _validate_tensor_parallel(m, par, t, ranks_per_node)
     _validate_pipeline(m, par)
@@ -90,29 +134,19 @@ def _validate_tensor_parallel(m: ModelConfig, par: ParallelConfig, t: TrainConfi
 def _validate_pipeline(m: ModelConfig, par: ParallelConfig) -> None:
     from parallel.pipeline import layers_per_stage
 
-    s, v, pp, mb = par.schedule, par.virtual_stages, par.pp, par.microbatches
+    s, v, pp = par.schedule, par.virtual_stages, par.pp
     _check(s in SCHEDULES, "parallel.schedule", s, f"choose one of {', '.join(SCHEDULES)}")
     if pp == 1:
         _check(v == 1, "parallel.virtual_stages", v, "virtual stages need parallel.pp > 1; set it to 1")
         return
-    if s in SCHEDULES_ONE_STAGE_PER_RANK:
-        _check(v == 1, "parallel.virtual_stages", v,
-               f"{s} runs one stage per rank; set virtual_stages=1 or use interleaved_1f1b")
-    if s in SCHEDULES_V_SHAPE:
-        _check(v == 2, "parallel.virtual_stages", v, f"{s} places exactly two stages per rank; set it to 2")
-    n_stages = pp * v
-    if s == "1f1b" or s == "dualpipev":
-        _check(mb >= n_stages, "parallel.microbatches", mb,
-               f"{s} needs at least as many microbatches as stages ({n_stages})")
-    if s in ("interleaved_1f1b", "interleaved_zb"):
-        rounds = max(1, mb // pp)
-        _check(mb % rounds == 0, "parallel.microbatches", mb,
-               f"{s} runs microbatches in rounds of pp={pp}; use a multiple of {pp}, e.g. {rounds * pp}")
+    problem = schedule_spec(s).problem(pp, v, par.microbatches)  # the schedule's own rules
+    if problem is not None:
+        raise ConfigError(f"parallel.{problem.setting}", problem.value, problem.fix)
     _check(not m.tie_embeddings, "model.tie_embeddings", True,
            "tied embeddings with pp > 1 put the embedding and head on different stages; "
            "set model.tie_embeddings=false (the default) or pp=1")
     try:
-        layers_per_stage(m.n_layers, n_stages, par.layers_per_stage)
+        layers_per_stage(m.n_layers, n_pipeline_stages(pp, v, s), par.layers_per_stage)
     except ValueError as err:
         raise ConfigError("parallel.layers_per_stage", par.layers_per_stage, str(err)) from None
 

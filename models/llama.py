@@ -54,6 +54,14 @@ class ModelArgs:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
+    @property
+    def parameter_count(self) -> int:
+        """Parameters of the whole model, by arithmetic (no tensor is built)."""
+        q, kv = self.n_heads * self.head_dim, self.kv_heads * self.head_dim
+        block = self.dim * (2 * q + 2 * kv) + 3 * self.dim * self.ffn_hidden_dim + 2 * self.dim
+        ends = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2) + self.dim
+        return self.n_layers * block + ends
+
 
 def rope_frequencies(args: ModelArgs, device: torch.device | None = None) -> torch.Tensor:
     """Inverse frequencies of the rotary embedding, with optional Llama 3.1 scaling."""

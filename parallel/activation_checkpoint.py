@@ -5,9 +5,10 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from models.llama import Transformer
 
 # selective: keep the results of the expensive ops, recompute the cheap elementwise ones
 _SAVE = {
@@ -24,7 +25,7 @@ def _policy(ctx: object, op: object, *args: object, **kwargs: object) -> Checkpo
     return CheckpointPolicy.MUST_SAVE if op in _SAVE else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
     """`full` recomputes every block in backward; `selective` recomputes all but matmuls/attention."""
     if mode == "none":
         return

@@ -14,13 +14,12 @@ from parallel.data_parallel import apply_data_parallel
 from parallel.init import InitialValues, init_parameters
 from parallel.loss import cross_entropy
 from parallel.pipeline import (
-    V_SHAPE_SCHEDULES,
     build_schedule,
     build_stage_module,
     build_v_shape_eval_schedule,
     layers_per_stage,
-    stage_ids_for_rank,
 )
+from parallel.schedules import n_pipeline_stages, schedule_spec, stage_ids_for_rank
 from parallel.tensor_parallel import apply_tensor_parallel
 
 
@@ -48,11 +47,6 @@ class ParallelModel:
     def parameters(self) -> list[torch.nn.Parameter]:
         """All parameters of all local chunks."""
         return [p for chunk in self.chunks for p in chunk.parameters()]
-
-
-def n_pipeline_stages(pp: int, virtual_stages: int, schedule: str) -> int:
-    """Total pipeline stages: pp * v (V-shaped schedules always place two per rank)."""
-    return pp * (2 if schedule in V_SHAPE_SCHEDULES else virtual_stages)
 
 
 def parallelize(
@@ -94,7 +88,7 @@ def parallelize(
         sched = build_schedule(chunks, stage_ids, n_stages, schedule, microbatches, cross_entropy,
                                device, mesh["pp"].get_group())
     eval_sched = sched
-    if schedule in V_SHAPE_SCHEDULES and pp > 1:
+    if schedule_spec(schedule).placement == "v" and pp > 1:
         eval_sched = build_v_shape_eval_schedule(chunks, stage_ids, n_stages, microbatches,
                                                  cross_entropy, device, mesh["pp"].get_group())
     return ParallelModel(chunks, stage_ids, n_stages, sched, mesh, eval_sched)

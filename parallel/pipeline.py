@@ -1,4 +1,5 @@
-"""Pipeline parallelism: split the model into pp x virtual_stages chunks, place them, schedule them.
+"""Pipeline parallelism: split the model into pp x virtual_stages chunks and schedule them
+(which rank holds which chunk, and each schedule's rules, are parallel/schedules.py).
 
 Splitting copies the whole model (on the meta device) and deletes what a stage does not own,
 so every parameter keeps its full-model name (`layers.7.attention.wq.weight`) on every layout.
@@ -25,18 +26,7 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from models.llama import Transformer
-
-# the literature's names -> torch.distributed.pipelining's
-SCHEDULE_CLASS_NAMES = {
-    "gpipe": "GPipe",
-    "1f1b": "1F1B",
-    "interleaved_1f1b": "Interleaved1F1B",
-    "looped_bfs": "LoopedBFS",
-    "interleaved_zb": "InterleavedZeroBubble",
-    "zbv": "ZBVZeroBubble",
-    "dualpipev": "DualPipeV",
-}
-V_SHAPE_SCHEDULES = ("zbv", "dualpipev")
+from parallel.schedules import schedule_spec
 
 
 def layers_per_stage(n_layers: int, n_stages: int, explicit: list[int] | None = None) -> list[int]:
@@ -66,13 +56,6 @@ def layers_per_stage(n_layers: int, n_stages: int, explicit: list[int] | None = 
     )
 
 
-def stage_ids_for_rank(pp_rank: int, pp: int, virtual_stages: int, schedule: str) -> list[int]:
-    """The stages pipeline rank `pp_rank` runs: looped (s mod pp) or V-shaped (r and 2pp-1-r)."""
-    if schedule in V_SHAPE_SCHEDULES:
-        return [pp_rank, 2 * pp - 1 - pp_rank]
-    return [pp_rank + k * pp for k in range(virtual_stages)]
-
-
 def build_stage_module(whole: Transformer, stage_id: int, counts: list[int]) -> Transformer:
     """A copy of `whole` keeping only stage `stage_id`'s blocks (plus embedding/head at the ends)."""
     stage = copy.deepcopy(whole)
@@ -99,7 +82,7 @@ def build_schedule(
     device: torch.device,
     pp_group: torch.distributed.ProcessGroup,
 ) -> PipelineScheduleSingle | PipelineScheduleMulti:
-    """Wrap each local chunk in a PipelineStage and build the named torch schedule.
+    """Wrap each local chunk in a PipelineStage and build the named schedule (parallel/schedules.py).
 
     The loss function returns the mean over a microbatch's tokens and scale_grads divides the
     summed gradients by the number of microbatches: the gradient of the batch mean.
@@ -108,7 +91,10 @@ def build_schedule(
         PipelineStage(module, sid, n_stages, device, group=pp_group)
         for module, sid in zip(modules, stage_ids)
     ]
-    cls = get_schedule_class(SCHEDULE_CLASS_NAMES[schedule])
+    spec = schedule_spec(schedule)
+    if spec.torch_class is None:
+        raise NotImplementedError(f"{schedule}: tridist-made action orders are not wired in yet")
+    cls = get_schedule_class(spec.torch_class)
     if issubclass(cls, PipelineScheduleSingle):
         return cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True)
     return cls(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True)

@@ -1,36 +1,151 @@
-"""The literature's pipeline bubble for each schedule, as a fraction of the step.
+"""The pipeline schedules tridist runs: one registry entry per schedule, read by config
+validation, the pipeline builder, the planner, the benchmark and the timeline.
 
-One cost model for all: per pipeline rank and microbatch the forward costs F, the input
-gradient B_input = F and the weight gradient W = F (full backward B = 2F); a rank holding v
-chunks spends F/v per chunk. Used by the benchmark, the timeline and the planner.
+An entry says how the schedule is built (a torch.distributed.pipelining class), where its
+stages sit (one per rank, looped s mod pp, or a V), how many stages a rank holds, which
+microbatch counts it accepts, its bubble and the microbatches a rank holds at its peak.
+Adding a schedule is one entry here plus its row in tests/parallel/test_schedules.py.
+
+Cost model of the bubbles and in-flight counts: per pipeline rank and microbatch the forward
+costs F, the input gradient B_input = F and the weight gradient W = F (full backward B = 2F);
+a rank holding v chunks spends F/v per chunk.
 """
 
 from __future__ import annotations
 
-SCHEDULES_ONE_STAGE_PER_RANK = ("gpipe", "1f1b")
-SCHEDULES_LOOPED = ("interleaved_1f1b", "looped_bfs", "interleaved_zb")
-SCHEDULES_V_SHAPE = ("zbv", "dualpipev")
-SCHEDULES = SCHEDULES_ONE_STAGE_PER_RANK + SCHEDULES_LOOPED + SCHEDULES_V_SHAPE
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Placement = Literal["one", "looped", "v"]
+# (pp, n_stages, microbatches) -> per pipeline rank, its list of torch _Actions
+ActionOrder = Callable[[int, int, int], dict[int, list[Any]]]
+# (schedule name, pp, n_stages, microbatches) -> a fix when the microbatch count cannot work
+MicrobatchCheck = Callable[[str, int, int, int], str | None]
+
+
+@dataclass(frozen=True)
+class ScheduleProblem:
+    """Why a layout cannot run a schedule: the parallel.* setting at fault, its value, a fix."""
+
+    setting: str  # virtual_stages or microbatches
+    value: int
+    fix: str
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """Everything tridist knows about one pipeline schedule."""
+
+    name: str  # the literature's
+    torch_class: str | None  # for torch's get_schedule_class; None when `order` builds it
+    placement: Placement  # one stage per rank, looped (stage s on rank s mod pp), or V-shaped
+    stages_per_rank: int | Literal["virtual_stages"]  # fixed, or parallel.virtual_stages
+    bubble_time: Callable[[int, int], float]  # (pp, v) -> idle time of a rank, in units of F
+    in_flight: Callable[[int, int, int, int], float]  # (pp, pp rank, m, v) -> microbatches held
+    microbatch_check: MicrobatchCheck | None = None
+    order: ActionOrder | None = None  # room for a tridist-made order (none yet)
+
+    def __post_init__(self) -> None:
+        if (self.torch_class is None) == (self.order is None):
+            raise ValueError(f"{self.name}: give exactly one of torch_class and order")
+
+    def stages_on_each_rank(self, virtual_stages: int) -> int:
+        """How many stages (chunks) one pipeline rank holds, given parallel.virtual_stages."""
+        if self.stages_per_rank == "virtual_stages":
+            return virtual_stages
+        return self.stages_per_rank
+
+    def problem(self, pp: int, virtual_stages: int, microbatches: int) -> ScheduleProblem | None:
+        """The first reason (pp > 1, virtual_stages, microbatches) cannot run, or None."""
+        v, fixed = virtual_stages, self.stages_per_rank
+        if fixed == 1 and v != 1:
+            return ScheduleProblem("virtual_stages", v, f"{self.name} runs one stage per rank; "
+                                   "set virtual_stages=1 or use interleaved_1f1b")
+        if fixed == 2 and v != 2:
+            return ScheduleProblem("virtual_stages", v,
+                                   f"{self.name} places exactly two stages per rank; set it to 2")
+        if self.microbatch_check is None:
+            return None
+        fix = self.microbatch_check(self.name, pp, pp * v, microbatches)
+        return None if fix is None else ScheduleProblem("microbatches", microbatches, fix)
+
+
+def _one_microbatch_per_stage(name: str, pp: int, n_stages: int, microbatches: int) -> str | None:
+    if microbatches < n_stages:
+        return f"{name} needs at least as many microbatches as stages ({n_stages})"
+    return None
+
+
+def _microbatches_in_rounds_of_pp(name: str, pp: int, n_stages: int, microbatches: int) -> str | None:
+    rounds = max(1, microbatches // pp)
+    if microbatches % rounds:
+        return (f"{name} runs microbatches in rounds of pp={pp}; use a multiple of {pp}, "
+                f"e.g. {rounds * pp}")
+    return None
+
+
+def _megatron_warm_up(p: int, r: int, m: int, v: int) -> float:
+    # Megatron's warm-up, 2(p-r-1) + (v-1)p + 1 chunks of 1/v [Narayanan et al. 2021]
+    return min(m * v, 2 * (p - r - 1) + (v - 1) * p + 1) / v
+
+
+_SPECS = (
+    # GPipe: (p-1)(F+B) = 3(p-1); every forward before any backward holds all m
+    ScheduleSpec("gpipe", "GPipe", "one", 1, lambda p, v: 3 * (p - 1),
+                 lambda p, r, m, v: m),
+    # PipeDream-Flush: GPipe's bubble; r's warm-up forwards plus one, p - r
+    ScheduleSpec("1f1b", "1F1B", "one", 1, lambda p, v: 3 * (p - 1),
+                 lambda p, r, m, v: p - r, _one_microbatch_per_stage),
+    # Megatron interleaving: the same bubble per chunk, 3(p-1)/v
+    ScheduleSpec("interleaved_1f1b", "Interleaved1F1B", "looped", "virtual_stages",
+                 lambda p, v: 3 * (p - 1) / v, _megatron_warm_up, _microbatches_in_rounds_of_pp),
+    # breadth-first: 3(p-1)/v, and like GPipe all m in flight
+    ScheduleSpec("looped_bfs", "LoopedBFS", "looped", "virtual_stages",
+                 lambda p, v: 3 * (p - 1) / v, lambda p, r, m, v: m),
+    # ZB-H1: (p-1)(F+B_input-W) per chunk = (p-1)/v; keeps 1F1B's (Megatron's) memory
+    ScheduleSpec("interleaved_zb", "InterleavedZeroBubble", "looped", "virtual_stages",
+                 lambda p, v: (p - 1) / v, _megatron_warm_up, _microbatches_in_rounds_of_pp),
+    # ZB-V: ~0 once m >= 2p; p on every rank, the peak of 1F1B's first stage
+    ScheduleSpec("zbv", "ZBVZeroBubble", "v", 2, lambda p, v: 0.0, lambda p, r, m, v: p),
+    # DualPipe's (p-1)(F&B+B-3W) per chunk with v=2 and no F&B overlap = p-1; its
+    # activation column, p + 1
+    ScheduleSpec("dualpipev", "DualPipeV", "v", 2, lambda p, v: p - 1,
+                 lambda p, r, m, v: p + 1, _one_microbatch_per_stage),
+)
+SCHEDULE_SPECS: dict[str, ScheduleSpec] = {s.name: s for s in _SPECS}
+SCHEDULES: tuple[str, ...] = tuple(SCHEDULE_SPECS)
+
+
+def schedule_spec(schedule: str) -> ScheduleSpec:
+    """The registry entry of `schedule`; ValueError naming the known ones otherwise."""
+    if schedule not in SCHEDULE_SPECS:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    return SCHEDULE_SPECS[schedule]
+
+
+def stages_per_rank(schedule: str, virtual_stages: int) -> int:
+    """Stages one pipeline rank holds: 1 (gpipe, 1f1b), 2 (V shapes) or virtual_stages."""
+    return schedule_spec(schedule).stages_on_each_rank(virtual_stages)
+
+
+def n_pipeline_stages(pp: int, virtual_stages: int, schedule: str) -> int:
+    """Total pipeline stages: pp times the stages per rank (one stage without pipelining)."""
+    return 1 if pp == 1 else pp * stages_per_rank(schedule, virtual_stages)
+
+
+def stage_ids_for_rank(pp_rank: int, pp: int, virtual_stages: int, schedule: str) -> list[int]:
+    """The stages pipeline rank `pp_rank` runs: looped (s mod pp) or V-shaped (r and 2pp-1-r)."""
+    spec = schedule_spec(schedule)
+    if spec.placement == "v":
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + k * pp for k in range(spec.stages_on_each_rank(virtual_stages))]
 
 
 def bubble_time(schedule: str, pp: int, virtual_stages: int) -> float:
-    """Idle time on a rank per step, in units of one rank's forward of one microbatch.
-
-    gpipe, 1f1b: (p-1)(F+B) = 3(p-1) [GPipe; 1F1B has the same bubble, fewer in flight];
-    interleaved_1f1b, looped_bfs: the same per chunk, 3(p-1)/v [Megatron interleaving; BFS];
-    interleaved_zb: ZB-H1's (p-1)(F+B_input-W) per chunk = (p-1)/v;
-    zbv: ~0 once m >= 2p [ZB-V];
-    dualpipev: DualPipe's (p-1)(F&B+B-3W) per chunk with v=2 and no F&B overlap = p-1.
-    """
-    p, v = pp, virtual_stages
-    if p == 1:
-        return 0.0
-    times = {"gpipe": 3 * (p - 1), "1f1b": 3 * (p - 1), "interleaved_1f1b": 3 * (p - 1) / v,
-             "looped_bfs": 3 * (p - 1) / v, "interleaved_zb": (p - 1) / v, "zbv": 0.0,
-             "dualpipev": float(p - 1)}
-    if schedule not in times:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(times)}")
-    return float(times[schedule])
+    """Idle time on a rank per step, in units of one rank's forward of one microbatch."""
+    spec = schedule_spec(schedule)
+    return 0.0 if pp == 1 else float(spec.bubble_time(pp, virtual_stages))
 
 
 def bubble_fraction(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> float:
@@ -42,3 +157,13 @@ def bubble_fraction(schedule: str, pp: int, microbatches: int, virtual_stages: i
 def bubble_over_ideal(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> float:
     """Bubble / ideal (bubble-free) time, the form papers quote: (p-1)/m for GPipe."""
     return bubble_time(schedule, pp, virtual_stages) / (3 * microbatches)
+
+
+def microbatches_in_flight(schedule: str, pp: int, pp_rank: int, microbatches: int,
+                           virtual_stages: int) -> float:
+    """Microbatches whose activations a pipeline rank holds at its peak, in units of one
+    microbatch through all of the rank's layers (never more than there are)."""
+    spec = schedule_spec(schedule)
+    if pp == 1:
+        return 1.0
+    return min(float(spec.in_flight(pp, pp_rank, microbatches, virtual_stages)), float(microbatches))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from launcher.config import load_config
 from launcher.run.build import build_trainer, load_data
-from launcher.run.compose import CONF_DIR
-from launcher.validate import validate
-from parallel.checkpoint.load import load_checkpoint, read_manifest
-from parallel.checkpoint.save import AsyncCheckpointer, save_checkpoint
+from launcher.run.checkpointing import load_trainer, save_trainer, save_trainer_async
+from launcher.run.compose import compose_config
+from launcher.run.ports import free_port
+from parallel.checkpoint.async_save import AsyncCheckpointer
+from parallel.checkpoint.format import checkpoint_name, read_manifest
 
 BLOCK = 64 << 20
 ASYNC = "async save"
@@ -79,7 +79,7 @@ def raw_read(path: Path) -> float:
     return time.perf_counter() - start
 
 
-def _timed_all(fn, *args) -> float:  # noqa: ANN001
+def _timed_all(fn: Callable[..., object], *args: object) -> float:
     """fn(*args) started together on every rank; seconds until the slowest rank is done."""
     dist.barrier()
     start = time.perf_counter()
@@ -100,11 +100,7 @@ def _rank(rank: int, world: int, port: int, overrides: list[str], root: str, sav
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = load_config(compose("config", overrides=overrides))
-    validate(cfg, world)
+    cfg = compose_config(overrides, world)
     trainer = build_trainer(cfg, load_data(cfg))
     trainer.train_step()  # real optimizer state (AdamW's two moments)
     layout = f"dp={cfg.parallel.dp} pp={cfg.parallel.pp} tp={cfg.parallel.tp}"
@@ -117,22 +113,22 @@ def _rank(rank: int, world: int, port: int, overrides: list[str], root: str, sav
         if not raw.exists():
             raw_write(raw, shard)
         _cold()
-        load_s = _timed_all(load_checkpoint, Path(saved), trainer, False)
+        load_s = _timed_all(load_trainer, Path(saved), trainer, False)
         _cold()
         rows.append(IoRow("load, resharded", layout, nbytes, load_s, _timed_all(raw_read, raw)))
     # save in this layout, then load it back in the same layout
-    save_s = _timed_all(save_checkpoint, Path(root) / "ckpt", trainer)
-    path = Path(root) / "ckpt" / f"step-{trainer.step:08d}"
+    save_s = _timed_all(save_trainer, Path(root) / "ckpt", trainer)
+    path = Path(root) / "ckpt" / checkpoint_name(trainer.step)
     nbytes = sum(info["bytes"] for info in read_manifest(path)["files"].values())
     raw_s = _timed_all(raw_write, raw, nbytes // world)
     rows.append(IoRow("save", layout, nbytes, save_s, raw_s))
     _cold()
     rows.append(IoRow("load, same layout", layout, nbytes,
-                      _timed_all(load_checkpoint, path, trainer, False), 0.0))
+                      _timed_all(load_trainer, path, trainer, False), 0.0))
     _cold()
     rows[-1].raw_s = _timed_all(raw_read, raw)
     checkpointer = AsyncCheckpointer()
-    blocked = checkpointer.save(Path(root) / "async", trainer)
+    blocked = save_trainer_async(checkpointer, Path(root) / "async", trainer)
     checkpointer.close()
     rows.append(IoRow(ASYNC, layout, nbytes, blocked, save_s))  # raw_s: the sync save, here
     if rank == 0:
@@ -142,9 +138,7 @@ def _rank(rank: int, world: int, port: int, overrides: list[str], root: str, sav
 
 
 def _spawn(world: int, overrides: list[str], root: Path, saved: str | None) -> tuple[list, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_rank, args=(world, port, overrides, str(root), saved, queue), nprocs=world, join=True)
     return queue.get()

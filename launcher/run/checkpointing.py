@@ -1,16 +1,27 @@
-"""A run's checkpoints: where they live, resuming at start, and when to save during the loop."""
+"""A run's checkpoints: where they live, resuming at start, and when to save during the loop.
+
+The one place that knows both the Trainer and parallel/checkpoint: it hands the checkpoint code
+the trainer's parts (model, optimizer, named states, the manifest's facts) and sets the
+trainer's step after a load.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.stateful import Stateful
 
 from launcher.config import Config
+from launcher.run.build import model_args
 from launcher.run.trainer import Trainer
 from models.hf_llama import HFLlamaWeights
+from parallel.checkpoint.async_save import AsyncCheckpointer
+from parallel.checkpoint.format import resume_path
 from parallel.checkpoint.load import load_checkpoint
-from parallel.checkpoint.save import AsyncCheckpointer, resume_path, save_checkpoint
+from parallel.checkpoint.save import CheckpointMeta, save_checkpoint
 from parallel.init import InitialValues
 
 
@@ -19,6 +30,50 @@ def checkpoint_root(cfg: Config, run_dir: Path | None) -> Path | None:
     if cfg.checkpoint.dir:
         return Path(cfg.checkpoint.dir)
     return run_dir / "checkpoints" if run_dir is not None else None
+
+
+def layout_of(cfg: Config) -> dict[str, Any]:
+    """The (dp, pp, tp, v, schedule) a run uses, as the manifest records it."""
+    par = cfg.parallel
+    return {"world_size": dist.get_world_size(), "dp": par.dp, "pp": par.pp, "tp": par.tp,
+            "virtual_stages": par.virtual_stages, "schedule": par.schedule,
+            "dp_shard": par.dp_shard}
+
+
+def trainer_states(trainer: Trainer) -> dict[str, Stateful]:
+    """The trainer's non-tensor state, by the names the manifest keeps it under."""
+    return {"sampler": trainer.sampler, "lr_scheduler": trainer.lr_scheduler}
+
+
+def trainer_meta(trainer: Trainer, extra: dict[str, Any] | None = None) -> CheckpointMeta:
+    """What the manifest records of a trainer beside its tensors."""
+    cfg = trainer.cfg
+    return CheckpointMeta(model=model_args(cfg), layout=layout_of(cfg),
+                          config=dataclasses.asdict(cfg),
+                          tokens_seen=trainer.sampler.samples_consumed * trainer.sampler.seq_len,
+                          extra=extra or {})
+
+
+def save_trainer(root: Path, trainer: Trainer, extra: dict[str, Any] | None = None,
+                 keep: int | None = None) -> Path:
+    """save_checkpoint of the trainer's current step; every rank must call it."""
+    return save_checkpoint(root, trainer.step, trainer.model, trainer.optimizer,
+                           trainer_states(trainer), trainer_meta(trainer, extra), keep)
+
+
+def save_trainer_async(checkpointer: AsyncCheckpointer, root: Path, trainer: Trainer,
+                       extra: dict[str, Any] | None = None, keep: int | None = None) -> float:
+    """Start an async save of the trainer's current step; the seconds the caller was blocked."""
+    return checkpointer.save(root, trainer.step, trainer.model, trainer.optimizer,
+                             trainer_states(trainer), trainer_meta(trainer, extra), keep)
+
+
+def load_trainer(path: Path, trainer: Trainer, verify: bool = True) -> dict[str, Any]:
+    """load_checkpoint into the trainer, which then stands at the saved step; the manifest."""
+    manifest = load_checkpoint(path, trainer.model, trainer.optimizer, trainer_states(trainer),
+                               layout_of(trainer.cfg), verify=verify)
+    trainer.step = manifest["step"]
+    return manifest
 
 
 class RunCheckpoints:
@@ -41,8 +96,8 @@ class RunCheckpoints:
         return HFLlamaWeights(Path(self.cfg.model.init_from), self.cfg.model)
 
     def load(self, path: Path, trainer: Trainer) -> None:
-        """Restore model, optimizer, schedule, data position and RNG from `path` (any layout)."""
-        load_checkpoint(path, trainer, verify=self.cfg.checkpoint.verify)
+        """Restore model, optimizer, schedule, data position, RNG and step from `path` (any layout)."""
+        load_trainer(path, trainer, verify=self.cfg.checkpoint.verify)
 
     def due(self, step: int, done: bool) -> bool:
         """A save is due after this step: every `checkpoint.interval` steps and at the end."""
@@ -53,11 +108,12 @@ class RunCheckpoints:
         """Save the current step (in the background when async); every rank must call it."""
         if self.root is None:
             return
+        keep = self.cfg.checkpoint.keep
         if self.cfg.checkpoint.async_save:
             self._async = self._async or AsyncCheckpointer()
-            self.blocked_s += self._async.save(self.root, trainer, keep=self.cfg.checkpoint.keep)
+            self.blocked_s += save_trainer_async(self._async, self.root, trainer, keep=keep)
         else:
-            save_checkpoint(self.root, trainer, keep=self.cfg.checkpoint.keep)
+            save_trainer(self.root, trainer, keep=keep)
 
     def close(self) -> None:
         """Wait for a save still in flight, so the process never exits before it is committed."""

@@ -21,6 +21,10 @@ from models.hf_llama import HFFormatError
 from parallel.checkpoint.state import CheckpointError
 
 
+class NonFiniteError(RuntimeError):
+    """A step whose loss or gradient norm was NaN/inf: its update was not applied."""
+
+
 @dataclass
 class TrainSummary:
     """Per-step losses (every rank knows them) and the final validation loss."""
@@ -56,6 +60,7 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
     summary = TrainSummary(trainer=trainer)
     local_losses: list[torch.Tensor] = []  # this rank's, as tensors: no host sync per step
     stop = StopSignal()
+    skipped = 0  # non-finite steps in a row
     while trainer.step < t.steps and not summary.preempted:
         if monitor.timeline_step == trainer.step + 1:
             result = monitor.record_timeline(trainer)  # the same step, every action timed
@@ -63,6 +68,9 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
             result = trainer.train_step()
         monitor.progress.update(trainer.step)
         local_losses.append(result.loss)
+        skipped = 0 if result.applied else skipped + 1
+        if skipped:
+            _on_nonfinite(cfg, trainer, result.loss, result.grad_norm, skipped, checkpoints)
         done = trainer.step == t.steps
         if monitor.active and (trainer.step % t.log_interval == 0 or done):
             record = {"step": trainer.step, "loss": trainer.global_mean(result.loss).item(),
@@ -87,6 +95,25 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
         if dist.get_rank() == 0:
             print(f"\n--- sample from the trained model ---\n{summary.sample}\n---", flush=True)
     return summary
+
+
+def _on_nonfinite(cfg: Config, trainer: Trainer, loss: torch.Tensor, grad_norm: torch.Tensor,
+                  skipped: int, checkpoints: RunCheckpoints) -> None:
+    """Warn about a skipped update, or stop: nothing of this step reaches a checkpoint."""
+    value = trainer.global_mean(loss).item()  # every rank is here: the norm they agree on said so
+    what = f"step {trainer.step}: loss {value:.4g}, gradient norm {grad_norm.item():.4g}"
+    t = cfg.train
+    if t.nonfinite == "skip" and skipped < t.nonfinite_max_skips:
+        if dist.get_rank() == 0:
+            print(f"warning: non-finite {what}; update skipped ({skipped} in a row, the run stops "
+                  f"at train.nonfinite_max_skips={t.nonfinite_max_skips})", flush=True)
+        return
+    checkpoints.close()  # a save of an earlier, good step still in flight is committed first
+    why = (f"{skipped} non-finite steps in a row (train.nonfinite_max_skips={t.nonfinite_max_skips})"
+           if t.nonfinite == "skip" else "its update was not applied")
+    raise NonFiniteError(f"non-finite {what}: {why}; the run stopped and the checkpoints in "
+                         f"{checkpoints.root} are untouched (the newest is the last good one); "
+                         "lower optim.lr or raise optim.warmup_steps, or set train.nonfinite=skip")
 
 
 def sample(cfg: Config, trainer: Trainer, tokens: TokenSource) -> str:

@@ -42,7 +42,8 @@ class WandbSink:
                  config: dict[str, Any]) -> None:
         import wandb  # only when enabled: importing wandb takes about a second
 
-        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        mode: Any = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        # WANDB_MODE is the user's to set; wandb itself refuses a value it does not know
         self.run = wandb.init(project=project, entity=entity, name=name or run_dir.name,
                               dir=str(run_dir), config=config, mode=mode)
 
@@ -90,7 +91,7 @@ class MetricsLogger:
                  tensorboard: bool = False, console: Callable[[str], None] = print) -> None:
         """wandb: WandbSink's keyword arguments (project, entity, name, config), or None for off."""
         self.enabled, self.console = enabled, console
-        self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None
         self._sinks: list[WandbSink | TensorBoardSink] = []
         if enabled and wandb is not None:
             self._sinks.append(WandbSink(run_dir, **wandb))
@@ -99,7 +100,7 @@ class MetricsLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record to metrics.jsonl, send it to the sinks and print its main fields."""
-        if not self.enabled:
+        if self._file is None:  # not rank 0, or no run folder
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()

@@ -100,7 +100,7 @@ class RunMonitor:
         """Run the next training step with every rank's pipeline actions timed; rank 0 writes
         timeline.json and timeline.png into the run folder."""
         result, events = record_step(trainer.train_step, trainer.model.schedule, self.device)
-        if events is not None:  # rank 0
+        if events is not None and self.run_dir is not None:  # rank 0 of a run with a folder
             p = self.cfg.parallel
             info = TimelineInfo(p.schedule, p.pp, p.microbatches, trainer.model.n_stages // p.pp, trainer.step)
             from launcher.timeline_plot import write_timeline  # matplotlib: only when drawing

@@ -70,6 +70,7 @@ class StepResult:
 
     loss: torch.Tensor  # this rank's mean loss (0 on ranks without the last stage)
     grad_norm: torch.Tensor
+    applied: bool = True  # False: the gradient norm was not finite and the update was skipped
 
 
 @dataclass
@@ -117,11 +118,16 @@ class Trainer:
         inputs, targets = self.sampler.next_batch()
         loss = self.forward_backward(inputs, targets)
         grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip, self._pp_group)
-        self.optimizer.step()
+        # The step's one host sync: a NaN/inf must never reach the weights. The norm is global
+        # (reduced over tp, dp and pp), so every rank takes the same decision; a non-finite loss
+        # makes the gradients, and so the norm, non-finite too.
+        applied = bool(torch.isfinite(grad_norm).item())
+        if applied:
+            self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return StepResult(loss, grad_norm)
+        return StepResult(loss, grad_norm, applied)
 
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -136,7 +142,8 @@ class Trainer:
                 losses: list[torch.Tensor] = []
                 args = (inputs,) if self.model.has_first_stage else ()
                 target = targets if self.model.has_last_stage else None
-                self.model.eval_schedule.eval(*args, target=target, losses=losses)
+                schedule = self.model.eval_schedule or self.model.schedule  # V shapes: forward-only
+                schedule.eval(*args, target=target, losses=losses)
                 if losses:
                     total += local_part(torch.stack([local_part(x) for x in losses]).mean())
         return total / len(batches)

@@ -16,17 +16,10 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 
 from models.hf_llama import INDEX, SINGLE_FILE, hf_config, hf_name, to_hf_tensor
-from models.llama import ModelArgs
-from parallel.checkpoint.load import read_manifest
+from parallel.checkpoint.format import model_args_of, read_manifest
 from parallel.checkpoint.state import CheckpointError
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # Hugging Face's default max_shard_size
-
-
-def model_args_of(manifest: dict) -> ModelArgs:
-    """The architecture a checkpoint was saved with (from its manifest's resolved config)."""
-    fields = ModelArgs.__dataclass_fields__
-    return ModelArgs(**{k: v for k, v in manifest["config"]["model"].items() if k in fields})
 
 
 def _groups(sizes: dict[str, int], limit: int) -> list[list[str]]:
@@ -49,8 +42,8 @@ def export_to_hf(checkpoint: Path, out: Path, dtype: torch.dtype | None = None,
     Returns the safetensors files written. dtype: cast the weights (default: as saved).
     """
     checkpoint, out = Path(checkpoint), Path(out)
-    manifest = read_manifest(checkpoint)
-    args = model_args_of(manifest)
+    # the manifest's "model" entry (format 1's config.model, upgraded by read_manifest)
+    args = model_args_of(read_manifest(checkpoint))
     meta = HuggingFaceStorageReader(str(checkpoint / "model")).read_metadata().state_dict_metadata
     names = sorted(meta, key=_export_order)
     saved_dtype = meta[names[0]].properties.dtype

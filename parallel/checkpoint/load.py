@@ -7,17 +7,20 @@ instead of some hanging in a collective. DCP's planner then reshards by full-mod
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader
+from torch.distributed.checkpoint.stateful import Stateful
 
-from parallel.checkpoint.save import FORMAT, MANIFEST, file_crc32, layout_of, shard_files
+from parallel.checkpoint.format import MANIFEST, file_crc32, read_manifest, shard_files
 from parallel.checkpoint.state import (
     CheckpointError,
+    ModelParts,
     TensorState,
     load_model_state,
     load_optimizer_state,
@@ -27,23 +30,7 @@ from parallel.checkpoint.state import (
     set_rng_state,
 )
 
-if TYPE_CHECKING:
-    from launcher.run.trainer import Trainer
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of the checkpoint directory `path`, checked for its format."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{path}: no {MANIFEST}; not a checkpoint, or an interrupted save")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{manifest_path}: unreadable ({err})") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r}, "
-                              f"expected {FORMAT!r}")
-    return manifest
+__all__ = ["load_checkpoint"]
 
 
 def _file_problems(path: Path, manifest: dict[str, Any], verify: bool) -> list[str]:
@@ -112,31 +99,40 @@ def _load_part(directory: Path, state: TensorState, what: str) -> None:
         raise CheckpointError(f"{directory}: reading the shards failed: {err}") from None
 
 
-def load_checkpoint(path: Path, trainer: Trainer, verify: bool = True) -> dict[str, Any]:
-    """Restore everything save_checkpoint wrote into `trainer`, whatever its layout.
+def load_checkpoint(
+    path: Path, model: ModelParts, optimizer: torch.optim.Optimizer,
+    states: Mapping[str, Stateful], layout: dict[str, Any], verify: bool = True,
+) -> dict[str, Any]:
+    """Restore what save_checkpoint wrote into model, optimizer and `states`, whatever the layout.
 
-    Every rank must call it. Returns the manifest (its "extra" is what the saver passed).
-    verify: also check each shard's CRC32 (each rank reads a share of the files).
+    Every rank must call it. Returns the manifest (format 2's shape, whichever format was read):
+    the caller takes its step from manifest["step"]; "extra" is what the saver passed.
+    states: each is filled by load_state_dict from the entry of that name (a checkpoint may hold
+    more). layout: this run's, as the saver passed it; when it equals the saved one each rank gets
+    its own RNG state back. verify: also check each shard's CRC32 (each rank reads a share).
     """
     path = Path(path)
     manifest = read_manifest(path)
+    missing = sorted(set(states) - set(manifest["states"]))
+    if missing:  # the manifest is the same on every rank, so all raise here together
+        raise CheckpointError(f"{path / MANIFEST}: no state {missing} (it holds "
+                              f"{sorted(manifest['states'])})")
     _raise_if_any(path, _all_problems(_file_problems(path, manifest, verify)))
     # optimizer tensors first: creating them on a fresh optimizer takes a zero-lr step
-    optim = optimizer_state(trainer.model, trainer.optimizer)
-    model = model_state(trainer.model)
-    _load_part(path / "model", model, "model")
+    optim = optimizer_state(model, optimizer)
+    tensors = model_state(model)
+    _load_part(path / "model", tensors, "model")
     _load_part(path / "optim", optim, "optimizer")
-    load_model_state(trainer.model, model)
-    load_optimizer_state(trainer.model, trainer.optimizer, optim)
-    restore_param_group_settings(trainer.optimizer, manifest["optimizer_param_groups"])
-    trainer.lr_scheduler.load_state_dict(manifest["lr_scheduler"])
-    try:
-        trainer.sampler.load_state_dict(manifest["sampler"])
-    except ValueError as err:
-        raise CheckpointError(f"{path / MANIFEST}: {err}") from None
-    trainer.step = manifest["step"]
+    load_model_state(model, tensors)
+    load_optimizer_state(model, optimizer, optim)
+    restore_param_group_settings(optimizer, manifest["optimizer_param_groups"])
+    for name, obj in states.items():
+        try:
+            obj.load_state_dict(manifest["states"][name])
+        except (ValueError, KeyError) as err:  # e.g. the sampler's data changed since the save
+            raise CheckpointError(f"{path / MANIFEST}: state {name!r}: {err}") from None
     # per-rank generators carry over only to the same layout; otherwise every rank takes rank 0's
     rng = manifest["rng"]
-    same_layout = manifest["layout"] == layout_of(trainer)
+    same_layout = manifest["layout"] == layout
     set_rng_state(rng["states"][rng["of_rank"][dist.get_rank() if same_layout else 0]])
     return manifest

@@ -8,13 +8,9 @@ tests/launcher/test_plan.py.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from models.llama import ModelArgs
+from parallel.plan.layout import Cluster
 from parallel.plan.memory import ACTIVATION_BYTES, GRAD_BYTES, WEIGHT_BYTES
-
-if TYPE_CHECKING:
-    from launcher.config import ClusterConfig
 
 # without SP: forward all-reduces after wo and w2; backward all-reduces of the input gradients
 # of wq, wk, wv, w1 and w3 (each column-wise linear reduces its own)
@@ -81,7 +77,7 @@ def dp_bytes(params: int, *, dp: int, fsdp: bool, pipelined: bool, microbatches:
     return gather_factor(dp) * params * (gathers * WEIGHT_BYTES + GRAD_BYTES)
 
 
-def link_bytes_per_s(cluster: ClusterConfig, group_span: int) -> float:
+def link_bytes_per_s(cluster: Cluster, group_span: int) -> float:
     """Bandwidth per GPU of a group spanning `group_span` consecutive ranks (mesh order dp, pp,
     tp with tp innermost): NVLink inside a node, the network once it crosses one."""
     gbps = cluster.intra_node_gbps if group_span <= cluster.gpus_per_node else cluster.inter_node_gbps

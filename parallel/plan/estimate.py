@@ -5,29 +5,29 @@ peak; TP and PP traffic sit on the critical path (a TP collective separates two 
 stage waits for its input); the pipeline then stretches the slowest rank by the schedule's
 bubble (parallel/schedules.py); DP traffic overlaps with compute except what outlasts the window
 FSDP can hide it in (one microbatch under pipelining, the whole step otherwise).
-FLOPs per token (PaLM's convention, used for MFU): 6 per matmul parameter plus 12 s h per
-layer for attention; recompute adds one forward of the blocks to the hardware FLOPs only.
+FLOPs per token are parallel/plan/flops.py's (PaLM's, as MFU counts them) for the layers and
+matmul parameters a GPU holds; recompute adds one forward of the blocks to the hardware FLOPs only.
+Takes explicit parts (a ModelArgs, a Layout, a Cluster), never a launcher config.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from parallel.parallelize import n_pipeline_stages
-from parallel.pipeline import V_SHAPE_SCHEDULES, layers_per_stage, stage_ids_for_rank
+from models.llama import ModelArgs
+from parallel.pipeline import layers_per_stage
 from parallel.plan.comm import dp_bytes, link_bytes_per_s, pp_bytes, tp_bytes
-from parallel.plan.memory import (
-    RUNTIME_RESERVED_BYTES,
-    activation_bytes,
-    microbatches_in_flight,
-    state_bytes,
-)
+from parallel.plan.flops import forward_flops_per_token, training_flops_per_token
+from parallel.plan.layout import Cluster, Layout
+from parallel.plan.memory import RUNTIME_RESERVED_BYTES, activation_bytes, state_bytes
 from parallel.plan.params import StageCounter
-from parallel.schedules import bubble_over_ideal
-
-if TYPE_CHECKING:
-    from launcher.config import Config
+from parallel.schedules import (
+    bubble_over_ideal,
+    microbatches_in_flight,
+    n_pipeline_stages,
+    stage_ids_for_rank,
+    stages_per_rank,
+)
 
 MATMUL_EFFICIENCY = 0.7  # share of peak dense bf16 FLOP/s large GEMMs sustain on current GPUs
 GIB = 2**30
@@ -90,22 +90,25 @@ class PlanEstimate:
         return self.headroom >= 0
 
 
-def estimate(cfg: Config, counter: StageCounter) -> PlanEstimate:
-    """Estimate the (already validated) layout of `cfg` on `cfg.cluster`."""
-    m_args, par, t, cluster = cfg.model, cfg.parallel, cfg.train, cfg.cluster
-    dp, pp, tp, m = par.dp, par.pp, par.tp, par.microbatches
-    v = 2 if par.schedule in V_SHAPE_SCHEDULES else par.virtual_stages
-    n_stages = n_pipeline_stages(pp, par.virtual_stages, par.schedule) if pp > 1 else 1
-    counts = layers_per_stage(m_args.n_layers, n_stages, par.layers_per_stage if pp > 1 else None)
-    tokens_mb = t.global_batch_size // (dp * m) * t.seq_len  # tokens of one microbatch
+def estimate(args: ModelArgs, layout: Layout, cluster: Cluster, *, global_batch_size: int,
+             seq_len: int, counter: StageCounter) -> PlanEstimate:
+    """Estimate `layout` (already validated) of the model `args` on `cluster`, for steps of
+    `global_batch_size` sequences of `seq_len` tokens; `counter` counts `args`' parameters."""
+    dp, pp, tp, m = layout.dp, layout.pp, layout.tp, layout.microbatches
+    v = stages_per_rank(layout.schedule, layout.virtual_stages)
+    n_stages = n_pipeline_stages(pp, layout.virtual_stages, layout.schedule)
+    explicit = list(layout.layers_per_stage) if layout.layers_per_stage is not None and pp > 1 else None
+    counts = layers_per_stage(args.n_layers, n_stages, explicit)
+    tokens_mb = global_batch_size // (dp * m) * seq_len  # tokens of one microbatch
     tokens_rank = tokens_mb * m  # tokens one dp rank processes per step
-    sp, rc, fsdp, pipelined = par.sequence_parallel and tp > 1, m_args.activation_checkpointing, par.dp_shard and dp > 1, pp > 1
+    sp, rc = layout.sequence_parallel and tp > 1, layout.recompute
+    fsdp, pipelined = layout.dp_shard and dp > 1, pp > 1
     peak = cluster.peak_tflops * 1e12
     tp_bw, pp_bw, dp_bw = (link_bytes_per_s(cluster, span) for span in (tp, tp * pp, tp * pp * dp))
-    attention = 12 * t.seq_len * m_args.dim / tp  # attention FLOPs per token per layer, one TP rank
+    width = args.n_heads * args.head_dim / tp  # attention's width on one TP rank
     ranks = []
     for r in range(pp):
-        sids = stage_ids_for_rank(r, pp, v, par.schedule) if pp > 1 else [0]
+        sids = stage_ids_for_rank(r, pp, v, layout.schedule) if pp > 1 else [0]
         stages = [counter.stage(s, counts, tp) for s in sids]
         params = sum(s.total for s in stages)
         local = sum(s.sharded(dp) for s in stages) if fsdp else params
@@ -113,28 +116,28 @@ def estimate(cfg: Config, counter: StageCounter) -> PlanEstimate:
         block = max(s.largest_block for s in stages)
         weights, grads, optimizer = state_bytes(params, local, block, fsdp=fsdp, pipelined=pipelined,
                                                 microbatches=m)
-        held = microbatches_in_flight(par.schedule, pp, r, m, v)
-        acts = activation_bytes(m_args, layers=layers, last_stage=n_stages - 1 in sids, tokens=tokens_mb,
+        held = microbatches_in_flight(layout.schedule, pp, r, m, v)
+        acts = activation_bytes(args, layers=layers, last_stage=n_stages - 1 in sids, tokens=tokens_mb,
                                 in_flight=held, tp=tp, sequence_parallel=sp, recompute=rc, pipelined=pipelined)
         matmul = params - sum(s.embedding for s in stages)
-        model_flops = tokens_rank * (6 * matmul + attention * layers)
-        recompute_flops = tokens_rank * layers * (2 * block + attention / 3) if rc == "full" else 0.0
+        model_flops = tokens_rank * training_flops_per_token(matmul, layers, width, seq_len)
+        recompute_flops = (tokens_rank * forward_flops_per_token(layers * block, layers, width, seq_len)
+                           if rc == "full" else 0.0)
         ends = (0 in sids) + (n_stages - 1 in sids)
-        tp_b = tp_bytes(m_args, tp=tp, sequence_parallel=sp, layers=layers, ends=ends, tokens=tokens_mb,
+        tp_b = tp_bytes(args, tp=tp, sequence_parallel=sp, layers=layers, ends=ends, tokens=tokens_mb,
                         microbatches=m, recompute=rc)
-        pp_b = pp_bytes(m_args, tp=tp, sequence_parallel=sp, stage_ids=sids, n_stages=n_stages,
+        pp_b = pp_bytes(args, tp=tp, sequence_parallel=sp, stage_ids=sids, n_stages=n_stages,
                         tokens=tokens_mb, microbatches=m) if pipelined else 0.0
         dp_b = dp_bytes(params, dp=dp, fsdp=fsdp, pipelined=pipelined, microbatches=m)
         hardware = model_flops + recompute_flops
         ranks.append(RankEstimate(
             r, sids, layers, params, local, weights, grads, optimizer, acts, held, model_flops, hardware,
             tp_b, pp_b, dp_b, hardware / (peak * MATMUL_EFFICIENCY), tp_b / tp_bw + pp_b / pp_bw, dp_b / dp_bw))
-    bubble = bubble_over_ideal(par.schedule, pp, m, v)
+    bubble = bubble_over_ideal(layout.schedule, pp, m, v)
     pipeline_s = max(r.compute_s + r.comm_s for r in ranks) * (1 + bubble)
     # FSDP hides its traffic behind compute: one microbatch's worth under pipelining
     dp_exposed = max(max(0.0, r.dp_s - r.compute_s / (m if pipelined else 1)) for r in ranks)
     step = pipeline_s + dp_exposed
-    gpus = dp * pp * tp
     flops = dp * tp * sum(r.model_flops for r in ranks)
-    return PlanEstimate(ranks, gpus, cluster.gpu_mem_gib * GIB, bubble / (1 + bubble), step,
-                        t.global_batch_size * t.seq_len / step, flops / (step * peak * gpus))
+    return PlanEstimate(ranks, layout.gpus, cluster.gpu_mem_gib * GIB, bubble / (1 + bubble), step,
+                        global_batch_size * seq_len / step, flops / (step * peak * layout.gpus))

@@ -1,4 +1,5 @@
-"""Per-GPU memory of a layout: model state, and activations under a pipeline schedule.
+"""Per-GPU memory of a layout: model state, and activations of the microbatches a pipeline
+schedule keeps in flight (how many: parallel/schedules.py).
 
 Assumptions (mixed precision as in ZeRO and Megatron, bf16 compute on GPUs):
 - per parameter: a bf16 weight (2 B), an fp32 gradient accumulated over microbatches (4 B),
@@ -8,7 +9,7 @@ Assumptions (mixed precision as in ZeRO and Megatron, bf16 compute on GPUs):
   gradients unsharded from the first forward to the last backward (no resharding between
   microbatches); without pipelining only the block in use and the one prefetched;
 - activations in bf16, counted as what autograd keeps in torch 2.13 (checked on CPU against
-  a measurement, tests/parallel/test_plan_memory.py), a Llama block keeps per token:
+  a measurement, tests/parallel/plan/test_memory.py), a Llama block keeps per token:
   two RMSNorms x 3h (input, normalized, output), attention 4h (q, k and v expanded to all
   heads by GQA's repeat, and SDPA's output: flash attention keeps no s x s matrix), SwiGLU 4f
   (w1 and w3 outputs, silu, their product). Korthikanti et al.'s GPT block is the same
@@ -74,35 +75,6 @@ def head_activation_bytes(args: ModelArgs, tp: int, sequence_parallel: bool, pip
     # a pipeline stage keeps its output (the logits) until its backward; the loss its log-softmax
     logits = vocab / tp if pipelined else 0
     return dtype_bytes * (norm + logits) + LOGSOFTMAX_BYTES * vocab / tp
-
-
-def microbatches_in_flight(schedule: str, pp: int, pp_rank: int, microbatches: int, virtual_stages: int) -> float:
-    """Microbatches whose activations a pipeline rank holds at its peak, in units of one
-    microbatch through all of the rank's layers.
-
-    gpipe, looped_bfs: all m (every forward before any backward) [GPipe; BFS];
-    1f1b: p - r (r's warm-up forwards plus one) [PipeDream-Flush];
-    interleaved_1f1b, interleaved_zb: Megatron's warm-up, 2(p-r-1) + (v-1)p + 1 chunks of 1/v
-    [Narayanan et al. 2021; ZB-H1 keeps 1F1B's memory];
-    zbv: p on every rank [ZB-V, same peak as 1F1B's first stage];
-    dualpipev: p + 1 [DualPipe's activation column, PP+1].
-    """
-    p, r, m, v = pp, pp_rank, microbatches, virtual_stages
-    if p == 1:
-        return 1.0
-    if schedule in ("gpipe", "looped_bfs"):
-        held = float(m)
-    elif schedule == "1f1b":
-        held = float(p - r)
-    elif schedule in ("interleaved_1f1b", "interleaved_zb"):
-        held = min(m * v, 2 * (p - r - 1) + (v - 1) * p + 1) / v
-    elif schedule == "zbv":
-        held = float(p)
-    elif schedule == "dualpipev":
-        held = float(p + 1)
-    else:
-        raise ValueError(f"unknown schedule {schedule!r}")
-    return min(held, float(m))
 
 
 def activation_bytes(args: ModelArgs, *, layers: int, last_stage: bool, tokens: int, in_flight: float,

@@ -1,6 +1,7 @@
 """The plain model: shapes, causality, GQA == MHA with repeated weights, seeded init."""
 
 
+import pytest
 import torch
 
 from models.llama import ModelArgs, Transformer
@@ -70,3 +71,12 @@ def test_blocks_use_the_first_positions_of_longer_rope_tables() -> None:
     # RoPE is relative: a shift of all positions changes nothing, but other distances must
     stretched = block(x, long_cos[::2], long_sin[::2])  # positions 0, 2, 4, ...
     assert (stretched - block(x, long_cos, long_sin)).abs().max() > 1e-5  # rounding is ~1e-7
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_parameter_count_is_the_modules(tie: bool) -> None:
+    args = ModelArgs(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=100, multiple_of=32,
+                     ffn_dim_multiplier=1.3, tie_embeddings=tie)
+    with torch.device("meta"):
+        model = Transformer(args)
+    assert args.parameter_count == sum(p.numel() for p in model.parameters())

@@ -114,7 +114,7 @@ class SlurmCluster:
         self._wait(self._nodes_idle, timeout, "both nodes idle in sinfo")
 
     def _spawn(self, name: str, cmd: list[str], user: str | None = None) -> None:
-        log = open(self.root / "log" / f"{name}.out", "w")  # noqa: SIM115 (closed with the process)
+        log = open(self.root / "log" / f"{name}.out", "w")
         # a new session: a Ctrl-C in the test terminal reaches pytest, not the daemons
         self._procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                             stdin=subprocess.DEVNULL, start_new_session=True,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 STEPS = 10
 BASE = ["model=debug", f"train.steps={STEPS}", "train.seq_len=32", "train.global_batch_size=8",
         "train.log_interval=1", "train.val_interval=1000", "train.sample_tokens=0", "device=cpu"]

@@ -22,20 +22,24 @@ from typing import Any
 
 import pytest
 
-from launcher.run.build import build_trainer, load_data
+from launcher.run.build import build_trainer, load_data, model_args
+from launcher.run.checkpointing import layout_of, trainer_meta, trainer_states
 from launcher.run.trainer import Trainer
-from parallel.checkpoint.load import load_checkpoint
-from parallel.checkpoint.save import (
-    CheckpointError,
+from parallel.checkpoint.format import (
+    FORMAT,
     checkpoint_name,
     find_latest,
+    model_args_of,
+    read_manifest,
     resume_path,
-    save_checkpoint,
 )
+from parallel.checkpoint.load import load_checkpoint
+from parallel.checkpoint.save import save_checkpoint
+from parallel.checkpoint.state import CheckpointError
 from tests.helpers.run_training import make_config
 from tests.helpers.spawn import run_ranks
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 # as tests/parallel/test_parity.py: fp32, and an eps that keeps rounding noise from flipping
 # Adam's first steps, so different layouts agree to 1e-5
 BASE = ["model=debug", "train.steps=6", "train.seq_len=16", "train.global_batch_size=32",
@@ -62,11 +66,25 @@ def _steps(trainer: Trainer, n: int) -> list[float]:
     return [trainer.global_mean(trainer.train_step().loss).item() for _ in range(n)]
 
 
+def _save(root: Path, trainer: Trainer, keep: int | None = None) -> Path:
+    """save_checkpoint with the trainer's parts, passed explicitly."""
+    return save_checkpoint(root, trainer.step, trainer.model, trainer.optimizer,
+                           trainer_states(trainer), trainer_meta(trainer, {"note": "test"}), keep)
+
+
+def _load(path: Path, trainer: Trainer, verify: bool = True) -> dict[str, Any]:
+    """load_checkpoint into the trainer's parts; the caller sets its step from the manifest."""
+    manifest = load_checkpoint(path, trainer.model, trainer.optimizer, trainer_states(trainer),
+                               layout_of(trainer.cfg), verify=verify)
+    trainer.step = manifest["step"]
+    return manifest
+
+
 def _save_and_continue(layout: Layout, root: str, save_at: int, total: int) -> list[float]:
     """Losses of an uninterrupted run that saves a checkpoint after `save_at` steps."""
     trainer = _trainer(layout)
     losses = _steps(trainer, save_at)
-    save_checkpoint(Path(root), trainer, {"note": "test"})
+    _save(Path(root), trainer)
     return losses + _steps(trainer, total - save_at)
 
 
@@ -75,7 +93,7 @@ def _load_and_continue(
 ) -> list[float]:
     """Losses of n steps after loading `path` into a new trainer."""
     trainer = _trainer(layout)
-    manifest = load_checkpoint(Path(path), trainer)
+    manifest = _load(Path(path), trainer)
     assert trainer.step == manifest["step"] and manifest["extra"] == {"note": "test"}
     if fresh_optimizer:  # what a run that restored only the weights would do
         trainer.optimizer.state.clear()
@@ -85,9 +103,9 @@ def _load_and_continue(
 def _resume_and_save(layout: Layout, root: str) -> list[float]:
     """Resume from the newest checkpoint under root, take one step, save (keep=2)."""
     trainer = _trainer(layout)
-    load_checkpoint(find_latest(Path(root)), trainer)
+    _load(find_latest(Path(root)), trainer)
     losses = _steps(trainer, 1)
-    save_checkpoint(Path(root), trainer, {"note": "test"}, keep=2)
+    _save(Path(root), trainer, keep=2)
     return losses
 
 
@@ -95,7 +113,7 @@ def _load_error(
     layout: Layout, path: str, overrides: tuple[str, ...] = (), verify: bool = True
 ) -> str:
     try:
-        load_checkpoint(Path(path), _trainer(layout, overrides), verify=verify)
+        _load(Path(path), _trainer(layout, overrides), verify=verify)
     except CheckpointError as err:
         return str(err)
     return "loaded without error"
@@ -112,7 +130,7 @@ def _save_until_killed(root: str, signal_file: str) -> None:
     trainer = _trainer(SINGLE)
     for _ in range(3):
         print(json.dumps(_steps(trainer, 1)), flush=True)
-        save_checkpoint(Path(root), trainer, {"note": "test"}, keep=2)
+        _save(Path(root), trainer, keep=2)
     print(json.dumps(_steps(trainer, 1)), flush=True)
 
     class StallingWriter(checkpoint.HuggingFaceStorageWriter):
@@ -123,7 +141,7 @@ def _save_until_killed(root: str, signal_file: str) -> None:
             return written
 
     checkpoint.HuggingFaceStorageWriter = StallingWriter
-    save_checkpoint(Path(root), trainer, {"note": "test"}, keep=2)
+    _save(Path(root), trainer, keep=2)
 
 
 # ---- fixtures: each one spawn ------------------------------------------------------------
@@ -166,7 +184,7 @@ def killed(root: Path) -> dict[str, Any]:
     """A child saves at steps 1-3 (keep=2), steps once more and is SIGKILLed inside the next save;
     returns what it printed and what the directory looked like right after."""
     kill_root, signal_file = root / "killed", root / "save-started"
-    code = ("import sys; from tests.parallel.test_checkpoint import _save_until_killed as f; "
+    code = ("import sys; from tests.parallel.checkpoint.test_checkpoint import _save_until_killed as f; "
             "f(*sys.argv[1:])")
     child = subprocess.Popen([sys.executable, "-c", code, str(kill_root), str(signal_file)],
                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -226,6 +244,12 @@ def _garble_header(d: Path) -> None:
         f.write(b"not json" * 8)
 
 
+def _edit_manifest(d: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    manifest = json.loads((d / "manifest.json").read_text())
+    edit(manifest)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+
+
 CORRUPTIONS: dict[str, tuple[Callable[[Path], None], tuple[str, ...], bool, list[str]]] = {
     "truncated": (_truncate, (), True, [MODEL_SHARD, "truncated"]),
     "missing": (lambda d: (d / OPTIM_SHARD).unlink(), (), True,
@@ -239,6 +263,10 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], tuple[str, ...], bool, list
                     ["'layers.0.attention.wq.weight' has shape [64, 64] in the checkpoint but "
                      "[128, 128] in this model"]),
     "other_data": (lambda d: None, ("train.seq_len=32",), True, ["manifest.json", "windows"]),
+    "no_sampler_state": (lambda d: _edit_manifest(d, lambda m: m["states"].pop("sampler")), (),
+                         True, ["manifest.json", "no state ['sampler']"]),
+    "unknown_format": (lambda d: _edit_manifest(d, lambda m: m.update(format="tridist-9")), (),
+                       True, ["'tridist-9'", FORMAT]),
 }
 
 
@@ -291,6 +319,17 @@ def test_kill_during_save_keeps_previous_checkpoint(killed: dict[str, Any],
     entries = sorted(p.name for p in kill_root.iterdir())
     assert entries == ["latest", "step-00000003", "step-00000004"]
     assert (kill_root / "latest").read_text().strip() == "step-00000004"
+
+
+def test_manifest_records_the_architecture_and_states_by_name(root: Path,
+                                                             single: list[list[float]]) -> None:
+    raw = json.loads((root / "a" / checkpoint_name(3) / "manifest.json").read_text())
+    assert raw["format"] == FORMAT == "tridist-checkpoint-2"
+    args = model_args(make_config(BASE))
+    assert raw["model"] == {f: getattr(args, f) for f in args.__dataclass_fields__}
+    assert model_args_of(read_manifest(root / "a" / checkpoint_name(3))) == args
+    assert sorted(raw["states"]) == ["lr_scheduler", "sampler"] and "sampler" not in raw
+    assert raw["states"]["sampler"]["samples_consumed"] == 3 * 32 and raw["step"] == 3
 
 
 def test_find_latest_ignores_a_stale_or_missing_pointer(tmp_path: Path) -> None:

@@ -14,11 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from launcher import convert
 from launcher.run.build import build_trainer, load_data, model_args
 from launcher.run.loop import train
+from launcher.run.trainer import Trainer
 from models.hf_llama import HFLlamaWeights, hf_name
 from parallel.checkpoint.hf_export import export_to_hf
 from parallel.checkpoint.state import CheckpointError
+from parallel.dtensor import full_value
 from tests.helpers.run_training import make_config
 from tests.helpers.spawn import run_ranks
 
@@ -36,9 +39,8 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def _logits(trainer) -> torch.Tensor:  # noqa: ANN001 - a Trainer
-    out = trainer.model.chunks[0](_batch()[0])
-    return (out.full_tensor() if hasattr(out, "full_tensor") else out).detach()
+def _logits(trainer: Trainer) -> torch.Tensor:
+    return full_value(trainer.model.chunks[0](_batch()[0])).detach()
 
 
 def _on_two_ranks(ckpt: str, hf_dir: str) -> dict[str, object]:
@@ -118,3 +120,30 @@ def test_every_parameter_has_a_hugging_face_name() -> None:
 
     names = [hf_name(n) for n, _ in Transformer(model_args(make_config(BASE))).named_parameters()]
     assert len(set(names)) == len(names) and "model.layers.7.mlp.down_proj.weight" in names
+
+
+V1_ROOT = Path(__file__).resolve().parent / "data" / "v1"  # a stored format-1 checkpoint folder
+
+
+def test_convert_cli_exports_the_newest_checkpoint_of_a_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    convert.main(["to-hf", str(V1_ROOT), str(tmp_path / "out")])
+    assert "from " + str(V1_ROOT / "step-00000002") in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["hidden_size"] == 16
+
+
+@pytest.mark.parametrize(("where", "expected"), [
+    ("auto", "auto is a train.resume keyword; convert needs a checkpoint"),
+    ("missing", "no complete checkpoint (with manifest.json) there"),
+])
+def test_convert_cli_without_a_checkpoint_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    where: str, expected: str
+) -> None:
+    monkeypatch.chdir(tmp_path)  # `auto` names no folder here
+    with pytest.raises(SystemExit) as exit_info:
+        convert.main(["to-hf", where, "out"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith("checkpoint error: ") and expected in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()

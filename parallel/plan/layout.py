@@ -1,0 +1,38 @@
+"""What the planner estimates: a parallel layout of one model on a cluster, as plain values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the model is split and run: the mesh, the schedule and per-rank memory choices."""
+
+    dp: int
+    pp: int
+    tp: int
+    virtual_stages: int
+    schedule: str  # a name of parallel/schedules.py
+    microbatches: int
+    layers_per_stage: tuple[int, ...] | None = None  # None: the even split
+    sequence_parallel: bool = False
+    dp_shard: bool = True  # FSDP over dp; False replicates
+    recompute: str = "none"  # activation checkpointing: none | selective | full
+
+    @property
+    def gpus(self) -> int:
+        """GPUs the layout occupies: dp * pp * tp."""
+        return self.dp * self.pp * self.tp
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The machines: how many, their memory, links and dense peak."""
+
+    nodes: int
+    gpus_per_node: int
+    gpu_mem_gib: float
+    intra_node_gbps: float  # GB/s per GPU inside a node (NVLink)
+    inter_node_gbps: float  # GB/s per GPU across nodes
+    peak_tflops: float  # dense bf16 TFLOP/s per GPU
