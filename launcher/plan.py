@@ -130,7 +130,7 @@ def report(cfg: Config, plan: PlanEstimate, counter: StageCounter) -> str:
     c = cluster_of(cfg)
     total_params = counter.whole().total
     source = ("hardware.peak_tflops" if cfg.hardware.peak_tflops is not None
-              else "H100 SXM's: hardware.peak_tflops unset")
+              else "H100 SXM's by default; set hardware.peak_tflops")
     lines = [f"plan: {cfg.model.name} ({_count(total_params)} parameters) on {c.nodes} node(s) x "
              f"{c.gpus_per_node} GPUs ({c.gpu_mem_gib:g} GiB, {c.peak_tflops:g} TFLOP/s ({source}), "
              f"intra-node {c.intra_node_gbps:g} GB/s, inter-node {c.inter_node_gbps:g} GB/s)",

@@ -32,9 +32,11 @@ def checkpoint_root(cfg: Config, run_dir: Path | None) -> Path | None:
     return run_dir / "checkpoints" if run_dir is not None else None
 
 
-def layout_of(cfg: Config) -> dict[str, Any]:
+def checkpoint_layout(cfg: Config) -> dict[str, Any]:
     """The (dp, pp, tp, v, schedule) a run uses, as the manifest records it."""
     par = cfg.parallel
+    # a load compares this with the saved one (per-rank RNG only in the same layout): keep the
+    # keys as format 1 wrote them, or every old checkpoint reads as another layout
     return {"world_size": dist.get_world_size(), "dp": par.dp, "pp": par.pp, "tp": par.tp,
             "virtual_stages": par.virtual_stages, "schedule": par.schedule,
             "dp_shard": par.dp_shard}
@@ -48,7 +50,7 @@ def trainer_states(trainer: Trainer) -> dict[str, Stateful]:
 def trainer_meta(trainer: Trainer, extra: dict[str, Any] | None = None) -> CheckpointMeta:
     """What the manifest records of a trainer beside its tensors."""
     cfg = trainer.cfg
-    return CheckpointMeta(model=model_args(cfg), layout=layout_of(cfg),
+    return CheckpointMeta(model=model_args(cfg), layout=checkpoint_layout(cfg),
                           config=dataclasses.asdict(cfg),
                           tokens_seen=trainer.sampler.samples_consumed * trainer.sampler.seq_len,
                           extra=extra or {})
@@ -71,7 +73,7 @@ def save_trainer_async(checkpointer: AsyncCheckpointer, root: Path, trainer: Tra
 def load_trainer(path: Path, trainer: Trainer, verify: bool = True) -> dict[str, Any]:
     """load_checkpoint into the trainer, which then stands at the saved step; the manifest."""
     manifest = load_checkpoint(path, trainer.model, trainer.optimizer, trainer_states(trainer),
-                               layout_of(trainer.cfg), verify=verify)
+                               checkpoint_layout(trainer.cfg), verify=verify)
     trainer.step = manifest["step"]
     return manifest
 

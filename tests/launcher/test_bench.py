@@ -4,7 +4,10 @@ import re
 
 import pytest
 
-from launcher.bench import SCHEDULES, formula_bubble, main, pipeline, simulated_bubble
+from launcher.bench import main
+from launcher.benchmarks.pipeline import VIRTUAL_STAGES, formula_bubble, pipeline
+from parallel.plan.simulate import simulated_bubble
+from parallel.schedules import SCHEDULES
 
 
 def test_overhead_prints_a_positive_ratio(capsys: pytest.CaptureFixture[str]) -> None:
@@ -30,7 +33,7 @@ def test_replaying_torchs_action_order_reproduces_the_formulas() -> None:
         for name in SCHEDULES:
             expected = formula_bubble("interleaved_zb" if name == "zbv" else name, p, m)
             # torch's ZBV order keeps the ZB1P bubble with equal F, I and W costs
-            assert simulated_bubble(name, p, m) == pytest.approx(expected), (name, p, m)
+            assert simulated_bubble(name, p, m, VIRTUAL_STAGES) == pytest.approx(expected), (name, p, m)
 
 
 def test_pipeline_bubbles_follow_their_formulas() -> None:

@@ -8,14 +8,15 @@ import time
 
 import pytest
 import torch
-from tests.parallel.test_plan_memory import live_activation_bytes
 
-from launcher.plan import compose_plan_config, main, search, search_report
+from launcher.plan import estimate_config, main, search, search_report
+from launcher.run.compose import compose_config
 from launcher.validate import validate
 from parallel.plan.comm import tp_collectives
-from parallel.plan.estimate import GIB, PlanEstimate, estimate
+from parallel.plan.estimate import GIB, PlanEstimate
 from parallel.plan.params import StageCounter
 from tests.helpers.spawn import run_ranks
+from tests.parallel.plan.test_memory import live_activation_bytes
 
 REAL = ["model=debug", "train.seq_len=32", "train.sample_tokens=0", "device=cpu", "parallel.pp=2", "parallel.tp=2",
         "train.global_batch_size=8", "parallel.microbatches=4"]
@@ -35,7 +36,7 @@ def _count_collectives() -> torch.utils._python_dispatch.TorchDispatchMode:
 
         n = 0
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = str(func.overloadpacket)
             self.n += any(k in name for k in ("all_reduce", "all_gather", "reduce_scatter"))
             return func(*args, **(kwargs or {}))
@@ -75,9 +76,9 @@ def _real_run(world: int) -> dict[str, object]:
 
 
 def _plan(overrides: list[str], world: int | None = None) -> PlanEstimate:
-    cfg = compose_plan_config(overrides)
+    cfg = compose_config(overrides)
     validate(cfg, world or cfg.cluster.nodes * cfg.cluster.gpus_per_node, cfg.cluster.gpus_per_node)
-    return estimate(cfg, StageCounter(cfg.model))
+    return estimate_config(cfg, StageCounter(cfg.model))
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_microbatches_in_flight_and_tp_collectives_match_the_real_run(real: list
 def test_tensor_parallel_activation_estimate_matches_the_real_run(real: list[dict[str, object]]) -> None:
     from parallel.plan.memory import activation_bytes
 
-    cfg = compose_plan_config(REAL)
+    cfg = compose_config(REAL)
     for rank in (0, 1):  # pp rank 0: the embedding and 4 blocks, sharded over tp=2
         measured = real[rank]["forward_bytes"]
         estimate_ = activation_bytes(cfg.model, layers=4, last_stage=False, tokens=2 * 32, in_flight=1, tp=2,
@@ -156,7 +157,7 @@ def test_llama3_405b_published_layout_fits(capsys: pytest.CaptureFixture[str]) -
     assert re.search(r"^fits: pp rank \d+ is the fullest at [\d.]+ GiB of 80.0 GiB", out, re.M), out
     assert len(re.findall(r"^ +\d+ +\d+ +\d+ ", out, re.M)) == 16, out  # one row per pipeline rank
     plan = _plan(LLAMA3_405B)
-    whole = StageCounter(compose_plan_config(LLAMA3_405B).model).whole(tp=8)
+    whole = StageCounter(compose_config(LLAMA3_405B).model).whole(tp=8)
     assert sum(r.params for r in plan.ranks) == whole.total  # the 16 stages hold the whole TP shard
     assert 0 < plan.mfu < 1 and 0 < plan.bubble < 1
     assert took < 60, took
@@ -178,7 +179,7 @@ def test_invalid_layout_is_refused_with_the_validator_message(capsys: pytest.Cap
 
 
 def test_search_ranks_valid_fitting_layouts_for_8b_on_one_node() -> None:
-    cfg = compose_plan_config(["model=llama3_8b", "cluster.nodes=1", "train.seq_len=8192",
+    cfg = compose_config(["model=llama3_8b", "cluster.nodes=1", "train.seq_len=8192",
                                "train.global_batch_size=32"])
     start = time.process_time()
     rows, valid = search(cfg, 10)
