@@ -106,7 +106,26 @@ def check_hf_config(config: dict[str, Any], args: ModelArgs, where: Path) -> Non
              if config.get(k, config.get("num_attention_heads") if k == "num_key_value_heads" else None) != v]
     if wrong:
         raise HFFormatError(f"{where}: this Hugging Face model does not match the configured "
-                              f"model: {', '.join(wrong)}; pick the matching model flavor")
+                            f"model: {', '.join(wrong)}; pick the matching model flavor")
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or an HFFormatError naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise HFFormatError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise HFFormatError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _inside(directory: Path, name: str, listed_in: str) -> Path:
+    """directory/name, refused unless it stays inside directory (no `..`, no absolute path)."""
+    path = (directory / name).resolve()
+    if not path.is_relative_to(directory.resolve()):
+        raise HFFormatError(f"{directory / listed_in}: file {name!r} lies outside {directory}")
+    return path
 
 
 class HFLlamaWeights:
@@ -117,14 +136,22 @@ class HFLlamaWeights:
         config_path = self.directory / "config.json"
         if not config_path.is_file():
             raise HFFormatError(f"{config_path}: missing; model.init_from must be a Hugging "
-                                  "Face Llama directory")
-        check_hf_config(json.loads(config_path.read_text()), args, config_path)
+                                "Face Llama directory")
+        check_hf_config(_read_json_object(config_path), args, config_path)
         if (self.directory / INDEX).is_file():
-            weight_map = json.loads((self.directory / INDEX).read_text())["weight_map"]
-            self._file_of = {k: self.directory / f for k, f in weight_map.items()}
+            weight_map = _read_json_object(self.directory / INDEX).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(f, str) for k, f in weight_map.items()):
+                raise HFFormatError(f"{self.directory / INDEX}: no 'weight_map' of tensor name -> "
+                                    "file name")
+            self._file_of = {k: _inside(self.directory, f, INDEX) for k, f in weight_map.items()}
         elif (self.directory / SINGLE_FILE).is_file():
-            with safe_open(self.directory / SINGLE_FILE, "pt") as f:
-                self._file_of = {k: self.directory / SINGLE_FILE for k in f.keys()}  # noqa: SIM118
+            try:
+                with safe_open(self.directory / SINGLE_FILE, "pt") as f:
+                    self._file_of = {k: self.directory / SINGLE_FILE for k in f.keys()}
+            except Exception as err:  # safetensors raises its own types for bad files
+                raise HFFormatError(f"{self.directory / SINGLE_FILE}: not a safetensors file "
+                                    f"({err})") from None
         else:
             raise HFFormatError(f"{self.directory}: neither {SINGLE_FILE} nor {INDEX}")
 
@@ -142,5 +169,5 @@ class HFLlamaWeights:
             raise HFFormatError(f"{path}: cannot read tensor {key!r}: {err}") from None
         if tuple(tensor.shape) != tuple(shape):
             raise HFFormatError(f"{path}: tensor {key!r} has shape {list(tensor.shape)}, the "
-                                  f"model needs {list(shape)} for {name}")
+                                f"model needs {list(shape)} for {name}")
         return from_hf_tensor(name, tensor.float(), self.args)
