@@ -79,6 +79,9 @@ class TrainConfig:
     val_batches: int = 4
     sample_tokens: int = 240
     resume: str = "none"
+    # on resume, keys defining what was trained (model, data, seq_len, seed) may change only
+    # when listed here, e.g. [model.rope_theta]; the others always take the new value
+    resume_allow_changes: list[str] = field(default_factory=list)
     # a non-finite loss or gradient norm is never applied: stop the run after that step (exit
     # code 1, the last good checkpoint stays the newest), or skip the update and stop only after
     # nonfinite_max_skips skipped steps in a row

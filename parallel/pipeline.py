@@ -8,7 +8,7 @@ so every parameter keeps its full-model name (`layers.7.attention.wq.weight`) on
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -73,7 +73,7 @@ def build_stage_module(whole: Transformer, stage_id: int, counts: list[int]) -> 
 
 
 def build_schedule(
-    modules: list[nn.Module],
+    modules: Sequence[nn.Module],
     stage_ids: list[int],
     n_stages: int,
     schedule: str,
@@ -101,7 +101,7 @@ def build_schedule(
 
 
 def build_v_shape_eval_schedule(
-    modules: list[nn.Module],
+    modules: Sequence[nn.Module],
     stage_ids: list[int],
     n_stages: int,
     microbatches: int,
@@ -121,8 +121,9 @@ def build_v_shape_eval_schedule(
               for module, sid in zip(modules, stage_ids)]
     sched = _PipelineScheduleRuntime(stages, n_microbatches=microbatches, loss_fn=loss_fn)
     pp = torch.distributed.get_world_size(pp_group)
-    order = {rank: [_Action(sid, FORWARD, mb) for sid in (rank, n_stages - 1 - rank)
-                    for mb in range(microbatches)] for rank in range(pp)}
+    order: dict[int, list[_Action | None]] = {
+        rank: [_Action(sid, FORWARD, mb) for sid in (rank, n_stages - 1 - rank) for mb in range(microbatches)]
+        for rank in range(pp)}
     # lowered here rather than by _prepare_schedule_with_comms, whose check wants backwards
     to_rank = generate_stage_to_rank_mapping(pp, n_stages, style="v")
     sched.stage_index_to_group_rank = to_rank

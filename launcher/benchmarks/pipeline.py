@@ -111,6 +111,7 @@ def _pipeline_rank(rank: int, pp: int, port: int, schedules: list[str], m: int, 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=pp)
     group, width = dist.group.WORLD, 8
+    assert group is not None  # started above
     x, target = torch.randn(2 * m, width), torch.randn(2 * m, width)
     out = {}
     for name in schedules:

@@ -91,6 +91,19 @@ class Trainer:
         self._tp = self.model.mesh["tp"].size()
         self._pp_group = self.model.mesh["pp"].get_group() if self.model.mesh["pp"].size() > 1 else None
 
+    def apply_optim_config(self) -> None:
+        """Make the optimizer and LR schedule follow cfg.optim from the current step on; after a
+        resume the loaded settings are the old run's, and a changed optim.lr must take effect.
+        Unchanged settings give bitwise the same values (the LambdaLR's own product)."""
+        o = self.cfg.optim
+        decay, no_decay = self.optimizer.param_groups  # as build_optimizer made them
+        self.lr_scheduler.base_lrs = [o.lr, o.lr]
+        multiplier = lr_multiplier(self.lr_scheduler.last_epoch, o.warmup_steps, self.cfg.train.steps,
+                                   o.min_lr_ratio)
+        for group, weight_decay in ((decay, o.weight_decay), (no_decay, 0.0)):
+            group.update(lr=o.lr * multiplier, initial_lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                         weight_decay=weight_decay)
+
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Accumulate gradients over the microbatches of this rank's batch; return its mean loss."""
         m = self.cfg.parallel.microbatches

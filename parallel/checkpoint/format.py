@@ -10,7 +10,7 @@ manifest.json, format "tridist-checkpoint-2":
     format, step, tokens_seen, torch_version
     model                   the architecture: every models.llama.ModelArgs field
     layout                  the (dp, pp, tp, v, schedule, ...) it was saved in
-    config                  the saver's resolved config, for people (loading never reads it)
+    config                  the saver's resolved config (parallel/checkpoint never reads it)
     states                  {name: state_dict()} of each generic state (sampler, lr_scheduler)
     optimizer_param_groups  lr, betas, ... of each param group
     extra, rng, files       the saver's extras; RNG states; every shard's bytes and CRC32
@@ -26,6 +26,9 @@ import json
 import zlib
 from pathlib import Path
 from typing import Any
+
+from torch.distributed.checkpoint import HuggingFaceStorageReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from models.llama import ModelArgs
 from parallel.checkpoint.state import CheckpointError
@@ -53,8 +56,9 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Committed checkpoints under root, oldest first (.tmp dirs and manifest-less ones skipped)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _step_of(p) is not None and (p / MANIFEST).is_file()]
-    return sorted(found, key=_step_of)
+    steps = {p: step for p in root.iterdir()
+             if (step := _step_of(p)) is not None and (p / MANIFEST).is_file()}
+    return sorted(steps, key=steps.__getitem__)
 
 
 def find_latest(root: Path) -> Path | None:
@@ -81,10 +85,10 @@ def find_checkpoint(path: Path) -> Path:
 def resume_path(resume: str, root: Path | None) -> Path | None:
     """What `train.resume` names: none -> None; auto -> the newest checkpoint under root (None if
     there is none yet); a path -> that checkpoint, or the newest one under a checkpoint root."""
-    if resume == "none" or (resume == "auto" and root is None):
+    if resume == "none":
         return None
     if resume == "auto":
-        return find_latest(root)
+        return find_latest(root) if root is not None else None
     try:
         return find_checkpoint(Path(resume))
     except CheckpointError as err:
@@ -104,6 +108,16 @@ def shard_files(directory: Path) -> list[str]:
     """Every file of the DCP parts, relative to `directory`, in one order all ranks agree on."""
     return sorted(str(p.relative_to(directory)) for part in PARTS
                   for p in (directory / part).glob("*") if p.is_file())
+
+
+def part_tensors(directory: Path) -> dict[str, TensorStorageMetadata]:
+    """Each tensor's saved size and dtype in one DCP part, from its safetensors headers."""
+    try:
+        saved = HuggingFaceStorageReader(str(directory)).read_metadata().state_dict_metadata
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{directory}: cannot read the safetensors headers: {err}") from None
+    # safetensors storage holds tensors only: DCP's bytes entries never appear in it
+    return {name: m for name, m in saved.items() if isinstance(m, TensorStorageMetadata)}
 
 
 def model_entry(args: ModelArgs) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 
 from models.hf_llama import INDEX, SINGLE_FILE, hf_config, hf_name, to_hf_tensor
-from parallel.checkpoint.format import model_args_of, read_manifest
+from parallel.checkpoint.format import model_args_of, part_tensors, read_manifest
 from parallel.checkpoint.state import CheckpointError
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # Hugging Face's default max_shard_size
@@ -44,7 +44,7 @@ def export_to_hf(checkpoint: Path, out: Path, dtype: torch.dtype | None = None,
     checkpoint, out = Path(checkpoint), Path(out)
     # the manifest's "model" entry (format 1's config.model, upgraded by read_manifest)
     args = model_args_of(read_manifest(checkpoint))
-    meta = HuggingFaceStorageReader(str(checkpoint / "model")).read_metadata().state_dict_metadata
+    meta = part_tensors(checkpoint / "model")
     names = sorted(meta, key=_export_order)
     saved_dtype = meta[names[0]].properties.dtype
     dtype = dtype or saved_dtype

@@ -17,7 +17,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader
 from torch.distributed.checkpoint.stateful import Stateful
 
-from parallel.checkpoint.format import MANIFEST, file_crc32, read_manifest, shard_files
+from parallel.checkpoint.format import (
+    MANIFEST,
+    file_crc32,
+    part_tensors,
+    read_manifest,
+    shard_files,
+)
 from parallel.checkpoint.state import (
     CheckpointError,
     ModelParts,
@@ -73,10 +79,7 @@ def _raise_if_any(path: Path, problems: list[str]) -> None:
 
 def _load_part(directory: Path, state: TensorState, what: str) -> None:
     """Fill `state` in place from one DCP part, after checking names and shapes on all ranks."""
-    try:
-        saved = HuggingFaceStorageReader(str(directory)).read_metadata().state_dict_metadata
-    except Exception as err:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{directory}: cannot read the safetensors headers: {err}") from None
+    saved = part_tensors(directory)
     problems = []
     for name, tensor in state.tensors.items():
         if name not in saved:

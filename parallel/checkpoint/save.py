@@ -61,7 +61,7 @@ class CheckpointMeta:
 
     model: ModelArgs  # the architecture: an export or a reader needs no config to rebuild it
     layout: dict[str, Any]  # dp, pp, tp, ...: a load in the same layout keeps per-rank RNG
-    config: dict[str, Any] = field(default_factory=dict)  # for people; loading never reads it
+    config: dict[str, Any] = field(default_factory=dict)  # the saver's; never read here
     tokens_seen: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # the saver's own; load returns it
 
@@ -229,8 +229,8 @@ def write_snapshot(
     if rank == 0:
         manifest = dict(snap.manifest)
         manifest["rng"] = _dedup_rng([g["rng"] for g in gathered])
-        files = {f: info for g in gathered for f, info in g["files"].items()}
-        manifest["files"] = {f: files[f] for f in sorted(files)}
+        infos = {f: info for g in gathered for f, info in g["files"].items()}
+        manifest["files"] = {f: infos[f] for f in sorted(infos)}
         _write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         _commit(root, tmp, final, keep)
     dist.barrier(group)  # no rank goes on (or exits) before the checkpoint is committed

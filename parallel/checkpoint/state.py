@@ -87,7 +87,7 @@ def optimizer_state(model: ModelParts, optimizer: torch.optim.Optimizer) -> Tens
     The param_groups entries are left out: they are not tensors (see param_group_settings).
     """
     flat = get_optimizer_state_dict(_chunk_list(model), optimizer, options=_FLAT)
-    state = {}
+    state: dict[str, torch.Tensor] = {}
     for key, value in flat.items():
         if not key.startswith("state."):
             continue
@@ -145,11 +145,11 @@ def _unb64(s: str) -> torch.Tensor:
 def rng_state() -> dict[str, Any]:
     """This rank's random generators (torch CPU/CUDA, Python, numpy) as JSON-able values."""
     version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # the tuple form
     state: dict[str, Any] = {
         "torch": _b64(torch.get_rng_state()),
         "python": [version, list(internal), gauss],
-        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "numpy": [name, np.asarray(keys).tolist(), pos, has_gauss, cached],
     }
     if torch.cuda.is_available():
         state["cuda"] = _b64(torch.cuda.get_rng_state())

@@ -1,5 +1,7 @@
-"""The cost model: parameters, memory, communication, FLOPs and step time of a layout.
+"""The cost model: parameters, memory, communication, FLOPs and step time of a layout, and the
+replay of a schedule's action order.
 
 Rule: arithmetic on the meta device only; nothing here starts a process group or allocates
-real tensors, so a plan for 405B on 2048 GPUs runs in seconds on a laptop.
+real tensors, so a plan for 405B on 2048 GPUs runs in seconds on a laptop. It takes explicit
+parts (a ModelArgs, a Layout, a Cluster: parallel/plan/layout.py), never a launcher config.
 """

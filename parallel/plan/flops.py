@@ -40,6 +40,7 @@ def non_embedding_parameters(args: ModelArgs) -> int:
     with torch.device("meta"):
         model = Transformer(args)
     total = sum(p.numel() for p in model.parameters())  # a tied matrix is listed once
+    assert model.tok_embeddings is not None  # a whole model has all its parts
     return total if args.tie_embeddings else total - model.tok_embeddings.weight.numel()
 
 

@@ -4,7 +4,8 @@ The literature's formulas (parallel/schedules.py) describe each schedule as its 
 torch's implementation may order the same actions differently. This replays the order torch
 lists for every rank (its schedule visualizer builds it from mock stages: no process group)
 with free communication and per chunk F = I = W = 1 (B = 2), each action waiting for the ones
-it depends on, and reports the idle share of the step. Written by hand: torch times nothing.
+it depends on, and reports the idle share of the step. Written by hand: torch lists the order
+but does not replay it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from parallel.schedules import bubble_fraction, schedule_spec, stages_per_rank
 COST = {"F": 1, "I": 1, "W": 1, "B": 2}  # compute only, per chunk: communication is free here
 
 
-def _prerequisites(action: Any, n_stages: int) -> list[tuple[str, int, int]]:
+Done = tuple[str, int, int | None]  # (F or B, stage, microbatch) of a finished action
+
+
+def _prerequisites(action: Any, n_stages: int) -> list[Done]:
     """(F or B, stage, microbatch) that must finish before `action` starts."""
     kind, s, mb = action.computation_type.value, action.stage_index, action.microbatch_index
     if kind == "F":
@@ -36,13 +40,15 @@ def simulated_bubble(schedule: str, pp: int, microbatches: int, virtual_stages: 
     """
     spec, p, m = schedule_spec(schedule), pp, microbatches
     v = stages_per_rank(schedule, virtual_stages)
-    if v == 1 or spec.torch_class is None:
+    if v == 1:
         return bubble_fraction(schedule, p, m, v)
+    if spec.torch_class is None:
+        raise NotImplementedError(f"{schedule}: replaying a tridist-made order is not wired in yet")
     n_stages = p * v
     ops = [[a.sub_actions or [a] for a in rank  # an OVERLAP_F_B runs its two actions in turn
             if a is not None and (a.sub_actions or a.computation_type.value in COST)]
            for rank in get_schedule_ops(spec.torch_class, p, m, v)]
-    done: dict[tuple[str, int, int], float] = {}  # -> finish time
+    done: dict[Done, float] = {}  # -> finish time
     clock, nxt = [0.0] * p, [0] * p
     while any(nxt[r] < len(ops[r]) for r in range(p)):
         before = sum(nxt)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from models.llama import ModelArgs, Transformer
-from parallel.pipeline import build_stage_module, layers_per_stage, stage_ids_for_rank
+from parallel.pipeline import build_stage_module, layers_per_stage
+from parallel.schedules import stage_ids_for_rank
 
 
 def _layers_of_rank(n_layers: int, pp: int, v: int, rank: int, schedule: str) -> list[int]:

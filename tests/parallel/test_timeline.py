@@ -14,13 +14,12 @@ from typing import Any
 import pytest
 from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops  # private API
 
-from launcher.bench import stages_per_rank
-from parallel.pipeline import SCHEDULE_CLASS_NAMES
-from parallel.schedules import bubble_fraction
+from parallel.schedules import SCHEDULES, bubble_fraction, schedule_spec, stages_per_rank
 from parallel.timeline import COMPUTE_KINDS, WAIT, Event, measured_bubbles
 from tests.helpers.spawn import run_ranks
 
 PP = 2
+V = 2  # stages per rank of the looped schedules (the others have their own)
 BUBBLE_SCHEDULES = ("gpipe", "interleaved_1f1b", "interleaved_zb")  # at m = p
 STAGE_MS = 25.0  # per rank and microbatch: F, and B = 2F
 COVERAGE_ONLY = {"1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 4}  # schedule -> microbatches
@@ -38,14 +37,15 @@ def _sleep_stage_timelines(schedules: dict[str, int], stage_ms: float, recorded:
     import torch.nn.functional as F
     from torch.distributed.pipelining import schedules as torch_schedules
 
-    from launcher.bench import SleepStage
-    from parallel.pipeline import build_schedule, stage_ids_for_rank
+    from launcher.benchmarks.pipeline import SleepStage
+    from parallel.pipeline import build_schedule
+    from parallel.schedules import stage_ids_for_rank
     from parallel.timeline import _stages, record_step
 
     rank, out = dist.get_rank(), {}
     original_wait = torch_schedules._wait_batch_p2p
     for name, m in schedules.items():
-        v = stages_per_rank(name)
+        v = stages_per_rank(name, V)
         ids = stage_ids_for_rank(rank, PP, v, name)
         modules = [SleepStage(8, stage_ms / v) for _ in ids]
         sched = build_schedule(modules, ids, PP * v, name, m, F.mse_loss, torch.device("cpu"), dist.group.WORLD)
@@ -71,7 +71,7 @@ def _all_cases(tmp: Path) -> dict[str, Any]:
     losses = {}
     for name, m in TRAINED.items():
         cfg = make_config(BASE + [f"parallel.schedule={name}", f"parallel.microbatches={m}",
-                                  f"parallel.virtual_stages={stages_per_rank(name)}"], PP)
+                                  f"parallel.virtual_stages={stages_per_rank(name, V)}"], PP)
         losses[name] = train(cfg, load_data(cfg), tmp / name).losses
     bubbles = _sleep_stage_timelines({s: PP for s in BUBBLE_SCHEDULES}, STAGE_MS, RECORDED_STEPS)
     coverage = _sleep_stage_timelines(COVERAGE_ONLY, 2.0, 1)
@@ -93,9 +93,9 @@ def _expected_actions(schedule: str, m: int) -> dict[int, collections.Counter]:
     microbatch on the rank's stage (torch lists their order with bubbles folded in, and not the
     microbatches their runtime runs).
     """
-    if stages_per_rank(schedule) == 1:
+    if stages_per_rank(schedule, V) == 1:
         return {r: collections.Counter((k, r, i) for k in "FB" for i in range(m)) for r in range(PP)}
-    ops = get_schedule_ops(SCHEDULE_CLASS_NAMES[schedule], PP, m, stages_per_rank(schedule))
+    ops = get_schedule_ops(schedule_spec(schedule).torch_class, PP, m, stages_per_rank(schedule, V))
     expected = {}
     for rank, actions in enumerate(ops):
         flat = [sub for a in actions if a is not None for sub in (a.sub_actions or [a])]
@@ -116,7 +116,7 @@ def _recorded_actions(events: list[Event]) -> dict[int, collections.Counter]:
 def test_every_action_of_every_schedule_is_recorded_on_every_rank(recorded) -> None:
     _, results = recorded
     microbatches = {**{s: PP for s in BUBBLE_SCHEDULES}, **COVERAGE_ONLY}
-    assert set(results["timelines"]) == set(SCHEDULE_CLASS_NAMES)
+    assert set(results["timelines"]) == set(SCHEDULES)
     for name, steps in results["timelines"].items():
         expected = _expected_actions(name, microbatches[name])
         for events in steps:
@@ -135,7 +135,7 @@ def test_training_writes_the_trace_and_the_picture(recorded) -> None:
                         e["args"]["microbatch"], e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6) for e in spans]
         assert _recorded_actions(events) == _expected_actions(name, m), name
         info = trace["otherData"]
-        v = stages_per_rank(name)
+        v = stages_per_rank(name, V)
         assert info["formula_bubble"] == pytest.approx(bubble_fraction(name, PP, m, v)), name
         assert info["step"] == 3 and info["microbatches"] == m and info["virtual_stages"] == v
         assert {int(r): b for r, b in info["measured_bubble"].items()} == pytest.approx(measured_bubbles(events))
@@ -152,7 +152,7 @@ def test_measured_bubbles_order_as_the_formulas_say(recorded) -> None:
     for name in BUBBLE_SCHEDULES:
         per_step = [statistics.mean(measured_bubbles(events).values()) for events in results["timelines"][name]]
         measured[name] = statistics.median(per_step)
-    formula = {name: bubble_fraction(name, PP, PP, stages_per_rank(name)) for name in BUBBLE_SCHEDULES}
+    formula = {name: bubble_fraction(name, PP, PP, stages_per_rank(name, V)) for name in BUBBLE_SCHEDULES}
     assert measured["gpipe"] > measured["interleaved_1f1b"] > measured["interleaved_zb"], measured
     for name in BUBBLE_SCHEDULES:  # near the formula, above it by the runtime's own cost (p2p, Python)
         assert -0.05 < measured[name] - formula[name] < 0.12, (name, measured, formula)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from launcher.run.build import build_trainer, load_data, model_args
-from launcher.run.checkpointing import layout_of, trainer_meta, trainer_states
+from launcher.run.checkpointing import checkpoint_layout, trainer_meta, trainer_states
 from launcher.run.trainer import Trainer
 from parallel.checkpoint.format import (
     FORMAT,
@@ -75,7 +75,7 @@ def _save(root: Path, trainer: Trainer, keep: int | None = None) -> Path:
 def _load(path: Path, trainer: Trainer, verify: bool = True) -> dict[str, Any]:
     """load_checkpoint into the trainer's parts; the caller sets its step from the manifest."""
     manifest = load_checkpoint(path, trainer.model, trainer.optimizer, trainer_states(trainer),
-                               layout_of(trainer.cfg), verify=verify)
+                               checkpoint_layout(trainer.cfg), verify=verify)
     trainer.step = manifest["step"]
     return manifest
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from launcher.run.build import build_trainer, load_data
-from launcher.run.checkpointing import layout_of, trainer_states
+from launcher.run.checkpointing import checkpoint_layout, trainer_states
 from models.hf_llama import hf_name
 from models.llama import ModelArgs, Transformer
 from parallel.checkpoint.format import FORMAT_V1, model_args_of, read_manifest
@@ -58,7 +58,7 @@ def _load_and_step(path: str) -> dict[str, Any]:
     cfg = make_config(_overrides(read_manifest(Path(path))), 1)
     trainer = build_trainer(cfg, load_data(cfg))
     manifest = load_checkpoint(Path(path), trainer.model, trainer.optimizer,
-                               trainer_states(trainer), layout_of(cfg))
+                               trainer_states(trainer), checkpoint_layout(cfg))
     trainer.step = manifest["step"]
     on_disk = {part: load_file(next((Path(path) / part).glob("*.safetensors")))
                for part in ("model", "optim")}

@@ -1,5 +1,5 @@
 """The planner's activation estimate against what a real forward keeps alive on CPU, and its
-schedule and model-state accounting."""
+model-state accounting (microbatches in flight per schedule: tests/parallel/test_schedules.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from parallel.plan.memory import (
     OPTIMIZER_BYTES,
     WEIGHT_BYTES,
     activation_bytes,
-    microbatches_in_flight,
     rebuilt_block_bytes,
     state_bytes,
 )
@@ -34,7 +33,7 @@ class _Created(TorchDispatchMode):
         super().__init__()
         self.refs: list[weakref.ref] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             local = getattr(t, "_local_tensor", t)  # a DTensor's shard on this rank
@@ -90,17 +89,6 @@ def test_tensor_and_sequence_parallel_divide_activations() -> None:
     four = activation_bytes(DEBUG, tp=4, sequence_parallel=False, **kw)
     four_sp = activation_bytes(DEBUG, tp=4, sequence_parallel=True, **kw)
     assert one / 4 < four_sp < four < one
-
-
-def test_microbatches_in_flight_follow_the_schedules() -> None:
-    p, m = 4, 16
-    assert [microbatches_in_flight("gpipe", p, r, m, 1) for r in range(p)] == [m] * p
-    assert [microbatches_in_flight("1f1b", p, r, m, 1) for r in range(p)] == [4, 3, 2, 1]
-    # Megatron: rank 0 warms up 2(p-1) + (v-1)p chunks, then holds one more; chunks are 1/v
-    assert microbatches_in_flight("interleaved_1f1b", p, 0, m, 2) == (2 * 3 + 4 + 1) / 2
-    assert microbatches_in_flight("zbv", p, 3, m, 2) == p
-    assert microbatches_in_flight("1f1b", p, 0, 2, 1) == 2  # never more than there are
-    assert microbatches_in_flight("1f1b", 1, 0, m, 1) == 1
 
 
 def test_fsdp_shards_model_state_and_keeps_a_working_copy() -> None:
