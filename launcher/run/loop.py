@@ -3,6 +3,7 @@ sample. Every rank runs it; rank 0 alone prints and writes shared files."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from launcher.run.checkpointing import RunCheckpoints
 from launcher.run.generate import generate
 from launcher.run.monitor import RunMonitor
 from launcher.run.preemption import StopSignal
+from launcher.run.resume import resume_changes
 from launcher.run.trainer import Trainer
 from models.hf_llama import HFFormatError
+from parallel.checkpoint.format import read_manifest
 from parallel.checkpoint.state import CheckpointError
 
 
@@ -45,12 +48,18 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
     par, t = cfg.parallel, cfg.train
     checkpoints = RunCheckpoints(cfg, run_dir)
     resume = checkpoints.resume_from()
+    if resume is not None:  # refused before any process group starts if it changes the run
+        changed = resume_changes(read_manifest(resume)["config"], cfg)
+        if changed and int(os.environ.get("RANK", "0")) == 0:
+            print(f"resuming from {resume} with {len(changed)} changed settings (new values win):",
+                  *changed, sep="\n", flush=True)
     try:
         trainer = build_trainer(cfg, tokens, checkpoints.initial_values(resuming=resume is not None))
     except (CheckpointError, HFFormatError) as err:  # a bad model.init_from, found while filling weights
         raise ConfigError("model.init_from", cfg.model.init_from, str(err)) from None
     if resume is not None:
         checkpoints.load(resume, trainer)
+        trainer.apply_optim_config()  # the optimizer follows this run's optim.*, not the saved one
         if dist.get_rank() == 0:
             print(f"resumed from {resume} at step {trainer.step}", flush=True)
     model = trainer.model

@@ -8,9 +8,10 @@ names them: resuming with another tokenizer or width is a new run, not a continu
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from launcher.config import ConfigError
+from launcher.config import Config, ConfigError
 
 DEFINES_THE_RUN = ("model.", "data.", "train.seq_len", "train.seed")
 # under model.: how the model is built or recomputed, not what it is
@@ -39,6 +40,13 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple
 def defines_the_run(key: str) -> bool:
     """True for keys that say what was trained rather than how training goes on."""
     return key.startswith(DEFINES_THE_RUN) and not key.startswith(STEERING_EXCEPTIONS)
+
+
+def resume_changes(saved_config: dict[str, Any], cfg: Config) -> list[str]:
+    """Check what resuming with `cfg` changes against the checkpoint's config; one line each."""
+    changes = config_changes(saved_config, dataclasses.asdict(cfg))
+    check_changes(changes, cfg.train.resume_allow_changes)
+    return [f"  {key}: {old!r} -> {new!r}" for key, old, new in changes]
 
 
 def check_changes(changes: list[tuple[str, Any, Any]], allowed: list[str]) -> None:
