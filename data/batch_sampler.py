@@ -106,8 +106,12 @@ class DistributedBatchSampler:
 
 
 def validation_batches(
-    tokens: torch.Tensor, seq_len: int, batch_size: int, n_batches: int,
-    dp_rank: int = 0, dp_size: int = 1,
+    tokens: torch.Tensor,
+    seq_len: int,
+    batch_size: int,
+    n_batches: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This dp rank's rows of the first `n_batches` global batches of `batch_size` windows, in
     order: the ranks together evaluate exactly what one process would, whatever dp is."""
@@ -116,8 +120,9 @@ def validation_batches(
             f"batch_size and n_batches must be positive, got {batch_size}, {n_batches}"
         )
     if dp_size <= 0 or batch_size % dp_size or not 0 <= dp_rank < dp_size:
-        raise ValueError(f"batch_size {batch_size} must split evenly over dp_size {dp_size} "
-                         f"(rank {dp_rank})")
+        raise ValueError(
+            f"batch_size {batch_size} must split evenly over dp_size {dp_size} (rank {dp_rank})"
+        )
     available = _window_count(tokens, seq_len) // batch_size
     if available == 0:
         raise ValueError(
@@ -126,7 +131,10 @@ def validation_batches(
         )
     local = batch_size // dp_size
     return [
-        _stack_windows(tokens, list(range(b * batch_size + dp_rank * local,
-                                          b * batch_size + (dp_rank + 1) * local)), seq_len)
+        _stack_windows(
+            tokens,
+            list(range(b * batch_size + dp_rank * local, b * batch_size + (dp_rank + 1) * local)),
+            seq_len,
+        )
         for b in range(min(n_batches, available))
     ]

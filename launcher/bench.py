@@ -42,8 +42,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--schedules", default=",".join(SCHEDULES))
     c = sub.add_parser("checkpoint", help="checkpoint save/load vs raw disk I/O (>= 1 GB)")
-    c.add_argument("--dir", type=Path, default=Path("bench-checkpoint"),
-                   help="scratch folder on the disk to measure (deleted afterwards)")
+    c.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("bench-checkpoint"),
+        help="scratch folder on the disk to measure (deleted afterwards)",
+    )
     c.add_argument("--model", nargs="*", default=CHECKPOINT_MODEL, help="model overrides")
     c.add_argument("--tp", type=int, default=2, help="layout the resharded load uses")
     a = parser.parse_args(argv)

@@ -186,4 +186,6 @@ def load_config(raw: DictConfig) -> Config:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "config"
         reason = str(err).splitlines()[0]
-        raise ConfigError(key, getattr(err, "value", None), f"{reason}; fix the value or its type") from None
+        raise ConfigError(
+            key, getattr(err, "value", None), f"{reason}; fix the value or its type"
+        ) from None

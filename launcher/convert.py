@@ -24,8 +24,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m launcher.convert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     to_hf = sub.add_parser("to-hf", help="write config.json + safetensors for LlamaForCausalLM")
-    to_hf.add_argument("checkpoint", type=Path,
-                       help="a checkpoint (step-XXXXXXXX) or a checkpoint folder (its newest)")
+    to_hf.add_argument(
+        "checkpoint",
+        type=Path,
+        help="a checkpoint (step-XXXXXXXX) or a checkpoint folder (its newest)",
+    )
     to_hf.add_argument("out", type=Path)
     to_hf.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as saved")
     to_hf.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 2**30)
@@ -33,11 +36,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if str(args.checkpoint) in ("auto", "none") and not args.checkpoint.exists():
             # train.resume's keywords mean nothing here: there is no run to take a folder from
-            raise CheckpointError(f"{args.checkpoint!s} is a train.resume keyword; convert needs "
-                                  "a checkpoint (step-XXXXXXXX) or a checkpoint folder")
+            raise CheckpointError(
+                f"{args.checkpoint!s} is a train.resume keyword; convert needs "
+                "a checkpoint (step-XXXXXXXX) or a checkpoint folder"
+            )
         checkpoint = find_checkpoint(args.checkpoint)
-        files = export_to_hf(checkpoint, args.out, DTYPES.get(args.dtype),
-                             int(args.max_shard_gb * 2**30))
+        files = export_to_hf(
+            checkpoint, args.out, DTYPES.get(args.dtype), int(args.max_shard_gb * 2**30)
+        )
     except CheckpointError as err:
         print(f"checkpoint error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -9,8 +9,14 @@ from typing import NoReturn
 from launcher.config import ConfigError
 
 
-def exit_config_error(err: ConfigError) -> NoReturn:
-    """Print the error on one line (rank 0 only, so torchrun jobs say it once) and exit 2."""
+def print_config_error(err: ConfigError) -> int:
+    """Print the error on one line (rank 0 only, so torchrun jobs say it once); returns 2, the
+    exit code of a refused setting."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(str(err).replace("\n", " "), file=sys.stderr, flush=True)
-    sys.exit(2)
+    return 2
+
+
+def exit_config_error(err: ConfigError) -> NoReturn:
+    """Print the error on one line and exit with code 2."""
+    sys.exit(print_config_error(err))

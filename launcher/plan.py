@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from launcher.config import Config, ConfigError
+from launcher.errors import print_config_error
 from launcher.run.build import model_args
 from launcher.run.compose import check_group_choices, compose_config
 from launcher.validate import validate
@@ -41,25 +42,43 @@ def layout_of(cfg: Config) -> Layout:
     """The parallel layout `cfg` describes, as the planner takes it."""
     p = cfg.parallel
     explicit = tuple(p.layers_per_stage) if p.layers_per_stage is not None else None
-    return Layout(dp=p.dp, pp=p.pp, tp=p.tp, virtual_stages=p.virtual_stages, schedule=p.schedule,
-                  microbatches=p.microbatches, layers_per_stage=explicit,
-                  sequence_parallel=p.sequence_parallel, dp_shard=p.dp_shard,
-                  recompute=cfg.model.activation_checkpointing)
+    return Layout(
+        dp=p.dp,
+        pp=p.pp,
+        tp=p.tp,
+        virtual_stages=p.virtual_stages,
+        schedule=p.schedule,
+        microbatches=p.microbatches,
+        layers_per_stage=explicit,
+        sequence_parallel=p.sequence_parallel,
+        dp_shard=p.dp_shard,
+        recompute=cfg.model.activation_checkpointing,
+    )
 
 
 def cluster_of(cfg: Config) -> Cluster:
     """The cluster `cfg` plans for; its peak is hardware.peak_tflops, else H100 SXM's."""
     c, peak = cfg.cluster, cfg.hardware.peak_tflops
-    return Cluster(nodes=c.nodes, gpus_per_node=c.gpus_per_node, gpu_mem_gib=c.gpu_mem_gib,
-                   intra_node_gbps=c.intra_node_gbps, inter_node_gbps=c.inter_node_gbps,
-                   peak_tflops=PLAN_DEFAULT_PEAK_TFLOPS if peak is None else peak)
+    return Cluster(
+        nodes=c.nodes,
+        gpus_per_node=c.gpus_per_node,
+        gpu_mem_gib=c.gpu_mem_gib,
+        intra_node_gbps=c.intra_node_gbps,
+        inter_node_gbps=c.inter_node_gbps,
+        peak_tflops=PLAN_DEFAULT_PEAK_TFLOPS if peak is None else peak,
+    )
 
 
 def estimate_config(cfg: Config, counter: StageCounter) -> PlanEstimate:
     """Estimate the (already validated) layout of `cfg` on its cluster."""
-    return estimate(model_args(cfg), layout_of(cfg), cluster_of(cfg),
-                    global_batch_size=cfg.train.global_batch_size, seq_len=cfg.train.seq_len,
-                    counter=counter)
+    return estimate(
+        model_args(cfg),
+        layout_of(cfg),
+        cluster_of(cfg),
+        global_batch_size=cfg.train.global_batch_size,
+        seq_len=cfg.train.seq_len,
+        counter=counter,
+    )
 
 
 def schedule_candidates(pp: int) -> list[tuple[str, int]]:
@@ -67,9 +86,15 @@ def schedule_candidates(pp: int) -> list[tuple[str, int]]:
     pipelining, 1f1b alone without."""
     if pp == 1:
         return [("1f1b", 1)]
-    return [(spec.name, v) for spec in SCHEDULE_SPECS.values()
-            for v in (SEARCHED_VIRTUAL_STAGES if spec.stages_per_rank == "virtual_stages"
-                      else (spec.stages_per_rank,))]
+    return [
+        (spec.name, v)
+        for spec in SCHEDULE_SPECS.values()
+        for v in (
+            SEARCHED_VIRTUAL_STAGES
+            if spec.stages_per_rank == "virtual_stages"
+            else (spec.stages_per_rank,)
+        )
+    ]
 
 
 def candidates(cfg: Config) -> Iterator[Config]:
@@ -80,15 +105,28 @@ def candidates(cfg: Config) -> Iterator[Config]:
         for pp in (d for d in range(1, world // tp + 1) if world // tp % d == 0):
             dp = world // (tp * pp)
             local = cfg.train.global_batch_size // dp
-            for (schedule, v), mbs in ((s, b) for s in schedule_candidates(pp) for b in MICROBATCH_SIZES):
+            for (schedule, v), mbs in (
+                (s, b) for s in schedule_candidates(pp) for b in MICROBATCH_SIZES
+            ):
                 # shortcuts past validate: no split has more stages than blocks plus the two ends
                 if local % mbs or local < mbs or pp * v > cfg.model.n_layers + 2:
                     continue
                 for rc in RECOMPUTE_MODES:
                     for sp in (False, True) if tp > 1 else (False,):
-                        par = replace(cfg.parallel, tp=tp, pp=pp, dp=dp, virtual_stages=v, schedule=schedule,
-                                      microbatches=local // mbs, sequence_parallel=sp, layers_per_stage=None)
-                        c = replace(cfg, parallel=par, model=replace(cfg.model, activation_checkpointing=rc))
+                        par = replace(
+                            cfg.parallel,
+                            tp=tp,
+                            pp=pp,
+                            dp=dp,
+                            virtual_stages=v,
+                            schedule=schedule,
+                            microbatches=local // mbs,
+                            sequence_parallel=sp,
+                            layers_per_stage=None,
+                        )
+                        c = replace(
+                            cfg, parallel=par, model=replace(cfg.model, activation_checkpointing=rc)
+                        )
                         try:
                             validate(c, world, per_node)
                         except ConfigError:
@@ -100,7 +138,9 @@ def search(cfg: Config, top: int) -> tuple[list[tuple[Config, PlanEstimate]], in
     """The `top` fitting layouts by estimated tokens/s, and how many valid layouts there were."""
     counter = StageCounter(model_args(cfg))
     plans = [(c, estimate_config(c, counter)) for c in candidates(cfg)]
-    fitting = sorted((p for p in plans if p[1].fits), key=lambda p: (-p[1].tokens_per_s, -p[1].headroom))
+    fitting = sorted(
+        (p for p in plans if p[1].fits), key=lambda p: (-p[1].tokens_per_s, -p[1].headroom)
+    )
     return fitting[:top], len(plans)
 
 
@@ -108,10 +148,12 @@ def describe(cfg: Config) -> str:
     """The layout in one line."""
     p, t = cfg.parallel, cfg.train
     mbs = t.global_batch_size // (p.dp * p.microbatches)
-    return (f"tp={p.tp} x pp={p.pp} x dp={p.dp} ({p.tp * p.pp * p.dp} GPUs), {p.schedule} v={p.virtual_stages}, "
-            f"{p.microbatches} microbatches of {mbs} x {t.seq_len} tokens, recompute "
-            f"{cfg.model.activation_checkpointing}, {'FSDP' if p.dp_shard else 'replicated'} over dp"
-            f"{', sequence parallel' if p.sequence_parallel else ''}")
+    return (
+        f"tp={p.tp} x pp={p.pp} x dp={p.dp} ({p.tp * p.pp * p.dp} GPUs), {p.schedule} v={p.virtual_stages}, "
+        f"{p.microbatches} microbatches of {mbs} x {t.seq_len} tokens, recompute "
+        f"{cfg.model.activation_checkpointing}, {'FSDP' if p.dp_shard else 'replicated'} over dp"
+        f"{', sequence parallel' if p.sequence_parallel else ''}"
+    )
 
 
 def _gib(n: float) -> str:
@@ -129,18 +171,25 @@ def report(cfg: Config, plan: PlanEstimate, counter: StageCounter) -> str:
     """The per-pipeline-rank table and the totals, as printed."""
     c = cluster_of(cfg)
     total_params = counter.whole().total
-    source = ("hardware.peak_tflops" if cfg.hardware.peak_tflops is not None
-              else "H100 SXM's by default; set hardware.peak_tflops")
-    lines = [f"plan: {cfg.model.name} ({_count(total_params)} parameters) on {c.nodes} node(s) x "
-             f"{c.gpus_per_node} GPUs ({c.gpu_mem_gib:g} GiB, {c.peak_tflops:g} TFLOP/s ({source}), "
-             f"intra-node {c.intra_node_gbps:g} GB/s, inter-node {c.inter_node_gbps:g} GB/s)",
-             f"layout: {describe(cfg)}",
-             f"{'pp':>3} {'stages':>8} {'layers':>6} {'params/GPU':>10} {'sharded':>9} {'weights':>8} "
-             f"{'grads':>6} {'optim':>6} {'activ':>6} {'in flight':>9} {'total GiB':>9}"]
+    source = (
+        "hardware.peak_tflops"
+        if cfg.hardware.peak_tflops is not None
+        else "H100 SXM's by default; set hardware.peak_tflops"
+    )
+    lines = [
+        f"plan: {cfg.model.name} ({_count(total_params)} parameters) on {c.nodes} node(s) x "
+        f"{c.gpus_per_node} GPUs ({c.gpu_mem_gib:g} GiB, {c.peak_tflops:g} TFLOP/s ({source}), "
+        f"intra-node {c.intra_node_gbps:g} GB/s, inter-node {c.inter_node_gbps:g} GB/s)",
+        f"layout: {describe(cfg)}",
+        f"{'pp':>3} {'stages':>8} {'layers':>6} {'params/GPU':>10} {'sharded':>9} {'weights':>8} "
+        f"{'grads':>6} {'optim':>6} {'activ':>6} {'in flight':>9} {'total GiB':>9}",
+    ]
     for r in plan.ranks:
-        lines.append(f"{r.pp_rank:>3} {','.join(map(str, r.stage_ids)):>8} {r.layers:>6} {_count(r.params):>10} "
-                     f"{_count(r.params_local):>9} {_gib(r.weights):>8} {_gib(r.grads):>6} {_gib(r.optimizer):>6} "
-                     f"{_gib(r.activations):>6} {r.in_flight:>9.2f} {_gib(r.total):>9}")
+        lines.append(
+            f"{r.pp_rank:>3} {','.join(map(str, r.stage_ids)):>8} {r.layers:>6} {_count(r.params):>10} "
+            f"{_count(r.params_local):>9} {_gib(r.weights):>8} {_gib(r.grads):>6} {_gib(r.optimizer):>6} "
+            f"{_gib(r.activations):>6} {r.in_flight:>9.2f} {_gib(r.total):>9}"
+        )
     slow = max(plan.ranks, key=lambda r: r.compute_s + r.comm_s)
     gb = 1e9
     lines += [
@@ -153,29 +202,39 @@ def report(cfg: Config, plan: PlanEstimate, counter: StageCounter) -> str:
     ]
     w = plan.worst
     if plan.fits:
-        lines.append(f"fits: pp rank {w.pp_rank} is the fullest at {_gib(w.total)} GiB of "
-                     f"{_gib(plan.gpu_bytes)} GiB ({_gib(plan.headroom)} GiB headroom)")
+        lines.append(
+            f"fits: pp rank {w.pp_rank} is the fullest at {_gib(w.total)} GiB of "
+            f"{_gib(plan.gpu_bytes)} GiB ({_gib(plan.headroom)} GiB headroom)"
+        )
     else:
-        lines.append(f"does not fit: pp rank {w.pp_rank} needs {_gib(w.total)} GiB of {_gib(plan.gpu_bytes)} GiB "
-                     f"(short by {_gib(-plan.headroom)} GiB)")
+        lines.append(
+            f"does not fit: pp rank {w.pp_rank} needs {_gib(w.total)} GiB of {_gib(plan.gpu_bytes)} GiB "
+            f"(short by {_gib(-plan.headroom)} GiB)"
+        )
     return "\n".join(lines)
 
 
-def search_report(cfg: Config, rows: list[tuple[Config, PlanEstimate]], valid: int, seconds: float) -> str:
+def search_report(
+    cfg: Config, rows: list[tuple[Config, PlanEstimate]], valid: int, seconds: float
+) -> str:
     """The ranked layouts, as printed."""
     c = cfg.cluster
-    lines = [f"search: {cfg.model.name} on {c.nodes} node(s) x {c.gpus_per_node} GPUs ({c.gpu_mem_gib:g} GiB), "
-             f"global batch {cfg.train.global_batch_size} x {cfg.train.seq_len} tokens: {valid} valid layouts, "
-             f"top {len(rows)} that fit by estimated tokens/s ({seconds:.1f} s)",
-             f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>5} {'schedule':>16} {'v':>2} {'m':>4} {'mbs':>3} {'recompute':>9} "
-             f"{'sp':>3} {'GiB':>6} {'headroom':>8} {'bubble':>6} {'step s':>7} {'tokens/s':>11} {'MFU':>6}"]
+    lines = [
+        f"search: {cfg.model.name} on {c.nodes} node(s) x {c.gpus_per_node} GPUs ({c.gpu_mem_gib:g} GiB), "
+        f"global batch {cfg.train.global_batch_size} x {cfg.train.seq_len} tokens: {valid} valid layouts, "
+        f"top {len(rows)} that fit by estimated tokens/s ({seconds:.1f} s)",
+        f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>5} {'schedule':>16} {'v':>2} {'m':>4} {'mbs':>3} {'recompute':>9} "
+        f"{'sp':>3} {'GiB':>6} {'headroom':>8} {'bubble':>6} {'step s':>7} {'tokens/s':>11} {'MFU':>6}",
+    ]
     for i, (c2, p) in enumerate(rows, 1):
         q = c2.parallel
         mbs = c2.train.global_batch_size // (q.dp * q.microbatches)
-        lines.append(f"{i:>3} {q.tp:>3} {q.pp:>3} {q.dp:>5} {q.schedule:>16} {q.virtual_stages:>2} {q.microbatches:>4} "
-                     f"{mbs:>3} {c2.model.activation_checkpointing:>9} {'y' if q.sequence_parallel else 'n':>3} "
-                     f"{_gib(p.worst.total):>6} {_gib(p.headroom):>8} {p.bubble:>6.1%} {p.step_s:>7.3g} "
-                     f"{p.tokens_per_s:>11,.0f} {p.mfu:>6.1%}")
+        lines.append(
+            f"{i:>3} {q.tp:>3} {q.pp:>3} {q.dp:>5} {q.schedule:>16} {q.virtual_stages:>2} {q.microbatches:>4} "
+            f"{mbs:>3} {c2.model.activation_checkpointing:>9} {'y' if q.sequence_parallel else 'n':>3} "
+            f"{_gib(p.worst.total):>6} {_gib(p.headroom):>8} {p.bubble:>6.1%} {p.step_s:>7.3g} "
+            f"{p.tokens_per_s:>11,.0f} {p.mfu:>6.1%}"
+        )
     if not rows:
         lines.append("no layout fits: use more GPUs, a smaller global batch or a shorter sequence")
     return "\n".join(lines)
@@ -183,8 +242,12 @@ def search_report(cfg: Config, rows: list[tuple[Config, PlanEstimate]], valid: i
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2: invalid config, or the layout does not fit)."""
-    parser = argparse.ArgumentParser(prog="python -m launcher.plan", description=__doc__.splitlines()[0])
-    parser.add_argument("--search", action="store_true", help="rank the valid layouts of the cluster")
+    parser = argparse.ArgumentParser(
+        prog="python -m launcher.plan", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--search", action="store_true", help="rank the valid layouts of the cluster"
+    )
     parser.add_argument("--top", type=int, default=10, help="layouts --search prints")
     args, overrides = parser.parse_known_args(argv)
     try:
@@ -197,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if rows else 2
         validate(cfg, world_of(cfg), cfg.cluster.gpus_per_node)
     except ConfigError as err:
-        print(str(err).replace("\n", " "), file=sys.stderr)
-        return 2
+        return print_config_error(err)
     counter = StageCounter(model_args(cfg))
     plan = estimate_config(cfg, counter)
     print(report(cfg, plan, counter))

@@ -56,8 +56,14 @@ def plot_run(run_dir: Path) -> list[Path]:
     ax.set(xlabel="step", ylabel="tokens/s", title=f"throughput: {run_dir.name}")
     if any("mfu" in r for r in records):
         mfu = ax.twinx()
-        _curve(mfu, [{**r, "mfu": r["mfu"] * 100} for r in records if "mfu" in r], "mfu",
-               label="MFU (%)", color="C1", linestyle="--")
+        _curve(
+            mfu,
+            [{**r, "mfu": r["mfu"] * 100} for r in records if "mfu" in r],
+            "mfu",
+            label="MFU (%)",
+            color="C1",
+            linestyle="--",
+        )
         mfu.set_ylabel("MFU (%)")
         mfu.legend(loc="lower right")
     ax.legend(loc="lower left")
@@ -83,7 +89,9 @@ def plot_multirun(sweep_dir: Path) -> Path:
     loss_ax.set(xlabel="step", ylabel="train loss", title="loss")
     speed_ax.set(xlabel="step", ylabel="tokens/s (all devices)", title="throughput")
     handles, labels = loss_ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(2, len(labels)), fontsize=8, frameon=False)
+    fig.legend(
+        handles, labels, loc="lower center", ncol=min(2, len(labels)), fontsize=8, frameon=False
+    )
     fig.suptitle(f"sweep {sweep_dir}")
     fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 1) // 2), 1, 1))
     fig.savefig(sweep_dir / "compare.png", dpi=110)
@@ -101,8 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     elif run_dir.is_dir() and job_dirs(run_dir):
         written = [plot_multirun(run_dir)]
     else:
-        print(f"{run_dir}: no metrics.jsonl here nor in job folders below it; pass a run folder "
-              "(outputs/...) or a multirun folder (multirun/...)", file=sys.stderr)
+        print(
+            f"{run_dir}: no metrics.jsonl here nor in job folders below it; pass a run folder "
+            "(outputs/...) or a multirun folder (multirun/...)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     for path in written:
         print(path)

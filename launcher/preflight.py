@@ -39,8 +39,10 @@ def check_fits_machine(cfg: Config, ranks_per_node: int, available: int | None =
         return
     par = cfg.parallel
     raise ConfigError(
-        "model", cfg.model.name,
+        "model",
+        cfg.model.name,
         f"{cfg.model.parameter_count / 1e9:.2f}B parameters need at least {need / GIB:,.1f} GiB per "
         f"rank for fp32 weights, gradients and AdamW state at pp={par.pp} tp={par.tp} dp={par.dp}, "
         f"but a rank has {available / GIB:,.1f} GiB; use a smaller model flavor or size, raise "
-        "parallel.pp or parallel.tp, or shard the optimizer over more dp (parallel.dp_shard=true)")
+        "parallel.pp or parallel.tp, or shard the optimizer over more dp (parallel.dp_shard=true)",
+    )

@@ -26,20 +26,27 @@ def check_fits_allocation(cfg: Config, nodes: int, ranks_per_node: int) -> None:
     layout, allocated = par.dp * par.pp * par.tp, nodes * ranks_per_node
     if layout != allocated:
         other = allocated // (par.pp * par.tp)
-        fix = f"set parallel.dp={other}" if other >= 1 and other * par.pp * par.tp == allocated else \
-            "change parallel.dp/pp/tp"
+        fix = (
+            f"set parallel.dp={other}"
+            if other >= 1 and other * par.pp * par.tp == allocated
+            else "change parallel.dp/pp/tp"
+        )
         if layout % ranks_per_node == 0:
             fix += f" or submit with --nodes={layout // ranks_per_node}"
-        raise ConfigError("parallel.dp", par.dp,
-                          f"dp*pp*tp = {par.dp}*{par.pp}*{par.tp} = {layout} ranks, but the allocation has "
-                          f"{nodes} nodes x {ranks_per_node} ranks per node = {allocated}; {fix}")
+        raise ConfigError(
+            "parallel.dp",
+            par.dp,
+            f"dp*pp*tp = {par.dp}*{par.pp}*{par.tp} = {layout} ranks, but the allocation has "
+            f"{nodes} nodes x {ranks_per_node} ranks per node = {allocated}; {fix}",
+        )
     validate(cfg, allocated, ranks_per_node)  # everything else, tp inside a node included
 
 
 def head_node_address(job_nodelist: str) -> str:
     """The address of the job's first node: its NodeAddr in Slurm (the name if Slurm has none)."""
-    names = subprocess.run(["scontrol", "show", "hostnames", job_nodelist], capture_output=True,
-                           text=True, check=True).stdout.split()
+    names = subprocess.run(
+        ["scontrol", "show", "hostnames", job_nodelist], capture_output=True, text=True, check=True
+    ).stdout.split()
     node = subprocess.run(["scontrol", "show", "node", names[0]], capture_output=True, text=True)
     match = re.search(r"NodeAddr=(\S+)", node.stdout)
     return match.group(1) if match else names[0]
@@ -69,17 +76,26 @@ def requeue_if_slurm() -> bool:
     job_id = os.environ.get("SLURM_JOB_ID")
     if job_id is None or int(os.environ.get("RANK", "0")) != 0:
         return False
-    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    shown = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True
+    )
     state = m.group(1) if (m := re.search(r"JobState=(\S+)", shown.stdout)) else "unknown"
     if state != "RUNNING":
         print(f"Slurm job {job_id} is {state}: not requeued", flush=True)
         return False
     result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
     if result.returncode != 0:
-        print(f"scontrol requeue {job_id} failed: {result.stderr.strip()}; resubmit the job with "
-              "train.resume=auto to continue", file=sys.stderr, flush=True)
+        print(
+            f"scontrol requeue {job_id} failed: {result.stderr.strip()}; resubmit the job with "
+            "train.resume=auto to continue",
+            file=sys.stderr,
+            flush=True,
+        )
         return False
-    print(f"requeued Slurm job {job_id}; it resumes from the checkpoint when it starts again", flush=True)
+    print(
+        f"requeued Slurm job {job_id}; it resumes from the checkpoint when it starts again",
+        flush=True,
+    )
     return True
 
 

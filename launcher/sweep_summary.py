@@ -34,15 +34,23 @@ def read_job(job_dir: Path) -> JobRow:
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
     overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
     metrics = job_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
-        if metrics.is_file() else []
+    records = (
+        [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if metrics.is_file()
+        else []
+    )
     last = records[-1] if records else {}
     val = [r["val_loss"] for r in records if "val_loss" in r]
     # the first interval includes start-up (graph capture, first allocations): leave it out
     speeds = [r["tokens_per_s"] for r in records[1:] or records if "tokens_per_s" in r]
-    return JobRow(job=job_dir.name, overrides=[str(o) for o in overrides], steps=last.get("step"),
-                  loss=last.get("loss"), val_loss=val[-1] if val else None,
-                  tokens_per_s=statistics.median(speeds) if speeds else None)
+    return JobRow(
+        job=job_dir.name,
+        overrides=[str(o) for o in overrides],
+        steps=last.get("step"),
+        loss=last.get("loss"),
+        val_loss=val[-1] if val else None,
+        tokens_per_s=statistics.median(speeds) if speeds else None,
+    )
 
 
 def summarize_sweep(sweep_dir: Path) -> list[JobRow]:
@@ -54,18 +62,24 @@ def summarize_sweep(sweep_dir: Path) -> list[JobRow]:
 def format_table(rows: list[JobRow]) -> str:
     """A Markdown table of what differs between jobs (shared overrides above it); a job that
     logged nothing shows `failed`."""
+
     def num(value: float | int | None, spec: str) -> str:
         return "failed" if value is None else format(value, spec)
 
     shared = [o for o in rows[0].overrides if all(o in r.overrides for r in rows)] if rows else []
-    lines = [f"all jobs: {' '.join(shared) or '(no shared overrides)'}", "",
-             "| job | overrides | steps | final loss | final val loss | tokens/s |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"all jobs: {' '.join(shared) or '(no shared overrides)'}",
+        "",
+        "| job | overrides | steps | final loss | final val loss | tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         val = "" if r.val_loss is None else f"{r.val_loss:.4f}"
         own = " ".join(o for o in r.overrides if o not in shared) or "(none)"
-        lines.append(f"| {r.job} | {own} | {num(r.steps, 'd')} | {num(r.loss, '.4f')} "
-                     f"| {val} | {num(r.tokens_per_s, ',.0f')} |")
+        lines.append(
+            f"| {r.job} | {own} | {num(r.steps, 'd')} | {num(r.loss, '.4f')} "
+            f"| {val} | {num(r.tokens_per_s, ',.0f')} |"
+        )
     return "\n".join(lines) + "\n"
 
 

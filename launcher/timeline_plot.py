@@ -19,8 +19,12 @@ from matplotlib.transforms import blended_transform_factory
 from parallel.timeline import WAIT, Event, TimelineInfo, chrome_trace, measured_bubbles
 
 COLOURS = {"F": "#4c78c8", "B": "#3a9a5b", "I": "#8fd19e", "W": "#f2b134"}
-NAMES = {"F": "forward", "B": "backward (full)", "I": "backward (input grad)",
-         "W": "backward (weight grad)"}
+NAMES = {
+    "F": "forward",
+    "B": "backward (full)",
+    "I": "backward (input grad)",
+    "W": "backward (weight grad)",
+}
 
 
 def draw_timeline(events: list[Event], info: TimelineInfo, path: Path) -> None:
@@ -35,32 +39,69 @@ def draw_timeline(events: list[Event], info: TimelineInfo, path: Path) -> None:
         for e in (e for e in events if e.rank == rank):
             x, w = (e.start - begin) * 1000, (e.end - e.start) * 1000
             if e.kind == WAIT:
-                ax.barh(y, w, left=x, height=0.3, color="#dddddd", hatch="////", edgecolor="#999999",
-                        linewidth=0)
+                ax.barh(
+                    y,
+                    w,
+                    left=x,
+                    height=0.3,
+                    color="#dddddd",
+                    hatch="////",
+                    edgecolor="#999999",
+                    linewidth=0,
+                )
                 continue
             chunk = e.stage // info.pp  # a rank's second chunk is drawn darker
-            ax.barh(y, w, left=x, height=0.8, color=COLOURS[e.kind], edgecolor="white", linewidth=0.5,
-                    alpha=1.0 if chunk == 0 else 0.65)
+            ax.barh(
+                y,
+                w,
+                left=x,
+                height=0.8,
+                color=COLOURS[e.kind],
+                edgecolor="white",
+                linewidth=0.5,
+                alpha=1.0 if chunk == 0 else 0.65,
+            )
             if w > span_ms / 90:
-                ax.text(x + w / 2, y, str(e.microbatch), ha="center", va="center", fontsize=7,
-                        color="white" if e.kind in "FB" and chunk == 0 else "black")
+                ax.text(
+                    x + w / 2,
+                    y,
+                    str(e.microbatch),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if e.kind in "FB" and chunk == 0 else "black",
+                )
     side = blended_transform_factory(ax.transAxes, ax.transData)
     for row, rank in enumerate(ranks):
-        ax.text(1.01, len(ranks) - 1 - row, f"bubble {bubbles[rank]:.3f}\nformula {info.formula:.3f}",
-                transform=side, va="center", fontsize=8)
+        ax.text(
+            1.01,
+            len(ranks) - 1 - row,
+            f"bubble {bubbles[rank]:.3f}\nformula {info.formula:.3f}",
+            transform=side,
+            va="center",
+            fontsize=8,
+        )
     pp_of = {e.rank: e.pp_rank for e in events}
     ax.set_yticks(range(len(ranks)), [f"rank {r} (pp {pp_of[r]})" for r in reversed(ranks)])
     ax.set_xlim(0, span_ms)
     ax.set_xlabel("time in the step (ms)")
     v = f", v={info.virtual_stages} (second chunk lighter)" if info.virtual_stages > 1 else ""
-    ax.set_title(f"{info.schedule}: pp={info.pp}{v}, {info.microbatches} microbatches, step {info.step}; "
-                 "numbers are microbatches, blank is idle")
+    ax.set_title(
+        f"{info.schedule}: pp={info.pp}{v}, {info.microbatches} microbatches, step {info.step}; "
+        "numbers are microbatches, blank is idle"
+    )
     kinds = [k for k in COLOURS if any(e.kind == k for e in events)]
     handles = [Patch(color=COLOURS[k], label=NAMES[k]) for k in kinds]
     handles.append(Patch(facecolor="#dddddd", hatch="////", edgecolor="#999999", label="p2p wait"))
     fig.tight_layout()
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles),
-               fontsize=8, frameon=False)  # below the axis label; savefig's tight box keeps it
+    fig.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=len(handles),
+        fontsize=8,
+        frameon=False,
+    )  # below the axis label; savefig's tight box keeps it
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -69,8 +110,12 @@ def write_timeline(events: list[Event], info: TimelineInfo, run_dir: Path) -> li
     """timeline.json and timeline.png in run_dir; returns one summary line per rank."""
     (run_dir / "timeline.json").write_text(json.dumps(chrome_trace(events, info)))
     draw_timeline(events, info, run_dir / "timeline.png")
-    lines = [f"timeline of step {info.step} ({info.schedule}) -> {run_dir / 'timeline.png'}, "
-             f"{run_dir / 'timeline.json'} (open in https://ui.perfetto.dev)"]
-    lines += [f"  rank {r}: bubble {b:.3f} measured, {info.formula:.3f} by the formula"
-              for r, b in measured_bubbles(events).items()]
+    lines = [
+        f"timeline of step {info.step} ({info.schedule}) -> {run_dir / 'timeline.png'}, "
+        f"{run_dir / 'timeline.json'} (open in https://ui.perfetto.dev)"
+    ]
+    lines += [
+        f"  rank {r}: bubble {b:.3f} measured, {info.formula:.3f} by the formula"
+        for r, b in measured_bubbles(events).items()
+    ]
     return lines

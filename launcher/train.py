@@ -101,7 +101,11 @@ def main() -> None:
     except ConfigError as err:
         exit_config_error(err)
     if int(os.environ.get("RANK", "0")) != 0:
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+        sys.argv += [
+            "hydra.output_subdir=null",
+            "hydra/job_logging=disabled",
+            "hydra/hydra_logging=disabled",
+        ]
     if {"-m", "--multirun"} & set(sys.argv[1:]):
         register_mesh_launcher()  # hydra/launcher=submitit_slurm: each job sized to its mesh
         if not any(a.startswith("hydra/callbacks=") for a in sys.argv):

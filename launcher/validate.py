@@ -36,12 +36,20 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("model.n_heads", lambda v: v > 0, "must be > 0"),
     ("model.vocab_size", lambda v: 0 < v <= 2**24, "must be in [1, 16777216]"),
     ("model.multiple_of", lambda v: v > 0, "must be > 0 (the SwiGLU width is rounded up to it)"),
-    ("model.ffn_dim_multiplier", lambda v: v is None or (_finite(v) and v > 0), "must be > 0, or null"),
+    (
+        "model.ffn_dim_multiplier",
+        lambda v: v is None or (_finite(v) and v > 0),
+        "must be > 0, or null",
+    ),
     ("model.norm_eps", lambda v: _finite(v) and v > 0, "must be > 0, e.g. 1e-5"),
     ("model.rope_theta", lambda v: _finite(v) and v > 0, "must be > 0, e.g. 10000 or 500000"),
     ("model.rope_scale_factor", lambda v: _finite(v) and v > 0, "must be > 0"),
     ("model.max_seq_len", lambda v: v > 0, "must be > 0"),
-    ("optim.lr", lambda v: _finite(v) and v > 0, "the learning rate must be finite and > 0, e.g. 3e-4"),
+    (
+        "optim.lr",
+        lambda v: _finite(v) and v > 0,
+        "the learning rate must be finite and > 0, e.g. 3e-4",
+    ),
     ("optim.min_lr_ratio", lambda v: 0 <= v <= 1, "use a value in [0, 1]"),
     ("optim.warmup_steps", lambda v: v >= 0, "must be >= 0"),
     ("optim.weight_decay", lambda v: _finite(v) and v >= 0, "must be finite and >= 0, e.g. 0.1"),
@@ -49,6 +57,11 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optim.beta2", lambda v: 0 <= v < 1, "use a value in [0, 1), e.g. 0.95"),
     ("optim.eps", lambda v: _finite(v) and v > 0, "must be finite and > 0, e.g. 1e-8"),
     ("optim.grad_clip", lambda v: _finite(v) and v >= 0, "must be finite and >= 0 (0 disables)"),
+    (
+        "hardware.peak_tflops",
+        lambda v: v is None or (_finite(v) and v > 0),
+        "must be > 0 (dense TFLOP/s per device), or null to detect the GPU",
+    ),
     ("train.steps", lambda v: v > 0, "must be > 0"),
     ("train.global_batch_size", lambda v: v > 0, "must be > 0"),
     ("train.seq_len", lambda v: v > 0, "must be > 0"),
@@ -58,7 +71,11 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.sample_tokens", lambda v: v >= 0, "must be >= 0 (0: no sample)"),
     ("train.nonfinite", lambda v: v in ("stop", "skip"), "use stop or skip"),
     ("train.nonfinite_max_skips", lambda v: v >= 1, "must be >= 1 (skipped steps in a row)"),
-    ("data.max_bytes", lambda v: v > 0, "must be > 0 (bytes of text read for the stdlib/text corpus)"),
+    (
+        "data.max_bytes",
+        lambda v: v > 0,
+        "must be > 0 (bytes of text read for the stdlib/text corpus)",
+    ),
     ("checkpoint.interval", lambda v: v >= 0, "must be >= 0 (0 = only at the end)"),
     ("checkpoint.keep", lambda v: v >= 1, "keep at least 1 checkpoint"),
     ("parallel.dp", lambda v: v > 0, "must be > 0"),
@@ -86,49 +103,106 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
     None when unknown."""
     m, t, par = cfg.model, cfg.train, cfg.parallel
     _check(cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "use auto, cpu or cuda")
-    _check(cfg.precision in ("auto", "fp32", "bf16"), "precision", cfg.precision, "use auto, fp32 or bf16")
+    _check(
+        cfg.precision in ("auto", "fp32", "bf16"),
+        "precision",
+        cfg.precision,
+        "use auto, fp32 or bf16",
+    )
     _validate_ranges(cfg)
     _check(m.dim % m.n_heads == 0, "model.n_heads", m.n_heads, f"must divide model.dim={m.dim}")
-    _check(m.kv_heads > 0 and m.n_heads % m.kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
-           f"must divide model.n_heads={m.n_heads} (e.g. {_divisor_near(m.n_heads, m.kv_heads)})")
+    _check(
+        m.kv_heads > 0 and m.n_heads % m.kv_heads == 0,
+        "model.n_kv_heads",
+        m.n_kv_heads,
+        f"must divide model.n_heads={m.n_heads} (e.g. {_divisor_near(m.n_heads, m.kv_heads)})",
+    )
     _check(m.head_dim % 2 == 0, "model.dim", m.dim, "dim / n_heads must be even for RoPE")
-    _check(m.activation_checkpointing in ("none", "full", "selective"),
-           "model.activation_checkpointing", m.activation_checkpointing, "use none, full or selective")
-    _check(m.init_from is None or os.path.isdir(m.init_from), "model.init_from", m.init_from,
-           "must be a Hugging Face Llama directory that exists")
-    _check(t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
+    _check(
+        m.activation_checkpointing in ("none", "full", "selective"),
+        "model.activation_checkpointing",
+        m.activation_checkpointing,
+        "use none, full or selective",
+    )
+    _check(
+        m.init_from is None or os.path.isdir(m.init_from),
+        "model.init_from",
+        m.init_from,
+        "must be a Hugging Face Llama directory that exists",
+    )
+    _check(
+        t.seq_len <= m.max_seq_len,
+        "train.seq_len",
+        t.seq_len,
+        f"must be <= model.max_seq_len={m.max_seq_len}",
+    )
     _validate_data(cfg.data)
-    _check(t.resume in ("none", "auto") or os.path.exists(t.resume), "train.resume", t.resume,
-           "use none, auto, or the path of a checkpoint (or of a checkpoint folder)")
-    _check(cfg.logging.progress in ("auto", "bar", "lines"), "logging.progress",
-           cfg.logging.progress, "use auto, bar or lines")
+    _check(
+        t.resume in ("none", "auto") or os.path.exists(t.resume),
+        "train.resume",
+        t.resume,
+        "use none, auto, or the path of a checkpoint (or of a checkpoint folder)",
+    )
+    _check(
+        cfg.logging.progress in ("auto", "bar", "lines"),
+        "logging.progress",
+        cfg.logging.progress,
+        "use auto, bar or lines",
+    )
     layout = par.dp * par.pp * par.tp
-    _check(layout == world_size, "parallel.dp", par.dp,
-           f"dp*pp*tp = {par.dp}*{par.pp}*{par.tp} = {layout} must equal the world size {world_size}; "
-           f"set parallel.dp={world_size // (par.pp * par.tp) or 1} or launch {layout} ranks")
-    _check(par.pp > 1 or par.layers_per_stage is None, "parallel.layers_per_stage", par.layers_per_stage,
-           "a split into pipeline stages needs parallel.pp > 1; remove it or raise pp")
+    _check(
+        layout == world_size,
+        "parallel.dp",
+        par.dp,
+        f"dp*pp*tp = {par.dp}*{par.pp}*{par.tp} = {layout} must equal the world size {world_size}; "
+        f"set parallel.dp={world_size // (par.pp * par.tp) or 1} or launch {layout} ranks",
+    )
+    _check(
+        par.pp > 1 or par.layers_per_stage is None,
+        "parallel.layers_per_stage",
+        par.layers_per_stage,
+        "a split into pipeline stages needs parallel.pp > 1; remove it or raise pp",
+    )
     _validate_batch(t.global_batch_size, par.dp, par.microbatches)
     _validate_tensor_parallel(m, par, t, ranks_per_node)
     _validate_pipeline(m, par)
 
 
-def _validate_tensor_parallel(m: ModelConfig, par: ParallelConfig, t: TrainConfig, ranks_per_node: int | None) -> None:
+def _validate_tensor_parallel(
+    m: ModelConfig, par: ParallelConfig, t: TrainConfig, ranks_per_node: int | None
+) -> None:
     for name, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)):
-        _check(heads % par.tp == 0, name, heads, f"must be divisible by parallel.tp={par.tp}; "
-               f"use tp in {[d for d in range(1, heads + 1) if heads % d == 0 and m.n_heads % d == 0]}")
-    _check(m.vocab_size % par.tp == 0, "model.vocab_size", m.vocab_size,
-           f"must be divisible by parallel.tp={par.tp} (the embedding is split by vocabulary)")
+        _check(
+            heads % par.tp == 0,
+            name,
+            heads,
+            f"must be divisible by parallel.tp={par.tp}; "
+            f"use tp in {[d for d in range(1, heads + 1) if heads % d == 0 and m.n_heads % d == 0]}",
+        )
+    _check(
+        m.vocab_size % par.tp == 0,
+        "model.vocab_size",
+        m.vocab_size,
+        f"must be divisible by parallel.tp={par.tp} (the embedding is split by vocabulary)",
+    )
     per_node = ranks_per_node or par.tp  # unknown: trust the layout
-    _check(par.tp <= per_node and per_node % par.tp == 0 or par.allow_cross_node_tp, "parallel.tp", par.tp,
-           f"a TP group must fit inside one node ({per_node} ranks per node); lower tp or set "
-           "parallel.allow_cross_node_tp=true")
+    _check(
+        par.tp <= per_node and per_node % par.tp == 0 or par.allow_cross_node_tp,
+        "parallel.tp",
+        par.tp,
+        f"a TP group must fit inside one node ({per_node} ranks per node); lower tp or set "
+        "parallel.allow_cross_node_tp=true",
+    )
     if not par.sequence_parallel or par.tp == 1:
         return
     # sequence parallelism splits every sequence into tp equal slices between blocks
-    _check(t.seq_len % par.tp == 0, "train.seq_len", t.seq_len,
-           f"must be divisible by parallel.tp={par.tp} with parallel.sequence_parallel=true; set "
-           f"train.seq_len={max(par.tp, t.seq_len // par.tp * par.tp)} or parallel.sequence_parallel=false")
+    _check(
+        t.seq_len % par.tp == 0,
+        "train.seq_len",
+        t.seq_len,
+        f"must be divisible by parallel.tp={par.tp} with parallel.sequence_parallel=true; set "
+        f"train.seq_len={max(par.tp, t.seq_len // par.tp * par.tp)} or parallel.sequence_parallel=false",
+    )
 
 
 def _validate_pipeline(m: ModelConfig, par: ParallelConfig) -> None:
@@ -137,14 +211,20 @@ def _validate_pipeline(m: ModelConfig, par: ParallelConfig) -> None:
     s, v, pp = par.schedule, par.virtual_stages, par.pp
     _check(s in SCHEDULES, "parallel.schedule", s, f"choose one of {', '.join(SCHEDULES)}")
     if pp == 1:
-        _check(v == 1, "parallel.virtual_stages", v, "virtual stages need parallel.pp > 1; set it to 1")
+        _check(
+            v == 1, "parallel.virtual_stages", v, "virtual stages need parallel.pp > 1; set it to 1"
+        )
         return
     problem = schedule_spec(s).problem(pp, v, par.microbatches)  # the schedule's own rules
     if problem is not None:
         raise ConfigError(f"parallel.{problem.setting}", problem.value, problem.fix)
-    _check(not m.tie_embeddings, "model.tie_embeddings", True,
-           "tied embeddings with pp > 1 put the embedding and head on different stages; "
-           "set model.tie_embeddings=false (the default) or pp=1")
+    _check(
+        not m.tie_embeddings,
+        "model.tie_embeddings",
+        True,
+        "tied embeddings with pp > 1 put the embedding and head on different stages; "
+        "set model.tie_embeddings=false (the default) or pp=1",
+    )
     try:
         layers_per_stage(m.n_layers, n_pipeline_stages(pp, v, s), par.layers_per_stage)
     except ValueError as err:
@@ -152,13 +232,26 @@ def _validate_pipeline(m: ModelConfig, par: ParallelConfig) -> None:
 
 
 def _validate_data(d: DataConfig) -> None:
-    _check(d.source in ("stdlib", "tokens", "text"), "data.source", d.source, "use stdlib, tokens or text")
+    _check(
+        d.source in ("stdlib", "tokens", "text"),
+        "data.source",
+        d.source,
+        "use stdlib, tokens or text",
+    )
     if d.source != "stdlib":
-        _check(d.path is not None and os.path.exists(d.path), "data.path", d.path,
-               f"data.source={d.source} needs an existing file or folder")
+        _check(
+            d.path is not None and os.path.exists(d.path),
+            "data.path",
+            d.path,
+            f"data.source={d.source} needs an existing file or folder",
+        )
     if d.tokenizer is not None:
-        _check(os.path.isfile(d.tokenizer) and os.access(d.tokenizer, os.R_OK), "data.tokenizer",
-               d.tokenizer, "must be a readable Hugging Face tokenizer.json file")
+        _check(
+            os.path.isfile(d.tokenizer) and os.access(d.tokenizer, os.R_OK),
+            "data.tokenizer",
+            d.tokenizer,
+            "must be a readable Hugging Face tokenizer.json file",
+        )
     _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "use a value in (0, 1)")
 
 
@@ -166,9 +259,12 @@ def _validate_batch(global_batch: int, dp: int, microbatches: int) -> None:
     unit = dp * microbatches
     if global_batch % unit:
         lower = max(unit, global_batch // unit * unit)
-        raise ConfigError("train.global_batch_size", global_batch,
-                          f"must split evenly into dp*microbatches = {dp}*{microbatches} = {unit}; "
-                          f"use {lower} or {lower + unit}")
+        raise ConfigError(
+            "train.global_batch_size",
+            global_batch,
+            f"must split evenly into dp*microbatches = {dp}*{microbatches} = {unit}; "
+            f"use {lower} or {lower + unit}",
+        )
 
 
 def _divisor_near(n: int, k: int) -> int:

@@ -21,18 +21,26 @@ INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-
 class HFFormatError(ValueError):
     """A Hugging Face directory or tensor that does not fit; the message names the file."""
 
 
-_TOP_LEVEL = {"tok_embeddings.weight": "model.embed_tokens.weight",
-              "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
-_PER_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-              "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-              "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-              "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
-              "ffn_norm": "post_attention_layernorm"}
+_TOP_LEVEL = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_PER_LAYER = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)\.weight")
 
 
@@ -78,35 +86,59 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict[str, Any]:
     """config.json for `LlamaForCausalLM` (rope written in both the 4.x and the 5.x form)."""
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
     if args.rope_scaling:
-        rope.update(rope_type="llama3", factor=args.rope_scale_factor,
-                    low_freq_factor=args.rope_low_freq_factor,
-                    high_freq_factor=args.rope_high_freq_factor,
-                    original_max_position_embeddings=args.rope_original_max_seq_len)
+        rope.update(
+            rope_type="llama3",
+            factor=args.rope_scale_factor,
+            low_freq_factor=args.rope_low_freq_factor,
+            high_freq_factor=args.rope_high_freq_factor,
+            original_max_position_embeddings=args.rope_original_max_seq_len,
+        )
     legacy = {k: v for k, v in rope.items() if k != "rope_theta"} if args.rope_scaling else None
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
-        "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim,
-        "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
-        "max_position_embeddings": args.max_seq_len, "hidden_act": "silu",
-        "tie_word_embeddings": args.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-        "rope_theta": args.rope_theta, "rope_scaling": legacy, "rope_parameters": rope,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "max_position_embeddings": args.max_seq_len,
+        "hidden_act": "silu",
+        "tie_word_embeddings": args.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": legacy,
+        "rope_parameters": rope,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
 
 def check_hf_config(config: dict[str, Any], args: ModelArgs, where: Path) -> None:
     """Refuse a Hugging Face checkpoint whose shape differs from the configured model."""
-    expected = {"hidden_size": args.dim, "num_hidden_layers": args.n_layers,
-                "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads,
-                "vocab_size": args.vocab_size, "intermediate_size": args.ffn_hidden_dim}
-    wrong = [f"{k}={config.get(k, config.get('num_attention_heads') if k == 'num_key_value_heads' else None)} "
-             f"(model needs {v})" for k, v in expected.items()
-             if config.get(k, config.get("num_attention_heads") if k == "num_key_value_heads" else None) != v]
+    expected = {
+        "hidden_size": args.dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.kv_heads,
+        "vocab_size": args.vocab_size,
+        "intermediate_size": args.ffn_hidden_dim,
+    }
+    wrong = [
+        f"{k}={config.get(k, config.get('num_attention_heads') if k == 'num_key_value_heads' else None)} "
+        f"(model needs {v})"
+        for k, v in expected.items()
+        if config.get(k, config.get("num_attention_heads") if k == "num_key_value_heads" else None)
+        != v
+    ]
     if wrong:
-        raise HFFormatError(f"{where}: this Hugging Face model does not match the configured "
-                            f"model: {', '.join(wrong)}; pick the matching model flavor")
+        raise HFFormatError(
+            f"{where}: this Hugging Face model does not match the configured "
+            f"model: {', '.join(wrong)}; pick the matching model flavor"
+        )
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
@@ -135,30 +167,37 @@ class HFLlamaWeights:
         self.directory, self.args = Path(directory), args
         config_path = self.directory / "config.json"
         if not config_path.is_file():
-            raise HFFormatError(f"{config_path}: missing; model.init_from must be a Hugging "
-                                "Face Llama directory")
+            raise HFFormatError(
+                f"{config_path}: missing; model.init_from must be a Hugging Face Llama directory"
+            )
         check_hf_config(_read_json_object(config_path), args, config_path)
         if (self.directory / INDEX).is_file():
             weight_map = _read_json_object(self.directory / INDEX).get("weight_map")
             if not isinstance(weight_map, dict) or not all(
-                    isinstance(k, str) and isinstance(f, str) for k, f in weight_map.items()):
-                raise HFFormatError(f"{self.directory / INDEX}: no 'weight_map' of tensor name -> "
-                                    "file name")
+                isinstance(k, str) and isinstance(f, str) for k, f in weight_map.items()
+            ):
+                raise HFFormatError(
+                    f"{self.directory / INDEX}: no 'weight_map' of tensor name -> file name"
+                )
             self._file_of = {k: _inside(self.directory, f, INDEX) for k, f in weight_map.items()}
         elif (self.directory / SINGLE_FILE).is_file():
             try:
                 with safe_open(self.directory / SINGLE_FILE, "pt") as f:
                     self._file_of = {k: self.directory / SINGLE_FILE for k in f.keys()}
             except Exception as err:  # safetensors raises its own types for bad files
-                raise HFFormatError(f"{self.directory / SINGLE_FILE}: not a safetensors file "
-                                    f"({err})") from None
+                raise HFFormatError(
+                    f"{self.directory / SINGLE_FILE}: not a safetensors file ({err})"
+                ) from None
         else:
             raise HFFormatError(f"{self.directory}: neither {SINGLE_FILE} nor {INDEX}")
 
     def __call__(self, name: str, shape: torch.Size) -> torch.Tensor:
         """The full value of tridist parameter `name`, checked against `shape`."""
-        key = "model.embed_tokens.weight" if name == "output.weight" and self.args.tie_embeddings \
+        key = (
+            "model.embed_tokens.weight"
+            if name == "output.weight" and self.args.tie_embeddings
             else hf_name(name)
+        )
         if key not in self._file_of:
             raise HFFormatError(f"{self.directory}: tensor {key!r} (for {name}) is missing")
         path = self._file_of[key]
@@ -168,6 +207,8 @@ class HFLlamaWeights:
         except Exception as err:  # safetensors raises its own types for bad files
             raise HFFormatError(f"{path}: cannot read tensor {key!r}: {err}") from None
         if tuple(tensor.shape) != tuple(shape):
-            raise HFFormatError(f"{path}: tensor {key!r} has shape {list(tensor.shape)}, the "
-                                f"model needs {list(shape)} for {name}")
+            raise HFFormatError(
+                f"{path}: tensor {key!r} has shape {list(tensor.shape)}, the "
+                f"model needs {list(shape)} for {name}"
+            )
         return from_hf_tensor(name, tensor.float(), self.args)

@@ -197,7 +197,9 @@ class Transformer(nn.Module):
         return h
 
 
-def initial_value(fqn: str, shape: torch.Size, args: ModelArgs, generator: torch.Generator) -> torch.Tensor:
+def initial_value(
+    fqn: str, shape: torch.Size, args: ModelArgs, generator: torch.Generator
+) -> torch.Tensor:
     """The full (unsharded) initial value of parameter `fqn`, drawn from `generator`.
 
     Depends only on the name, the shape and the generator, never on how the model is split, so

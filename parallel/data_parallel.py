@@ -9,7 +9,9 @@ from torch.distributed.fsdp import fully_shard
 from models.llama import Transformer
 
 
-def apply_data_parallel(model: Transformer, dp_mesh: DeviceMesh, shard: bool, pipelined: bool) -> None:
+def apply_data_parallel(
+    model: Transformer, dp_mesh: DeviceMesh, shard: bool, pipelined: bool
+) -> None:
     """Wrap each block, then the root, so gradients reduce per block as backward proceeds.
 
     Under pipelining the parameters stay unsharded after forward: resharding would cost an

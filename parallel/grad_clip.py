@@ -13,7 +13,9 @@ from parallel.dtensor import full_value, local_part
 
 
 @torch.no_grad()
-def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float, pp_group: dist.ProcessGroup | None) -> torch.Tensor:
+def clip_grad_norm(
+    params: Sequence[torch.Tensor], max_norm: float, pp_group: dist.ProcessGroup | None
+) -> torch.Tensor:
     """Clip in place and return the global L2 norm of all gradients of the whole model."""
     grads = [p.grad for p in params if p.grad is not None]
     # torch's get_total_norm cannot stack norms of DTensors on different meshes (TP-sharded

@@ -21,8 +21,9 @@ def parameter_seed(seed: int, fqn: str) -> int:
 
 
 @torch.no_grad()
-def init_parameters(module: nn.Module, args: ModelArgs, seed: int,
-                    values: InitialValues | None = None) -> None:
+def init_parameters(
+    module: nn.Module, args: ModelArgs, seed: int, values: InitialValues | None = None
+) -> None:
     """Fill every (possibly TP-sharded) parameter of `module` with its full-model initial value:
     drawn from the seed, or taken from `values` (e.g. pretrained weights)."""
     for fqn, param in module.named_parameters():

@@ -11,6 +11,7 @@ from torch.distributed.pipelining.schedules import _PipelineSchedule
 from models.llama import ModelArgs, Transformer
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.data_parallel import apply_data_parallel
+from parallel.dtensor import full_value
 from parallel.init import InitialValues, init_parameters
 from parallel.loss import cross_entropy
 from parallel.pipeline import (
@@ -85,12 +86,21 @@ def parallelize(
             apply_data_parallel(chunk, mesh["dp"], shard=dp_shard, pipelined=pp > 1)
     sched = None
     if pp > 1:
-        sched = build_schedule(chunks, stage_ids, n_stages, schedule, microbatches, cross_entropy,
-                               device, mesh["pp"].get_group())
+        sched = build_schedule(
+            chunks,
+            stage_ids,
+            n_stages,
+            schedule,
+            microbatches,
+            cross_entropy,
+            device,
+            mesh["pp"].get_group(),
+        )
     eval_sched = sched
     if schedule_spec(schedule).placement == "v" and pp > 1:
-        eval_sched = build_v_shape_eval_schedule(chunks, stage_ids, n_stages, microbatches,
-                                                 cross_entropy, device, mesh["pp"].get_group())
+        eval_sched = build_v_shape_eval_schedule(
+            chunks, stage_ids, n_stages, microbatches, cross_entropy, device, mesh["pp"].get_group()
+        )
     return ParallelModel(chunks, stage_ids, n_stages, sched, mesh, eval_sched)
 
 
@@ -102,5 +112,5 @@ def full_state_dict(model: ParallelModel) -> dict[str, torch.Tensor]:
     out = {}
     for chunk in model.chunks:
         for fqn, p in chunk.named_parameters():
-            out[fqn] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
+            out[fqn] = full_value(p).detach().cpu().clone()
     return out

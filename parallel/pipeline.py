@@ -117,13 +117,20 @@ def build_v_shape_eval_schedule(
     class: the public schedules take no custom order) adds the sends and receives. Separate
     PipelineStage wrappers of the same modules keep the training schedule's buffers untouched.
     """
-    stages = [PipelineStage(module, sid, n_stages, device, group=pp_group)
-              for module, sid in zip(modules, stage_ids)]
+    stages = [
+        PipelineStage(module, sid, n_stages, device, group=pp_group)
+        for module, sid in zip(modules, stage_ids)
+    ]
     sched = _PipelineScheduleRuntime(stages, n_microbatches=microbatches, loss_fn=loss_fn)
     pp = torch.distributed.get_world_size(pp_group)
     order: dict[int, list[_Action | None]] = {
-        rank: [_Action(sid, FORWARD, mb) for sid in (rank, n_stages - 1 - rank) for mb in range(microbatches)]
-        for rank in range(pp)}
+        rank: [
+            _Action(sid, FORWARD, mb)
+            for sid in (rank, n_stages - 1 - rank)
+            for mb in range(microbatches)
+        ]
+        for rank in range(pp)
+    }
     # lowered here rather than by _prepare_schedule_with_comms, whose check wants backwards
     to_rank = generate_stage_to_rank_mapping(pp, n_stages, style="v")
     sched.stage_index_to_group_rank = to_rank
@@ -132,6 +139,7 @@ def build_v_shape_eval_schedule(
     sched.pipeline_order = order
     # as torch's own lowering: FSDP unshard/reshard around each stage's compute, then the p2p ops
     with_fsdp = {rank: _add_unshard_reshard(actions) for rank, actions in order.items()}
-    sched.pipeline_order_with_comms = _add_send_recv(with_fsdp, stage_to_rank=lambda s: to_rank[s],
-                                                     num_stages=n_stages)
+    sched.pipeline_order_with_comms = _add_send_recv(
+        with_fsdp, stage_to_rank=lambda s: to_rank[s], num_stages=n_stages
+    )
     return sched

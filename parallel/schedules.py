@@ -60,11 +60,16 @@ class ScheduleSpec:
         """The first reason (pp > 1, virtual_stages, microbatches) cannot run, or None."""
         v, fixed = virtual_stages, self.stages_per_rank
         if fixed == 1 and v != 1:
-            return ScheduleProblem("virtual_stages", v, f"{self.name} runs one stage per rank; "
-                                   "set virtual_stages=1 or use interleaved_1f1b")
+            return ScheduleProblem(
+                "virtual_stages",
+                v,
+                f"{self.name} runs one stage per rank; "
+                "set virtual_stages=1 or use interleaved_1f1b",
+            )
         if fixed == 2 and v != 2:
-            return ScheduleProblem("virtual_stages", v,
-                                   f"{self.name} places exactly two stages per rank; set it to 2")
+            return ScheduleProblem(
+                "virtual_stages", v, f"{self.name} places exactly two stages per rank; set it to 2"
+            )
         if self.microbatch_check is None:
             return None
         fix = self.microbatch_check(self.name, pp, pp * v, microbatches)
@@ -77,11 +82,15 @@ def _one_microbatch_per_stage(name: str, pp: int, n_stages: int, microbatches: i
     return None
 
 
-def _microbatches_in_rounds_of_pp(name: str, pp: int, n_stages: int, microbatches: int) -> str | None:
+def _microbatches_in_rounds_of_pp(
+    name: str, pp: int, n_stages: int, microbatches: int
+) -> str | None:
     rounds = max(1, microbatches // pp)
     if microbatches % rounds:
-        return (f"{name} runs microbatches in rounds of pp={pp}; use a multiple of {pp}, "
-                f"e.g. {rounds * pp}")
+        return (
+            f"{name} runs microbatches in rounds of pp={pp}; use a multiple of {pp}, "
+            f"e.g. {rounds * pp}"
+        )
     return None
 
 
@@ -92,26 +101,59 @@ def _megatron_warm_up(p: int, r: int, m: int, v: int) -> float:
 
 _SPECS = (
     # GPipe: (p-1)(F+B) = 3(p-1); every forward before any backward holds all m
-    ScheduleSpec("gpipe", "GPipe", "one", 1, lambda p, v: 3 * (p - 1),
-                 lambda p, r, m, v: m),
+    ScheduleSpec("gpipe", "GPipe", "one", 1, lambda p, v: 3 * (p - 1), lambda p, r, m, v: m),
     # PipeDream-Flush: GPipe's bubble; r's warm-up forwards plus one, p - r
-    ScheduleSpec("1f1b", "1F1B", "one", 1, lambda p, v: 3 * (p - 1),
-                 lambda p, r, m, v: p - r, _one_microbatch_per_stage),
+    ScheduleSpec(
+        "1f1b",
+        "1F1B",
+        "one",
+        1,
+        lambda p, v: 3 * (p - 1),
+        lambda p, r, m, v: p - r,
+        _one_microbatch_per_stage,
+    ),
     # Megatron interleaving: the same bubble per chunk, 3(p-1)/v
-    ScheduleSpec("interleaved_1f1b", "Interleaved1F1B", "looped", "virtual_stages",
-                 lambda p, v: 3 * (p - 1) / v, _megatron_warm_up, _microbatches_in_rounds_of_pp),
+    ScheduleSpec(
+        "interleaved_1f1b",
+        "Interleaved1F1B",
+        "looped",
+        "virtual_stages",
+        lambda p, v: 3 * (p - 1) / v,
+        _megatron_warm_up,
+        _microbatches_in_rounds_of_pp,
+    ),
     # breadth-first: 3(p-1)/v, and like GPipe all m in flight
-    ScheduleSpec("looped_bfs", "LoopedBFS", "looped", "virtual_stages",
-                 lambda p, v: 3 * (p - 1) / v, lambda p, r, m, v: m),
+    ScheduleSpec(
+        "looped_bfs",
+        "LoopedBFS",
+        "looped",
+        "virtual_stages",
+        lambda p, v: 3 * (p - 1) / v,
+        lambda p, r, m, v: m,
+    ),
     # ZB-H1: (p-1)(F+B_input-W) per chunk = (p-1)/v; keeps 1F1B's (Megatron's) memory
-    ScheduleSpec("interleaved_zb", "InterleavedZeroBubble", "looped", "virtual_stages",
-                 lambda p, v: (p - 1) / v, _megatron_warm_up, _microbatches_in_rounds_of_pp),
+    ScheduleSpec(
+        "interleaved_zb",
+        "InterleavedZeroBubble",
+        "looped",
+        "virtual_stages",
+        lambda p, v: (p - 1) / v,
+        _megatron_warm_up,
+        _microbatches_in_rounds_of_pp,
+    ),
     # ZB-V: ~0 once m >= 2p; p on every rank, the peak of 1F1B's first stage
     ScheduleSpec("zbv", "ZBVZeroBubble", "v", 2, lambda p, v: 0.0, lambda p, r, m, v: p),
     # DualPipe's (p-1)(F&B+B-3W) per chunk with v=2 and no F&B overlap = p-1; its
     # activation column, p + 1
-    ScheduleSpec("dualpipev", "DualPipeV", "v", 2, lambda p, v: p - 1,
-                 lambda p, r, m, v: p + 1, _one_microbatch_per_stage),
+    ScheduleSpec(
+        "dualpipev",
+        "DualPipeV",
+        "v",
+        2,
+        lambda p, v: p - 1,
+        lambda p, r, m, v: p + 1,
+        _one_microbatch_per_stage,
+    ),
 )
 SCHEDULE_SPECS: dict[str, ScheduleSpec] = {s.name: s for s in _SPECS}
 SCHEDULES: tuple[str, ...] = tuple(SCHEDULE_SPECS)
@@ -159,11 +201,14 @@ def bubble_over_ideal(schedule: str, pp: int, microbatches: int, virtual_stages:
     return bubble_time(schedule, pp, virtual_stages) / (3 * microbatches)
 
 
-def microbatches_in_flight(schedule: str, pp: int, pp_rank: int, microbatches: int,
-                           virtual_stages: int) -> float:
+def microbatches_in_flight(
+    schedule: str, pp: int, pp_rank: int, microbatches: int, virtual_stages: int
+) -> float:
     """Microbatches whose activations a pipeline rank holds at its peak, in units of one
     microbatch through all of the rank's layers (never more than there are)."""
     spec = schedule_spec(schedule)
     if pp == 1:
         return 1.0
-    return min(float(spec.in_flight(pp, pp_rank, microbatches, virtual_stages)), float(microbatches))
+    return min(
+        float(spec.in_flight(pp, pp_rank, microbatches, virtual_stages)), float(microbatches)
+    )

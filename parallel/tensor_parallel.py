@@ -32,7 +32,9 @@ def llama_tp_plan(sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
     plan: dict[str, ParallelStyle] = {
         # each rank embeds the ids of its vocabulary rows; the partial sums are all-reduced
         # (or reduce-scattered by sequence under SP)
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=sp or Replicate()),
+        "tok_embeddings": RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=sp or Replicate()
+        ),
         # q/k/v and w1/w3 split by heads / hidden units: no forward collective; backward
         # all-reduces the input's partial gradient
         "layers.*.attention.wq": ColwiseParallel(),
@@ -46,8 +48,9 @@ def llama_tp_plan(sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
         "layers.*.feed_forward.w2": RowwiseParallel(output_layouts=sp or Replicate()),
         # logits leave as a DTensor sharded by vocabulary: the loss runs under loss_parallel()
         # and the full logits are never gathered (under SP: after an all-gather of the norm)
-        "output": ColwiseParallel(input_layouts=sp or Replicate(), output_layouts=Shard(-1),
-                                  use_local_output=False),
+        "output": ColwiseParallel(
+            input_layouts=sp or Replicate(), output_layouts=Shard(-1), use_local_output=False
+        ),
     }
     if sequence_parallel:
         plan |= {
@@ -59,9 +62,12 @@ def llama_tp_plan(sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
             # attention needs every position: all-gather the sequence (cos/sin pass through);
             # the input stays a DTensor so wq/wk/wv's partial input gradients are reduced once
             "layers.*.attention": PrepareModuleInput(
-                input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)),
+                input_layouts=(Shard(1), None, None),
+                desired_input_layouts=(Replicate(), None, None),
+            ),
             "layers.*.feed_forward": PrepareModuleInput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+            ),
         }
     return plan
 
@@ -72,9 +78,14 @@ def matches(pattern: str, name: str) -> bool:
     return len(parts) == len(atoms) and all(fnmatchcase(p, a) for p, a in zip(parts, atoms))
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool = False) -> None:
+def apply_tensor_parallel(
+    model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool = False
+) -> None:
     """Shard the modules of the Llama TP plan that this (possibly partial) stage really has."""
     names = [name for name, _ in model.named_modules() if name]
-    plan = {pattern: style for pattern, style in llama_tp_plan(sequence_parallel).items()
-            if any(matches(pattern, name) for name in names)}  # a stage may lack the ends or blocks
+    plan = {
+        pattern: style
+        for pattern, style in llama_tp_plan(sequence_parallel).items()
+        if any(matches(pattern, name) for name in names)
+    }  # a stage may lack the ends or blocks
     parallelize_module(model, tp_mesh, plan)

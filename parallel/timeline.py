@@ -71,6 +71,7 @@ def record_actions(schedule: Any, device: torch.device, rank: int) -> Iterator[l
                 sync()
                 name = kind if isinstance(kind, str) else kind(*args, **kwargs)
                 events.append(Event(rank, pp_rank, name, stage, mb, start, time.perf_counter()))
+
         return wrapper
 
     def backward_kind(loss: Any = None, full_backward: bool = True, *_: Any, **__: Any) -> str:
@@ -87,8 +88,11 @@ def record_actions(schedule: Any, device: torch.device, rank: int) -> Iterator[l
         sync()
         events.append(Event(rank, pp_rank, WAIT, -1, -1, start, time.perf_counter()))
 
-    patched = [(s, name, s.__dict__.get(name)) for s in stages
-               for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk")]
+    patched = [
+        (s, name, s.__dict__.get(name))
+        for s in stages
+        for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk")
+    ]
     for s in stages:
         s.forward_one_chunk = timed(s.forward_one_chunk, "F", s.stage_index)
         s.backward_one_chunk = timed(s.backward_one_chunk, backward_kind, s.stage_index)
@@ -105,7 +109,9 @@ def record_actions(schedule: Any, device: torch.device, rank: int) -> Iterator[l
                 setattr(s, name, before)
 
 
-def record_step(step: Callable[[], T], schedule: Any, device: torch.device) -> tuple[T, list[Event] | None]:
+def record_step(
+    step: Callable[[], T], schedule: Any, device: torch.device
+) -> tuple[T, list[Event] | None]:
     """Run `step` with every rank's actions timed; rank 0 gets all ranks' events, others None.
 
     Collective over the world group: every rank must call it for the same step.
@@ -117,7 +123,9 @@ def record_step(step: Callable[[], T], schedule: Any, device: torch.device) -> t
         result = step()
     for e in events:
         e.start, e.end = e.start - start, e.end - start
-    gathered: list[list[Event]] | None = [[] for _ in range(dist.get_world_size())] if rank == 0 else None
+    gathered: list[list[Event]] | None = (
+        [[] for _ in range(dist.get_world_size())] if rank == 0 else None
+    )
     dist.gather_object(events, gathered, dst=0)  # rank 0 writes the trace
     return result, [e for per_rank in gathered for e in per_rank] if gathered is not None else None
 
@@ -155,14 +163,37 @@ def chrome_trace(events: list[Event], info: TimelineInfo) -> dict[str, Any]:
     trace: list[dict[str, Any]] = []
     for rank in sorted(bubbles):
         pp_rank = next(e.pp_rank for e in events if e.rank == rank)
-        trace.append({"ph": "M", "name": "process_name", "pid": rank,
-                      "args": {"name": f"rank {rank} (pp {pp_rank}) bubble {bubbles[rank]:.3f}"}})
+        trace.append(
+            {
+                "ph": "M",
+                "name": "process_name",
+                "pid": rank,
+                "args": {"name": f"rank {rank} (pp {pp_rank}) bubble {bubbles[rank]:.3f}"},
+            }
+        )
         for tid, name in ((0, "compute"), (1, "p2p wait")):
-            trace.append({"ph": "M", "name": "thread_name", "pid": rank, "tid": tid, "args": {"name": name}})
+            trace.append(
+                {"ph": "M", "name": "thread_name", "pid": rank, "tid": tid, "args": {"name": name}}
+            )
     for e in events:
-        trace.append({"ph": "X", "name": e.label, "cat": e.kind, "pid": e.rank, "tid": int(e.kind == WAIT),
-                      "ts": e.start * 1e6, "dur": (e.end - e.start) * 1e6,
-                      "args": {"stage": e.stage, "microbatch": e.microbatch, "pp_rank": e.pp_rank}})
-    return {"traceEvents": trace, "displayTimeUnit": "ms",
-            "otherData": {**asdict(info), "formula_bubble": info.formula,
-                          "measured_bubble": {str(r): b for r, b in bubbles.items()}}}
+        trace.append(
+            {
+                "ph": "X",
+                "name": e.label,
+                "cat": e.kind,
+                "pid": e.rank,
+                "tid": int(e.kind == WAIT),
+                "ts": e.start * 1e6,
+                "dur": (e.end - e.start) * 1e6,
+                "args": {"stage": e.stage, "microbatch": e.microbatch, "pp_rank": e.pp_rank},
+            }
+        )
+    return {
+        "traceEvents": trace,
+        "displayTimeUnit": "ms",
+        "otherData": {
+            **asdict(info),
+            "formula_bubble": info.formula,
+            "measured_bubble": {str(r): b for r, b in bubbles.items()},
+        },
+    }

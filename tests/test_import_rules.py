@@ -56,32 +56,47 @@ def _every_import_statement(pkg: str) -> list[tuple[Path, str]]:
 
 
 def test_models_import_nothing_distributed_or_above() -> None:
-    bad = [(p.name, m) for p, m in _every_import_statement("models")
-           if _under(m, ("torch.distributed", "parallel", "launcher", "data", "hydra"))]
+    bad = [
+        (p.name, m)
+        for p, m in _every_import_statement("models")
+        if _under(m, ("torch.distributed", "parallel", "launcher", "data", "hydra"))
+    ]
     assert not bad, bad
 
 
 def test_parallel_never_imports_launcher() -> None:
-    bad = [(str(p.relative_to(REPO)), m) for p, m in _every_import_statement("parallel")
-           if _under(m, ("launcher", "hydra", "omegaconf"))]
+    bad = [
+        (str(p.relative_to(REPO)), m)
+        for p, m in _every_import_statement("parallel")
+        if _under(m, ("launcher", "hydra", "omegaconf"))
+    ]
     assert not bad, bad
 
 
 def test_data_imports_neither_parallel_nor_launcher() -> None:
-    bad = [(p.name, m) for p, m in _every_import_statement("data") if _under(m, ("parallel", "launcher"))]
+    bad = [
+        (p.name, m)
+        for p, m in _every_import_statement("data")
+        if _under(m, ("parallel", "launcher"))
+    ]
     assert not bad, bad
 
 
 def test_run_library_never_imports_entry_points() -> None:
     graph = _all_imports()
-    bad = [(m, sorted(set(deps) & set(ENTRY_POINTS))) for m, deps in graph.items()
-           if m.startswith("launcher.run") and set(deps) & set(ENTRY_POINTS)]
+    bad = [
+        (m, sorted(set(deps) & set(ENTRY_POINTS)))
+        for m, deps in graph.items()
+        if m.startswith("launcher.run") and set(deps) & set(ENTRY_POINTS)
+    ]
     assert not bad, bad
 
 
 def test_no_import_cycles() -> None:
-    graph = {m: {d for d in deps if d in _modules() and d != m and not m.startswith(d + ".")}
-             for m, deps in _all_imports().items()}
+    graph = {
+        m: {d for d in deps if d in _modules() and d != m and not m.startswith(d + ".")}
+        for m, deps in _all_imports().items()
+    }
     # a package's __init__ importing its own submodules is not a cycle with them
     graph = {m: {d for d in deps if not d.startswith(m + ".")} for m, deps in graph.items()}
     state: dict[str, int] = {}
@@ -92,7 +107,7 @@ def test_no_import_cycles() -> None:
         stack.append(m)
         for d in sorted(graph.get(m, ())):
             if state.get(d) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(d):] + [d]))
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(d) :] + [d]))
             if d not in state:
                 visit(d)
         stack.pop()

@@ -28,8 +28,11 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLaunche
 from launcher.config import ConfigError
 
 # what a non-zero rank adds to its job's overrides: rank 0 alone writes Hydra's files and log
-QUIET_RANK_OVERRIDES = ["hydra.output_subdir=null", "hydra/job_logging=disabled",
-                        "hydra/hydra_logging=disabled"]
+QUIET_RANK_OVERRIDES = [
+    "hydra.output_subdir=null",
+    "hydra/job_logging=disabled",
+    "hydra/hydra_logging=disabled",
+]
 
 
 def job_allocation(dp: int, pp: int, tp: int, ranks_per_node: int) -> tuple[int, int]:
@@ -38,8 +41,12 @@ def job_allocation(dp: int, pp: int, tp: int, ranks_per_node: int) -> tuple[int,
     if world <= ranks_per_node:
         return 1, world
     if world % ranks_per_node:
-        raise ConfigError("parallel.dp", dp, f"dp*pp*tp = {world} ranks do not fill whole nodes of "
-                          f"hydra.launcher.tasks_per_node={ranks_per_node}; use a multiple of it")
+        raise ConfigError(
+            "parallel.dp",
+            dp,
+            f"dp*pp*tp = {world} ranks do not fill whole nodes of "
+            f"hydra.launcher.tasks_per_node={ranks_per_node}; use a multiple of it",
+        )
     return world // ranks_per_node, ranks_per_node
 
 
@@ -54,20 +61,34 @@ class MeshSlurmLauncher(SlurmLauncher):
             sweep_overrides = list(sweep_overrides) + QUIET_RANK_OVERRIDES
         return super().__call__(sweep_overrides, *args)
 
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
         """Submit every job with its own allocation, then wait for all of them."""
         assert self.config is not None and self.hydra_context is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         jobs = []
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-            job_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            job_cfg = self.hydra_context.config_loader.load_sweep_config(
+                self.config, list(overrides)
+            )
             par = job_cfg.parallel
             nodes, tasks = job_allocation(par.dp, par.pp, par.tp, self.params["tasks_per_node"])
             executor = self._executor(nodes, tasks)
-            print(f"job {idx}: {' '.join(overrides)} -> {nodes} node(s) x {tasks} task(s)", flush=True)
-            jobs.append(executor.submit(self, list(overrides), "hydra.sweep.dir", idx,
-                                        f"job_id_for_{idx}", Singleton.get_state()))
+            print(
+                f"job {idx}: {' '.join(overrides)} -> {nodes} node(s) x {tasks} task(s)", flush=True
+            )
+            jobs.append(
+                executor.submit(
+                    self,
+                    list(overrides),
+                    "hydra.sweep.dir",
+                    idx,
+                    f"job_id_for_{idx}",
+                    Singleton.get_state(),
+                )
+            )
         return [job.results()[0] for job in jobs]  # rank 0's return value
 
     def _executor(self, nodes: int, tasks_per_node: int) -> Any:
@@ -75,10 +96,17 @@ class MeshSlurmLauncher(SlurmLauncher):
         import submitit
 
         init_keys = {"submitit_folder", "max_num_timeout"}
-        executor = submitit.AutoExecutor(cluster="slurm", folder=self.params["submitit_folder"],
-                                         slurm_max_num_timeout=self.params["max_num_timeout"])
+        executor = submitit.AutoExecutor(
+            cluster="slurm",
+            folder=self.params["submitit_folder"],
+            slurm_max_num_timeout=self.params["max_num_timeout"],
+        )
         base = set(BaseQueueConf.__dataclass_fields__)
-        params = {k if k in base else f"slurm_{k}": v for k, v in self.params.items() if k not in init_keys}
+        params = {
+            k if k in base else f"slurm_{k}": v
+            for k, v in self.params.items()
+            if k not in init_keys
+        }
         params.update(nodes=nodes, tasks_per_node=tasks_per_node)
         if params.get("gpus_per_node"):
             params["gpus_per_node"] = tasks_per_node  # one GPU per rank
@@ -97,5 +125,6 @@ def register_mesh_launcher() -> None:
     """Make `hydra/launcher=submitit_slurm` this launcher (call before Hydra composes)."""
     # Hydra's plugin scan re-runs the plugin's own registration of this name: scan first
     Plugins.instance()
-    ConfigStore.instance().store(group="hydra/launcher", name="submitit_slurm", node=MeshSlurmQueueConf,
-                                 provider="tridist")
+    ConfigStore.instance().store(
+        group="hydra/launcher", name="submitit_slurm", node=MeshSlurmQueueConf, provider="tridist"
+    )

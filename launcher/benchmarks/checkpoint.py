@@ -95,10 +95,23 @@ def _cold() -> None:
     dist.barrier()
 
 
-def _rank(rank: int, world: int, port: int, overrides: list[str], root: str, saved: str | None,
-          queue: mp.SimpleQueue) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank(
+    rank: int,
+    world: int,
+    port: int,
+    overrides: list[str],
+    root: str,
+    saved: str | None,
+    queue: mp.SimpleQueue,
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     cfg = compose_config(overrides, world)
     trainer = build_trainer(cfg, load_data(cfg))
@@ -123,8 +136,11 @@ def _rank(rank: int, world: int, port: int, overrides: list[str], root: str, sav
     raw_s = _timed_all(raw_write, raw, nbytes // world)
     rows.append(IoRow("save", layout, nbytes, save_s, raw_s))
     _cold()
-    rows.append(IoRow("load, same layout", layout, nbytes,
-                      _timed_all(load_trainer, path, trainer, False), 0.0))
+    rows.append(
+        IoRow(
+            "load, same layout", layout, nbytes, _timed_all(load_trainer, path, trainer, False), 0.0
+        )
+    )
     _cold()
     rows[-1].raw_s = _timed_all(raw_read, raw)
     checkpointer = AsyncCheckpointer()
@@ -146,8 +162,14 @@ def _spawn(world: int, overrides: list[str], root: Path, saved: str | None) -> t
 
 def checkpoint_io(root: Path, model: list[str], tp: int = 2) -> list[IoRow]:
     """Save/load on 1 rank, then load that checkpoint resharded at tp on `tp` ranks (and save)."""
-    base = [*model, "train.seq_len=16", "train.global_batch_size=2", "train.sample_tokens=0",
-            "device=cpu", "precision=fp32"]
+    base = [
+        *model,
+        "train.seq_len=16",
+        "train.global_batch_size=2",
+        "train.sample_tokens=0",
+        "device=cpu",
+        "precision=fp32",
+    ]
     root.mkdir(parents=True, exist_ok=True)
     try:
         rows, saved = _spawn(1, base, root / "one", None)
@@ -159,18 +181,24 @@ def checkpoint_io(root: Path, model: list[str], tp: int = 2) -> list[IoRow]:
 
 def format_checkpoint_io(rows: list[IoRow], cold: bool) -> str:
     """A markdown table of the rows."""
-    lines = ["| what | layout | GB | tridist s | raw s | tridist GB/s | raw GB/s | ratio |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| what | layout | GB | tridist s | raw s | tridist GB/s | raw GB/s | ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if r.what == ASYNC:
             continue
         gb = r.nbytes / 1e9
-        lines.append(f"| {r.what} | {r.layout} | {gb:.2f} | {r.tridist_s:.2f} | {r.raw_s:.2f} | "
-                     f"{gb / r.tridist_s:.2f} | {gb / r.raw_s:.2f} | {r.ratio:.2f} |")
+        lines.append(
+            f"| {r.what} | {r.layout} | {gb:.2f} | {r.tridist_s:.2f} | {r.raw_s:.2f} | "
+            f"{gb / r.tridist_s:.2f} | {gb / r.raw_s:.2f} | {r.ratio:.2f} |"
+        )
     reads = "cold (page cache dropped before each read)" if cold else "page cache NOT dropped"
     lines.append(f"\nreads: {reads}; ratio = tridist GB/s / raw GB/s\n")
     for r in rows:
         if r.what == ASYNC:
-            lines.append(f"async save ({r.layout}): the step loop blocked {r.tridist_s:.2f} s "
-                         f"(staging), against {r.raw_s:.2f} s for a synchronous save")
+            lines.append(
+                f"async save ({r.layout}): the step loop blocked {r.tridist_s:.2f} s "
+                f"(staging), against {r.raw_s:.2f} s for a synchronous save"
+            )
     return "\n".join(lines)

@@ -32,11 +32,17 @@ class BareLoop:
         self.sampler = DistributedBatchSampler(tokens, t.seq_len, t.global_batch_size, 0, 1, t.seed)
         params = list(model.parameters())
         self.optimizer = torch.optim.AdamW(
-            [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
-             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+            [
+                {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            ],
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+        )
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_multiplier(s, o.warmup_steps, t.steps, o.min_lr_ratio))
+            self.optimizer, lambda s: lr_multiplier(s, o.warmup_steps, t.steps, o.min_lr_ratio)
+        )
 
     def train_step(self) -> torch.Tensor:
         """One step: forward, loss, backward, clip, update; returns the loss."""
@@ -71,15 +77,30 @@ class OverheadResult:
         return statistics.median(self.pair_ratios)
 
 
-def overhead(steps: int = 30, model: str = "tiny", warmup: int = 3, seq_len: int = 256,
-             batch: int = 8, overrides: tuple[str, ...] = ()) -> OverheadResult:
+def overhead(
+    steps: int = 30,
+    model: str = "tiny",
+    warmup: int = 3,
+    seq_len: int = 256,
+    batch: int = 8,
+    overrides: tuple[str, ...] = (),
+) -> OverheadResult:
     """Time tridist's Trainer and a bare loop step by step, alternating A B B A A B ..."""
     if min(steps, warmup) < 1:
         raise ValueError(f"steps and warmup must be >= 1; got {steps}, {warmup}")
-    cfg = compose_config([f"model={model}", f"train.seq_len={seq_len}", "device=cpu",
-                          f"train.global_batch_size={batch}", "precision=fp32",
-                          f"train.steps={warmup + steps}", "train.sample_tokens=0", *overrides],
-                         world_size=1)
+    cfg = compose_config(
+        [
+            f"model={model}",
+            f"train.seq_len={seq_len}",
+            "device=cpu",
+            f"train.global_batch_size={batch}",
+            "precision=fp32",
+            f"train.steps={warmup + steps}",
+            "train.sample_tokens=0",
+            *overrides,
+        ],
+        world_size=1,
+    )
     tokens = load_data(cfg)
     owns_group = not dist.is_initialized()
     trainer = build_trainer(cfg, tokens)  # a one-rank process group and mesh
@@ -111,19 +132,28 @@ def overhead(steps: int = 30, model: str = "tiny", warmup: int = 3, seq_len: int
     if owns_group:
         dist.destroy_process_group()
     n_tokens = steps * batch * seq_len
-    return OverheadResult(n_tokens / sum(a for a, _ in pairs), n_tokens / sum(b for _, b in pairs),
-                          [b / a for a, b in pairs], abs(la.item() - lb.item()), machine())
+    return OverheadResult(
+        n_tokens / sum(a for a, _ in pairs),
+        n_tokens / sum(b for _, b in pairs),
+        [b / a for a, b in pairs],
+        abs(la.item() - lb.item()),
+        machine(),
+    )
 
 
 def format_overhead(r: OverheadResult) -> str:
     """The overhead result as a small Markdown table."""
     q = statistics.quantiles(r.pair_ratios, n=4) if len(r.pair_ratios) > 1 else r.pair_ratios * 3
-    return "\n".join([
-        f"machine: {r.machine}",
-        f"{len(r.pair_ratios)} timed steps each, alternating A B B A (warm-up excluded)",
-        "| loop | tokens/s |", "|---|---:|",
-        f"| tridist Trainer.train_step | {r.tridist_tokens_per_s:,.0f} |",
-        f"| bare PyTorch loop | {r.bare_tokens_per_s:,.0f} |",
-        f"ratio tridist/bare: {r.ratio:.3f} over all steps; median of step pairs "
-        f"{r.median_ratio:.3f} (quartiles {q[0]:.3f}, {q[2]:.3f}); loss difference "
-        f"{r.loss_diff:.2e}"])
+    return "\n".join(
+        [
+            f"machine: {r.machine}",
+            f"{len(r.pair_ratios)} timed steps each, alternating A B B A (warm-up excluded)",
+            "| loop | tokens/s |",
+            "|---|---:|",
+            f"| tridist Trainer.train_step | {r.tridist_tokens_per_s:,.0f} |",
+            f"| bare PyTorch loop | {r.bare_tokens_per_s:,.0f} |",
+            f"ratio tridist/bare: {r.ratio:.3f} over all steps; median of step pairs "
+            f"{r.median_ratio:.3f} (quartiles {q[0]:.3f}, {q[2]:.3f}); loss difference "
+            f"{r.loss_diff:.2e}",
+        ]
+    )

@@ -103,13 +103,20 @@ class PipelineRow:
         return self.step_ms / (self.ideal_ms / (1 - self.simulated) + self.runtime_ms) - 1
 
 
-def _pipeline_rank(rank: int, pp: int, port: int, schedules: list[str], m: int, stage_ms: float,
-                   repeats: int, queue: mp.SimpleQueue) -> None:
+def _pipeline_rank(
+    rank: int,
+    pp: int,
+    port: int,
+    schedules: list[str],
+    m: int,
+    stage_ms: float,
+    repeats: int,
+    queue: mp.SimpleQueue,
+) -> None:
     """One rank: per schedule, median of `repeats` steps after a warm-up step, at the stage cost
     and again at zero cost (what the runtime itself takes: p2p, Python, autograd book-keeping)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=pp)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=pp)
     group, width = dist.group.WORLD, 8
     assert group is not None  # started above
     x, target = torch.randn(2 * m, width), torch.randn(2 * m, width)
@@ -119,7 +126,9 @@ def _pipeline_rank(rank: int, pp: int, port: int, schedules: list[str], m: int, 
         ids = stage_ids_for_rank(rank, pp, v, name)
         modules = [SleepStage(width, stage_ms / v) for _ in ids]
         n_stages = n_pipeline_stages(pp, v, name)
-        sched = build_schedule(modules, ids, n_stages, name, m, F.mse_loss, torch.device("cpu"), group)
+        sched = build_schedule(
+            modules, ids, n_stages, name, m, F.mse_loss, torch.device("cpu"), group
+        )
         for cost in (stage_ms, 0.0):
             for mod in modules:
                 mod.ms = cost / v
@@ -127,7 +136,9 @@ def _pipeline_rank(rank: int, pp: int, port: int, schedules: list[str], m: int, 
             for _ in range(1 + (repeats if cost else 5 * repeats)):  # zero-cost steps are short
                 dist.barrier()  # start every rank together
                 start = time.perf_counter()
-                sched.step(*((x,) if 0 in ids else ()), target=target if n_stages - 1 in ids else None)
+                sched.step(
+                    *((x,) if 0 in ids else ()), target=target if n_stages - 1 in ids else None
+                )
                 elapsed = torch.tensor(time.perf_counter() - start)
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step ends with its slowest rank
                 times.append(elapsed.item())
@@ -138,42 +149,63 @@ def _pipeline_rank(rank: int, pp: int, port: int, schedules: list[str], m: int, 
     dist.destroy_process_group()
 
 
-def pipeline(pp: int = 4, microbatches: int = 8, stage_ms: float = 20.0,
-             schedules: tuple[str, ...] = SCHEDULES, repeats: int = 3) -> list[PipelineRow]:
+def pipeline(
+    pp: int = 4,
+    microbatches: int = 8,
+    stage_ms: float = 20.0,
+    schedules: tuple[str, ...] = SCHEDULES,
+    repeats: int = 3,
+) -> list[PipelineRow]:
     """Run each schedule on `pp` spawned gloo ranks with fixed-cost stages; one row each."""
     if stage_ms <= 0 or pp < 2 or microbatches < 1 or repeats < 1:
-        raise ValueError(f"need stage_ms > 0, pp >= 2, microbatches >= 1, repeats >= 1; got "
-                         f"{stage_ms}, {pp}, {microbatches}, {repeats}")
+        raise ValueError(
+            f"need stage_ms > 0, pp >= 2, microbatches >= 1, repeats >= 1; got "
+            f"{stage_ms}, {pp}, {microbatches}, {repeats}"
+        )
     if unknown := set(schedules) - set(SCHEDULES):
         raise ValueError(f"unknown schedules {sorted(unknown)}; choose from {', '.join(SCHEDULES)}")
     port = free_port()
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_pipeline_rank, args=(pp, port, list(schedules), microbatches, stage_ms, repeats,
-                                   queue), nprocs=pp, join=True)
+    mp.spawn(
+        _pipeline_rank,
+        args=(pp, port, list(schedules), microbatches, stage_ms, repeats, queue),
+        nprocs=pp,
+        join=True,
+    )
     times = queue.get()
     ideal = microbatches * 3 * stage_ms  # F + B_input + W per microbatch, on every rank
-    return [PipelineRow(name, times[name, stage_ms] * 1000, ideal,
-                        formula_bubble(name, pp, microbatches),
-                        simulated_bubble(name, pp, microbatches, VIRTUAL_STAGES),
-                        times[name, 0.0] * 1000)
-            for name in schedules]
+    return [
+        PipelineRow(
+            name,
+            times[name, stage_ms] * 1000,
+            ideal,
+            formula_bubble(name, pp, microbatches),
+            simulated_bubble(name, pp, microbatches, VIRTUAL_STAGES),
+            times[name, 0.0] * 1000,
+        )
+        for name in schedules
+    ]
 
 
 def format_pipeline(rows: list[PipelineRow], pp: int, m: int, stage_ms: float) -> str:
     """The pipeline rows as a Markdown table, both bubble conventions shown."""
-    lines = [f"machine: {machine()}",
-             f"pp={pp}, microbatches={m}, per rank and microbatch F={stage_ms:g} ms, "
-             f"B_input={stage_ms:g} ms, W={stage_ms:g} ms (halved per stage when v=2)",
-             "| schedule | v | step ms measured | ideal ms | measured bubble (of step / of ideal) "
-             "| formula bubble (of step / of ideal) | expected ms | measured vs expected "
-             "| simulated bubble (torch's order) | runtime ms (zero-cost stages) "
-             "| measured vs simulated + runtime |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"machine: {machine()}",
+        f"pp={pp}, microbatches={m}, per rank and microbatch F={stage_ms:g} ms, "
+        f"B_input={stage_ms:g} ms, W={stage_ms:g} ms (halved per stage when v=2)",
+        "| schedule | v | step ms measured | ideal ms | measured bubble (of step / of ideal) "
+        "| formula bubble (of step / of ideal) | expected ms | measured vs expected "
+        "| simulated bubble (torch's order) | runtime ms (zero-cost stages) "
+        "| measured vs simulated + runtime |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         expected_ms = r.ideal_ms / (1 - r.formula)  # the compute plus the formula's bubble
-        lines.append(f"| {r.schedule} | {benchmarked_stages_per_rank(r.schedule)} | {r.step_ms:.1f} | "
-                     f"{r.ideal_ms:.1f} | {r.bubble:.3f} / {r.step_ms / r.ideal_ms - 1:.3f} | "
-                     f"{r.formula:.3f} / {r.formula / (1 - r.formula):.3f} | "
-                     f"{expected_ms:.1f} | {r.step_ms / expected_ms - 1:+.1%} | "
-                     f"{r.simulated:.3f} | {r.runtime_ms:.1f} | {r.off_simulated:+.1%} |")
+        lines.append(
+            f"| {r.schedule} | {benchmarked_stages_per_rank(r.schedule)} | {r.step_ms:.1f} | "
+            f"{r.ideal_ms:.1f} | {r.bubble:.3f} / {r.step_ms / r.ideal_ms - 1:.3f} | "
+            f"{r.formula:.3f} / {r.formula / (1 - r.formula):.3f} | "
+            f"{expected_ms:.1f} | {r.step_ms / expected_ms - 1:+.1%} | "
+            f"{r.simulated:.3f} | {r.runtime_ms:.1f} | {r.off_simulated:+.1%} |"
+        )
     return "\n".join(lines)

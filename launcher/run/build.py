@@ -30,12 +30,17 @@ def load_data(cfg: Config) -> TokenSource:
         field_name = "data.tokenizer" if d.tokenizer and d.tokenizer in str(err) else "data.path"
         raise ConfigError(field_name, getattr(d, field_name.split(".")[1]), str(err)) from None
     if source.vocab_size > cfg.model.vocab_size:
-        raise ConfigError("model.vocab_size", cfg.model.vocab_size,
-                          f"the data has {source.vocab_size} token ids; set model.vocab_size >= that")
+        raise ConfigError(
+            "model.vocab_size",
+            cfg.model.vocab_size,
+            f"the data has {source.vocab_size} token ids; set model.vocab_size >= that",
+        )
     return source
 
 
-def build_trainer(cfg: Config, tokens: TokenSource, initial_values: InitialValues | None = None) -> Trainer:
+def build_trainer(
+    cfg: Config, tokens: TokenSource, initial_values: InitialValues | None = None
+) -> Trainer:
     """Start the process group and mesh, build this rank's model, sampler and optimizer.
 
     initial_values: where the weights come from (default: drawn from train.seed)."""
@@ -44,12 +49,25 @@ def build_trainer(cfg: Config, tokens: TokenSource, initial_values: InitialValue
     mesh = build_mesh(device, par.dp, par.pp, par.tp)
     torch.manual_seed(cfg.train.seed)
     model = parallelize(
-        model_args(cfg), mesh, device, cfg.train.seed,
-        virtual_stages=par.virtual_stages, schedule=par.schedule, microbatches=par.microbatches,
-        layers=par.layers_per_stage, dp_shard=par.dp_shard,
-        activation_checkpointing=cfg.model.activation_checkpointing, sequence_parallel=par.sequence_parallel,
+        model_args(cfg),
+        mesh,
+        device,
+        cfg.train.seed,
+        virtual_stages=par.virtual_stages,
+        schedule=par.schedule,
+        microbatches=par.microbatches,
+        layers=par.layers_per_stage,
+        dp_shard=par.dp_shard,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+        sequence_parallel=par.sequence_parallel,
         initial_values=initial_values,
     )
-    sampler = DistributedBatchSampler(tokens.train, cfg.train.seq_len, cfg.train.global_batch_size,
-                                      mesh["dp"].get_local_rank(), par.dp, cfg.train.seed)
+    sampler = DistributedBatchSampler(
+        tokens.train,
+        cfg.train.seq_len,
+        cfg.train.global_batch_size,
+        mesh["dp"].get_local_rank(),
+        par.dp,
+        cfg.train.seed,
+    )
     return Trainer(cfg, model, sampler, device)

@@ -10,8 +10,16 @@ from parallel.dtensor import full_value
 
 
 @torch.no_grad()
-def generate(model: nn.Module, prompt: list[int], n_tokens: int, max_seq_len: int,
-             temperature: float = 0.8, top_k: int = 40, seed: int = 0, pad_to: int = 1) -> list[int]:
+def generate(
+    model: nn.Module,
+    prompt: list[int],
+    n_tokens: int,
+    max_seq_len: int,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    seed: int = 0,
+    pad_to: int = 1,
+) -> list[int]:
     """Autoregressive top-k sampling; every rank running it in lockstep draws the same tokens.
 
     pad_to: pad the input on the right to a multiple of this (sequence parallelism splits the
@@ -29,4 +37,4 @@ def generate(model: nn.Module, prompt: list[int], n_tokens: int, max_seq_len: in
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
         tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
-    return tokens[0, len(prompt):].tolist()
+    return tokens[0, len(prompt) :].tolist()

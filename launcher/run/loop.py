@@ -51,11 +51,20 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
     if resume is not None:  # refused before any process group starts if it changes the run
         changed = resume_changes(read_manifest(resume)["config"], cfg)
         if changed and int(os.environ.get("RANK", "0")) == 0:
-            print(f"resuming from {resume} with {len(changed)} changed settings (new values win):",
-                  *changed, sep="\n", flush=True)
+            print(
+                f"resuming from {resume} with {len(changed)} changed settings (new values win):",
+                *changed,
+                sep="\n",
+                flush=True,
+            )
     try:
-        trainer = build_trainer(cfg, tokens, checkpoints.initial_values(resuming=resume is not None))
-    except (CheckpointError, HFFormatError) as err:  # a bad model.init_from, found while filling weights
+        trainer = build_trainer(
+            cfg, tokens, checkpoints.initial_values(resuming=resume is not None)
+        )
+    except (
+        CheckpointError,
+        HFFormatError,
+    ) as err:  # a bad model.init_from, found while filling weights
         raise ConfigError("model.init_from", cfg.model.init_from, str(err)) from None
     if resume is not None:
         checkpoints.load(resume, trainer)
@@ -63,8 +72,14 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
         if dist.get_rank() == 0:
             print(f"resumed from {resume} at step {trainer.step}", flush=True)
     model = trainer.model
-    val = validation_batches(tokens.val, t.seq_len, t.global_batch_size, t.val_batches,
-                             model.mesh["dp"].get_local_rank(), par.dp)
+    val = validation_batches(
+        tokens.val,
+        t.seq_len,
+        t.global_batch_size,
+        t.val_batches,
+        model.mesh["dp"].get_local_rank(),
+        par.dp,
+    )
     monitor = RunMonitor(cfg, trainer, run_dir)  # progress, metrics sinks, pipeline timeline
     summary = TrainSummary(trainer=trainer)
     local_losses: list[torch.Tensor] = []  # this rank's, as tensors: no host sync per step
@@ -82,11 +97,17 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
             _on_nonfinite(cfg, trainer, result.loss, result.grad_norm, skipped, checkpoints)
         done = trainer.step == t.steps
         if monitor.active and (trainer.step % t.log_interval == 0 or done):
-            record = {"step": trainer.step, "loss": trainer.global_mean(result.loss).item(),
-                      "lr": trainer.lr_scheduler.get_last_lr()[0], "grad_norm": result.grad_norm.item(),
-                      **monitor.throughput(trainer.step)}
+            record = {
+                "step": trainer.step,
+                "loss": trainer.global_mean(result.loss).item(),
+                "lr": trainer.lr_scheduler.get_last_lr()[0],
+                "grad_norm": result.grad_norm.item(),
+                **monitor.throughput(trainer.step),
+            }
             if trainer.step % t.val_interval == 0 or done:
-                record["val_loss"] = summary.val_loss = trainer.global_mean(trainer.evaluate(val)).item()
+                record["val_loss"] = summary.val_loss = trainer.global_mean(
+                    trainer.evaluate(val)
+                ).item()
             monitor.log(record)
         summary.preempted = stop.agreed()  # any rank signalled: all save and stop after this step
         if checkpoints.due(trainer.step, done) or summary.preempted:
@@ -95,8 +116,10 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
     stop.restore()
     checkpoints.close()
     if summary.preempted and dist.get_rank() == 0:
-        print(f"stopped by a signal after step {trainer.step}; checkpoint saved in {checkpoints.root}",
-              flush=True)
+        print(
+            f"stopped by a signal after step {trainer.step}; checkpoint saved in {checkpoints.root}",
+            flush=True,
+        )
     if local_losses:  # one collective for the whole run: averaged over dp, from the last stage
         summary.losses = trainer.global_mean(torch.stack(local_losses)).tolist()
     if t.sample_tokens > 0 and par.pp == 1:
@@ -106,29 +129,49 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
     return summary
 
 
-def _on_nonfinite(cfg: Config, trainer: Trainer, loss: torch.Tensor, grad_norm: torch.Tensor,
-                  skipped: int, checkpoints: RunCheckpoints) -> None:
+def _on_nonfinite(
+    cfg: Config,
+    trainer: Trainer,
+    loss: torch.Tensor,
+    grad_norm: torch.Tensor,
+    skipped: int,
+    checkpoints: RunCheckpoints,
+) -> None:
     """Warn about a skipped update, or stop: nothing of this step reaches a checkpoint."""
     value = trainer.global_mean(loss).item()  # every rank is here: the norm they agree on said so
     what = f"step {trainer.step}: loss {value:.4g}, gradient norm {grad_norm.item():.4g}"
     t = cfg.train
     if t.nonfinite == "skip" and skipped < t.nonfinite_max_skips:
         if dist.get_rank() == 0:
-            print(f"warning: non-finite {what}; update skipped ({skipped} in a row, the run stops "
-                  f"at train.nonfinite_max_skips={t.nonfinite_max_skips})", flush=True)
+            print(
+                f"warning: non-finite {what}; update skipped ({skipped} in a row, the run stops "
+                f"at train.nonfinite_max_skips={t.nonfinite_max_skips})",
+                flush=True,
+            )
         return
     checkpoints.close()  # a save of an earlier, good step still in flight is committed first
-    why = (f"{skipped} non-finite steps in a row (train.nonfinite_max_skips={t.nonfinite_max_skips})"
-           if t.nonfinite == "skip" else "its update was not applied")
-    raise NonFiniteError(f"non-finite {what}: {why}; the run stopped and the checkpoints in "
-                         f"{checkpoints.root} are untouched (the newest is the last good one); "
-                         "lower optim.lr or raise optim.warmup_steps, or set train.nonfinite=skip")
+    why = (
+        f"{skipped} non-finite steps in a row (train.nonfinite_max_skips={t.nonfinite_max_skips})"
+        if t.nonfinite == "skip"
+        else "its update was not applied"
+    )
+    raise NonFiniteError(
+        f"non-finite {what}: {why}; the run stopped and the checkpoints in "
+        f"{checkpoints.root} are untouched (the newest is the last good one); "
+        "lower optim.lr or raise optim.warmup_steps, or set train.nonfinite=skip"
+    )
 
 
 def sample(cfg: Config, trainer: Trainer, tokens: TokenSource) -> str:
     """Text the trained model writes after the prompt `def ` (greedy, seeded)."""
     prompt = tokens.encode("def ")
     pad_to = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
-    out = generate(trainer.model.chunks[0], prompt, cfg.train.sample_tokens, cfg.model.max_seq_len,
-                   seed=cfg.train.seed, pad_to=pad_to)
+    out = generate(
+        trainer.model.chunks[0],
+        prompt,
+        cfg.train.sample_tokens,
+        cfg.model.max_seq_len,
+        seed=cfg.train.seed,
+        pad_to=pad_to,
+    )
     return tokens.decode(prompt + out)

@@ -31,21 +31,38 @@ CONSOLE_FIELDS = (
 
 def console_line(record: dict[str, Any]) -> str:
     """The record's main fields on one short line: `step=10 loss=2.3456 lr=3.00e-03 ...`."""
-    return " ".join(f"{label}={fmt.format(record[key])}"
-                    for key, label, fmt in CONSOLE_FIELDS if record.get(key) is not None)
+    return " ".join(
+        f"{label}={fmt.format(record[key])}"
+        for key, label, fmt in CONSOLE_FIELDS
+        if record.get(key) is not None
+    )
 
 
 class WandbSink:
     """One wandb run; online with WANDB_API_KEY, offline otherwise."""
 
-    def __init__(self, run_dir: Path, project: str, entity: str | None, name: str | None,
-                 config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        project: str,
+        entity: str | None,
+        name: str | None,
+        config: dict[str, Any],
+    ) -> None:
         import wandb  # only when enabled: importing wandb takes about a second
 
-        mode: Any = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        mode: Any = os.environ.get("WANDB_MODE") or (
+            "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        )
         # WANDB_MODE is the user's to set; wandb itself refuses a value it does not know
-        self.run = wandb.init(project=project, entity=entity, name=name or run_dir.name,
-                              dir=str(run_dir), config=config, mode=mode)
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            name=name or run_dir.name,
+            dir=str(run_dir),
+            config=config,
+            mode=mode,
+        )
 
     def log(self, record: dict[str, Any]) -> None:
         """Log the record at its step."""
@@ -68,8 +85,10 @@ class TensorBoardSink:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
-            raise ImportError("logging.tensorboard=true needs the tensorboard package: "
-                              "pip install 'tridist[tensorboard]' (or set it to false)") from err
+            raise ImportError(
+                "logging.tensorboard=true needs the tensorboard package: "
+                "pip install 'tridist[tensorboard]' (or set it to false)"
+            ) from err
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def log(self, record: dict[str, Any]) -> None:
@@ -87,8 +106,15 @@ class TensorBoardSink:
 class MetricsLogger:
     """Writes each logged step to every enabled sink; does nothing on ranks other than 0."""
 
-    def __init__(self, run_dir: Path, enabled: bool, *, wandb: dict[str, Any] | None = None,
-                 tensorboard: bool = False, console: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        *,
+        wandb: dict[str, Any] | None = None,
+        tensorboard: bool = False,
+        console: Callable[[str], None] = print,
+    ) -> None:
         """wandb: WandbSink's keyword arguments (project, entity, name, config), or None for off."""
         self.enabled, self.console = enabled, console
         self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None

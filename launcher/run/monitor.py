@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from launcher.config import Config, ConfigError
+from launcher.config import Config
 from launcher.run.metrics import MetricsLogger
 from launcher.run.progress import Progress
 from launcher.run.trainer import StepResult, Trainer
@@ -67,28 +67,39 @@ class RunMonitor:
         self.world = dist.get_world_size()
         self.device = trainer.device
         t, log = cfg.train, cfg.logging
-        self.progress = Progress(t.steps, log.progress, self.active and self.is_rank0, start=trainer.step)
+        self.progress = Progress(
+            t.steps, log.progress, self.active and self.is_rank0, start=trainer.step
+        )
         self.logger = None
         if run_dir is not None:
             wandb = None
             if log.wandb.enabled:
-                wandb = {"project": log.wandb.project, "entity": log.wandb.entity,
-                         "name": log.wandb.name, "config": dataclasses.asdict(cfg)}
-            self.logger = MetricsLogger(run_dir, self.is_rank0, wandb=wandb,
-                                        tensorboard=log.tensorboard, console=self.progress.write)
+                wandb = {
+                    "project": log.wandb.project,
+                    "entity": log.wandb.entity,
+                    "name": log.wandb.name,
+                    "config": dataclasses.asdict(cfg),
+                }
+            self.logger = MetricsLogger(
+                run_dir,
+                self.is_rank0,
+                wandb=wandb,
+                tensorboard=log.tensorboard,
+                console=self.progress.write,
+            )
         self.tokens_per_step = t.global_batch_size * t.seq_len
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)  # ModelConfig is a ModelArgs
-        configured = cfg.hardware.peak_tflops
-        if configured is not None and configured <= 0:
-            raise ConfigError("hardware.peak_tflops", configured,
-                              "must be > 0 (dense TFLOP/s per device), or null to detect the GPU")
-        self.peak_tflops = peak_tflops(configured, self.device)
+        self.peak_tflops = peak_tflops(
+            cfg.hardware.peak_tflops, self.device
+        )  # validated: > 0 or None
         self.data_wait = _DataWait(trainer.sampler)
         self.timeline_step = None
         if cfg.parallel.timeline and self.active:
             if trainer.model.schedule is None:
-                self.progress.write("parallel.timeline: no pipeline (parallel.pp=1), nothing to record",
-                                    with_eta=False)
+                self.progress.write(
+                    "parallel.timeline: no pipeline (parallel.pp=1), nothing to record",
+                    with_eta=False,
+                )
             else:
                 self.timeline_step = min(trainer.step + TIMELINE_AFTER, t.steps)
         self._restart(trainer.step)
@@ -102,7 +113,9 @@ class RunMonitor:
         result, events = record_step(trainer.train_step, trainer.model.schedule, self.device)
         if events is not None and self.run_dir is not None:  # rank 0 of a run with a folder
             p = self.cfg.parallel
-            info = TimelineInfo(p.schedule, p.pp, p.microbatches, trainer.model.n_stages // p.pp, trainer.step)
+            info = TimelineInfo(
+                p.schedule, p.pp, p.microbatches, trainer.model.n_stages // p.pp, trainer.step
+            )
             from launcher.timeline_plot import write_timeline  # matplotlib: only when drawing
 
             for line in write_timeline(events, info, self.run_dir):
@@ -116,14 +129,20 @@ class RunMonitor:
         steps, elapsed = max(1, step - first), time.perf_counter() - start
         tokens_per_s = self.tokens_per_step * steps / elapsed
         per_device = tokens_per_s / self.world
-        out = {"tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
-               "step_time_s": elapsed / steps, "data_wait_s": (self.data_wait.seconds - waited) / steps,
-               "flops_per_token": self.flops_per_token}
+        out = {
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": per_device,
+            "step_time_s": elapsed / steps,
+            "data_wait_s": (self.data_wait.seconds - waited) / steps,
+            "flops_per_token": self.flops_per_token,
+        }
         if self.peak_tflops is not None:
             out["mfu"] = self.flops_per_token * per_device / (self.peak_tflops * 1e12)
         memory = torch.tensor(peak_memory_gib(self.device), dtype=torch.float64, device=self.device)
         if self.world > 1:
-            dist.all_reduce(memory, op=dist.ReduceOp.MAX)  # the fullest device is the one that matters
+            dist.all_reduce(
+                memory, op=dist.ReduceOp.MAX
+            )  # the fullest device is the one that matters
         out["peak_memory_gib"] = memory.item()
         return out
 

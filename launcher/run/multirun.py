@@ -21,9 +21,15 @@ def run_worker_group(cfg: Config, run_dir: Path) -> float | None:
     """Train `cfg` on dp*pp*tp local ranks; returns the last step's loss (None if no step ran)."""
     world = cfg.parallel.dp * cfg.parallel.pp * cfg.parallel.tp
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=f"sweep-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
-        monitor_interval=0.5, start_method="spawn",
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=world,
+        run_id=f"sweep-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        max_restarts=0,
+        monitor_interval=0.5,
+        start_method="spawn",
     )
     return elastic_launch(config, run_rank)(cfg, str(run_dir))[0]  # local rank 0 = global rank 0
 

@@ -24,8 +24,14 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """Shows how far a run is and when it will end; silent when not enabled (ranks other than 0)."""
 
-    def __init__(self, total: int, mode: str = "auto", enabled: bool = True, start: int = 0,
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        mode: str = "auto",
+        enabled: bool = True,
+        start: int = 0,
+        stream: TextIO | None = None,
+    ) -> None:
         self.stream = stream or sys.stdout
         self.total, self.enabled, self.step = total, enabled, start
         self.bar = enabled and (mode == "bar" or (mode == "auto" and self.stream.isatty()))
@@ -54,8 +60,10 @@ class Progress:
     def _draw(self) -> None:
         filled = BAR_WIDTH * self.step // max(1, self.total)
         elapsed = format_duration(time.perf_counter() - self._start_time)
-        self.stream.write(f"\r\033[K[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] "
-                          f"{self.step}/{self.total} {elapsed} {self._eta_text()}")
+        self.stream.write(
+            f"\r\033[K[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] "
+            f"{self.step}/{self.total} {elapsed} {self._eta_text()}"
+        )
         self.stream.flush()
 
     def write(self, line: str, with_eta: bool = True) -> None:

@@ -33,8 +33,11 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) for every key that differs, in key order."""
     old, new = flatten(saved), flatten(current)
-    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-            if k not in IGNORED and old.get(k) != new.get(k)]
+    return [
+        (k, old.get(k), new.get(k))
+        for k in sorted(set(old) | set(new))
+        if k not in IGNORED and old.get(k) != new.get(k)
+    ]
 
 
 def defines_the_run(key: str) -> bool:
@@ -53,6 +56,10 @@ def check_changes(changes: list[tuple[str, Any, Any]], allowed: list[str]) -> No
     """Refuse the first change of a key that defines the run, unless it is allowed."""
     for key, old, new in changes:
         if defines_the_run(key) and key not in allowed:
-            raise ConfigError(key, new, f"the checkpoint was trained with {key}={old!r}, and this key "
-                              "defines what was trained; drop the override, start a new run, or "
-                              f"allow it with train.resume_allow_changes=[{key}]")
+            raise ConfigError(
+                key,
+                new,
+                f"the checkpoint was trained with {key}={old!r}, and this key "
+                "defines what was trained; drop the override, start a new run, or "
+                f"allow it with train.resume_allow_changes=[{key}]",
+            )

@@ -30,8 +30,13 @@ def build_optimizer(model: ParallelModel, cfg: Config) -> torch.optim.AdamW:
     no_decay = [p for p in params if p.ndim < 2]
     o = cfg.optim
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+        [
+            {"params": decay, "weight_decay": o.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
     )
 
 
@@ -43,7 +48,9 @@ def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: Config
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Warm-up + cosine as a LambdaLR (its state is saved with checkpoints)."""
     o, steps = cfg.optim, cfg.train.steps
     return torch.optim.lr_scheduler.LambdaLR(
@@ -89,7 +96,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cfg)
         self._tp = self.model.mesh["tp"].size()
-        self._pp_group = self.model.mesh["pp"].get_group() if self.model.mesh["pp"].size() > 1 else None
+        self._pp_group = (
+            self.model.mesh["pp"].get_group() if self.model.mesh["pp"].size() > 1 else None
+        )
 
     def apply_optim_config(self) -> None:
         """Make the optimizer and LR schedule follow cfg.optim from the current step on; after a
@@ -98,11 +107,17 @@ class Trainer:
         o = self.cfg.optim
         decay, no_decay = self.optimizer.param_groups  # as build_optimizer made them
         self.lr_scheduler.base_lrs = [o.lr, o.lr]
-        multiplier = lr_multiplier(self.lr_scheduler.last_epoch, o.warmup_steps, self.cfg.train.steps,
-                                   o.min_lr_ratio)
+        multiplier = lr_multiplier(
+            self.lr_scheduler.last_epoch, o.warmup_steps, self.cfg.train.steps, o.min_lr_ratio
+        )
         for group, weight_decay in ((decay, o.weight_decay), (no_decay, 0.0)):
-            group.update(lr=o.lr * multiplier, initial_lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                         weight_decay=weight_decay)
+            group.update(
+                lr=o.lr * multiplier,
+                initial_lr=o.lr,
+                betas=(o.beta1, o.beta2),
+                eps=o.eps,
+                weight_decay=weight_decay,
+            )
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Accumulate gradients over the microbatches of this rank's batch; return its mean loss."""
@@ -130,7 +145,9 @@ class Trainer:
         """One optimizer step on the next global batch."""
         inputs, targets = self.sampler.next_batch()
         loss = self.forward_backward(inputs, targets)
-        grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip, self._pp_group)
+        grad_norm = clip_grad_norm(
+            self.model.parameters(), self.cfg.optim.grad_clip, self._pp_group
+        )
         # The step's one host sync: a NaN/inf must never reach the weights. The norm is global
         # (reduced over tp, dp and pp), so every rank takes the same decision; a non-finite loss
         # makes the gradients, and so the norm, non-finite too.

@@ -37,24 +37,45 @@ def tp_collectives(*, sequence_parallel: bool, layers: int, ends: int, recompute
     """TP collectives of one microbatch on one GPU: all-reduces, or under SP all-gathers plus
     reduce-scatters (the loss's few token-sized all-reduces are left out)."""
     counts = GATHERS_AND_SCATTERS_PER_BLOCK if sequence_parallel else ALL_REDUCES_PER_BLOCK
-    per_block = counts["forward"] + counts["backward"] + (counts["forward"] if recompute != "none" else 0)
+    per_block = (
+        counts["forward"] + counts["backward"] + (counts["forward"] if recompute != "none" else 0)
+    )
     return layers * per_block + ends * END_COLLECTIVES[sequence_parallel]
 
 
-def tp_bytes(args: ModelArgs, *, tp: int, sequence_parallel: bool, layers: int, ends: int, tokens: int,
-             microbatches: int, recompute: str) -> float:
+def tp_bytes(
+    args: ModelArgs,
+    *,
+    tp: int,
+    sequence_parallel: bool,
+    layers: int,
+    ends: int,
+    tokens: int,
+    microbatches: int,
+    recompute: str,
+) -> float:
     """TP traffic of one GPU per step: `layers` blocks and `ends` (embedding, head) over all
     microbatches of `tokens` tokens each; recompute repeats the blocks' forward collectives."""
     if tp == 1:
         return 0.0
     hidden = tokens * args.dim * ACTIVATION_BYTES  # one full activation of a microbatch
     factor = gather_factor(tp) if sequence_parallel else all_reduce_factor(tp)
-    ops = tp_collectives(sequence_parallel=sequence_parallel, layers=layers, ends=ends, recompute=recompute)
+    ops = tp_collectives(
+        sequence_parallel=sequence_parallel, layers=layers, ends=ends, recompute=recompute
+    )
     return microbatches * hidden * factor * ops
 
 
-def pp_bytes(args: ModelArgs, *, tp: int, sequence_parallel: bool, stage_ids: list[int], n_stages: int,
-             tokens: int, microbatches: int) -> float:
+def pp_bytes(
+    args: ModelArgs,
+    *,
+    tp: int,
+    sequence_parallel: bool,
+    stage_ids: list[int],
+    n_stages: int,
+    tokens: int,
+    microbatches: int,
+) -> float:
     """PP traffic of one GPU per step: each chunk sends its output forward and the gradient of
     its input backward, once per microbatch (a sequence shard under SP)."""
     hidden = tokens * args.dim * ACTIVATION_BYTES / (tp if sequence_parallel else 1)
@@ -80,5 +101,7 @@ def dp_bytes(params: int, *, dp: int, fsdp: bool, pipelined: bool, microbatches:
 def link_bytes_per_s(cluster: Cluster, group_span: int) -> float:
     """Bandwidth per GPU of a group spanning `group_span` consecutive ranks (mesh order dp, pp,
     tp with tp innermost): NVLink inside a node, the network once it crosses one."""
-    gbps = cluster.intra_node_gbps if group_span <= cluster.gpus_per_node else cluster.inter_node_gbps
+    gbps = (
+        cluster.intra_node_gbps if group_span <= cluster.gpus_per_node else cluster.inter_node_gbps
+    )
     return gbps * 1e9

@@ -59,7 +59,9 @@ class RankEstimate:
     @property
     def total(self) -> float:
         """Peak bytes on one GPU of this rank, runtime reserve included."""
-        return self.weights + self.grads + self.optimizer + self.activations + RUNTIME_RESERVED_BYTES
+        return (
+            self.weights + self.grads + self.optimizer + self.activations + RUNTIME_RESERVED_BYTES
+        )
 
 
 @dataclass
@@ -90,14 +92,23 @@ class PlanEstimate:
         return self.headroom >= 0
 
 
-def estimate(args: ModelArgs, layout: Layout, cluster: Cluster, *, global_batch_size: int,
-             seq_len: int, counter: StageCounter) -> PlanEstimate:
+def estimate(
+    args: ModelArgs,
+    layout: Layout,
+    cluster: Cluster,
+    *,
+    global_batch_size: int,
+    seq_len: int,
+    counter: StageCounter,
+) -> PlanEstimate:
     """Estimate `layout` (already validated) of the model `args` on `cluster`, for steps of
     `global_batch_size` sequences of `seq_len` tokens; `counter` counts `args`' parameters."""
     dp, pp, tp, m = layout.dp, layout.pp, layout.tp, layout.microbatches
     v = stages_per_rank(layout.schedule, layout.virtual_stages)
     n_stages = n_pipeline_stages(pp, layout.virtual_stages, layout.schedule)
-    explicit = list(layout.layers_per_stage) if layout.layers_per_stage is not None and pp > 1 else None
+    explicit = (
+        list(layout.layers_per_stage) if layout.layers_per_stage is not None and pp > 1 else None
+    )
     counts = layers_per_stage(args.n_layers, n_stages, explicit)
     tokens_mb = global_batch_size // (dp * m) * seq_len  # tokens of one microbatch
     tokens_rank = tokens_mb * m  # tokens one dp rank processes per step
@@ -114,30 +125,88 @@ def estimate(args: ModelArgs, layout: Layout, cluster: Cluster, *, global_batch_
         local = sum(s.sharded(dp) for s in stages) if fsdp else params
         layers = sum(s.layers for s in stages)
         block = max(s.largest_block for s in stages)
-        weights, grads, optimizer = state_bytes(params, local, block, fsdp=fsdp, pipelined=pipelined,
-                                                microbatches=m)
+        weights, grads, optimizer = state_bytes(
+            params, local, block, fsdp=fsdp, pipelined=pipelined, microbatches=m
+        )
         held = microbatches_in_flight(layout.schedule, pp, r, m, v)
-        acts = activation_bytes(args, layers=layers, last_stage=n_stages - 1 in sids, tokens=tokens_mb,
-                                in_flight=held, tp=tp, sequence_parallel=sp, recompute=rc, pipelined=pipelined)
+        acts = activation_bytes(
+            args,
+            layers=layers,
+            last_stage=n_stages - 1 in sids,
+            tokens=tokens_mb,
+            in_flight=held,
+            tp=tp,
+            sequence_parallel=sp,
+            recompute=rc,
+            pipelined=pipelined,
+        )
         matmul = params - sum(s.embedding for s in stages)
         model_flops = tokens_rank * training_flops_per_token(matmul, layers, width, seq_len)
-        recompute_flops = (tokens_rank * forward_flops_per_token(layers * block, layers, width, seq_len)
-                           if rc == "full" else 0.0)
+        recompute_flops = (
+            tokens_rank * forward_flops_per_token(layers * block, layers, width, seq_len)
+            if rc == "full"
+            else 0.0
+        )
         ends = (0 in sids) + (n_stages - 1 in sids)
-        tp_b = tp_bytes(args, tp=tp, sequence_parallel=sp, layers=layers, ends=ends, tokens=tokens_mb,
-                        microbatches=m, recompute=rc)
-        pp_b = pp_bytes(args, tp=tp, sequence_parallel=sp, stage_ids=sids, n_stages=n_stages,
-                        tokens=tokens_mb, microbatches=m) if pipelined else 0.0
+        tp_b = tp_bytes(
+            args,
+            tp=tp,
+            sequence_parallel=sp,
+            layers=layers,
+            ends=ends,
+            tokens=tokens_mb,
+            microbatches=m,
+            recompute=rc,
+        )
+        pp_b = (
+            pp_bytes(
+                args,
+                tp=tp,
+                sequence_parallel=sp,
+                stage_ids=sids,
+                n_stages=n_stages,
+                tokens=tokens_mb,
+                microbatches=m,
+            )
+            if pipelined
+            else 0.0
+        )
         dp_b = dp_bytes(params, dp=dp, fsdp=fsdp, pipelined=pipelined, microbatches=m)
         hardware = model_flops + recompute_flops
-        ranks.append(RankEstimate(
-            r, sids, layers, params, local, weights, grads, optimizer, acts, held, model_flops, hardware,
-            tp_b, pp_b, dp_b, hardware / (peak * MATMUL_EFFICIENCY), tp_b / tp_bw + pp_b / pp_bw, dp_b / dp_bw))
+        ranks.append(
+            RankEstimate(
+                r,
+                sids,
+                layers,
+                params,
+                local,
+                weights,
+                grads,
+                optimizer,
+                acts,
+                held,
+                model_flops,
+                hardware,
+                tp_b,
+                pp_b,
+                dp_b,
+                hardware / (peak * MATMUL_EFFICIENCY),
+                tp_b / tp_bw + pp_b / pp_bw,
+                dp_b / dp_bw,
+            )
+        )
     bubble = bubble_over_ideal(layout.schedule, pp, m, v)
     pipeline_s = max(r.compute_s + r.comm_s for r in ranks) * (1 + bubble)
     # FSDP hides its traffic behind compute: one microbatch's worth under pipelining
     dp_exposed = max(max(0.0, r.dp_s - r.compute_s / (m if pipelined else 1)) for r in ranks)
     step = pipeline_s + dp_exposed
     flops = dp * tp * sum(r.model_flops for r in ranks)
-    return PlanEstimate(ranks, layout.gpus, cluster.gpu_mem_gib * GIB, bubble / (1 + bubble), step,
-                        global_batch_size * seq_len / step, flops / (step * peak * layout.gpus))
+    return PlanEstimate(
+        ranks,
+        layout.gpus,
+        cluster.gpu_mem_gib * GIB,
+        bubble / (1 + bubble),
+        step,
+        global_batch_size * seq_len / step,
+        flops / (step * peak * layout.gpus),
+    )

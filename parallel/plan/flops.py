@@ -44,15 +44,17 @@ def non_embedding_parameters(args: ModelArgs) -> int:
     return total if args.tie_embeddings else total - model.tok_embeddings.weight.numel()
 
 
-def forward_flops_per_token(matmul_parameters: float, layers: int, attention_width: float,
-                            seq_len: int) -> float:
+def forward_flops_per_token(
+    matmul_parameters: float, layers: int, attention_width: float, seq_len: int
+) -> float:
     """Forward FLOPs per token: 2 per matmul parameter + 4·T·(H·Q) per layer for attention's
     two matmuls (Q·Kᵀ and the weighted sum of V) over T = seq_len positions."""
     return 2.0 * matmul_parameters + 4.0 * layers * attention_width * seq_len
 
 
-def training_flops_per_token(matmul_parameters: float, layers: int, attention_width: float,
-                             seq_len: int) -> float:
+def training_flops_per_token(
+    matmul_parameters: float, layers: int, attention_width: float, seq_len: int
+) -> float:
     """Training FLOPs per token, PaLM's 6N + 12·L·H·Q·T: the forward and a backward of twice it.
 
     For any part of the model: the whole one (flops_per_token) or the layers and the matmul
@@ -62,8 +64,9 @@ def training_flops_per_token(matmul_parameters: float, layers: int, attention_wi
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     """Training FLOPs per token of the whole model: 6N (matmuls) + 12·L·H·Q·T (attention)."""
-    return training_flops_per_token(non_embedding_parameters(args), args.n_layers,
-                                    args.n_heads * args.head_dim, seq_len)
+    return training_flops_per_token(
+        non_embedding_parameters(args), args.n_layers, args.n_heads * args.head_dim, seq_len
+    )
 
 
 def peak_tflops(configured: float | None, device: torch.device) -> float | None:

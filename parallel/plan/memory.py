@@ -33,8 +33,9 @@ LOGSOFTMAX_BYTES = 4  # the loss runs in fp32 and keeps its log-softmax
 RUNTIME_RESERVED_BYTES = 3 * 2**30  # CUDA context, NCCL buffers, allocator fragmentation
 
 
-def state_bytes(params: int, sharded: int, largest_block: int, *, fsdp: bool, pipelined: bool,
-                microbatches: int) -> tuple[float, float, float]:
+def state_bytes(
+    params: int, sharded: int, largest_block: int, *, fsdp: bool, pipelined: bool, microbatches: int
+) -> tuple[float, float, float]:
     """(weights, gradients, optimizer) bytes on one GPU.
 
     `params` are this rank's elements before DP, `sharded` after FSDP sharding. FSDP also holds
@@ -46,11 +47,16 @@ def state_bytes(params: int, sharded: int, largest_block: int, *, fsdp: bool, pi
         return WEIGHT_BYTES * params, GRAD_BYTES * params, OPTIMIZER_BYTES * params
     weights = params if pipelined else 2 * largest_block
     grads = params if pipelined or microbatches > 1 else largest_block
-    return (WEIGHT_BYTES * (sharded + weights), GRAD_BYTES * (sharded + grads),
-            OPTIMIZER_BYTES * sharded)
+    return (
+        WEIGHT_BYTES * (sharded + weights),
+        GRAD_BYTES * (sharded + grads),
+        OPTIMIZER_BYTES * sharded,
+    )
 
 
-def block_activation_elements(args: ModelArgs, tp: int, sequence_parallel: bool, recompute: str) -> float:
+def block_activation_elements(
+    args: ModelArgs, tp: int, sequence_parallel: bool, recompute: str
+) -> float:
     """Elements one block keeps for backward, per token of a microbatch, on one TP rank."""
     h, f = args.dim, args.ffn_hidden_dim
     kv = args.kv_heads * args.head_dim
@@ -66,8 +72,13 @@ def block_activation_elements(args: ModelArgs, tp: int, sequence_parallel: bool,
     return 2 * (3 * h / sp + gathered) + (4 * h + 4 * f) / tp
 
 
-def head_activation_bytes(args: ModelArgs, tp: int, sequence_parallel: bool, pipelined: bool,
-                          dtype_bytes: int = ACTIVATION_BYTES) -> float:
+def head_activation_bytes(
+    args: ModelArgs,
+    tp: int,
+    sequence_parallel: bool,
+    pipelined: bool,
+    dtype_bytes: int = ACTIVATION_BYTES,
+) -> float:
     """Bytes the final norm, the head and the loss keep per token (last stage only)."""
     h, vocab = args.dim, args.vocab_size
     sp = tp if sequence_parallel else 1
@@ -77,21 +88,40 @@ def head_activation_bytes(args: ModelArgs, tp: int, sequence_parallel: bool, pip
     return dtype_bytes * (norm + logits) + LOGSOFTMAX_BYTES * vocab / tp
 
 
-def activation_bytes(args: ModelArgs, *, layers: int, last_stage: bool, tokens: int, in_flight: float,
-                     tp: int, sequence_parallel: bool, recompute: str, pipelined: bool,
-                     dtype_bytes: int = ACTIVATION_BYTES) -> float:
+def activation_bytes(
+    args: ModelArgs,
+    *,
+    layers: int,
+    last_stage: bool,
+    tokens: int,
+    in_flight: float,
+    tp: int,
+    sequence_parallel: bool,
+    recompute: str,
+    pipelined: bool,
+    dtype_bytes: int = ACTIVATION_BYTES,
+) -> float:
     """Peak activation bytes of one pipeline rank: `in_flight` microbatches of `tokens` tokens
     through its `layers` blocks (and the head if it has the last stage), plus the block being
     recomputed in backward."""
-    per_token = dtype_bytes * layers * block_activation_elements(args, tp, sequence_parallel, recompute)
+    per_token = (
+        dtype_bytes * layers * block_activation_elements(args, tp, sequence_parallel, recompute)
+    )
     if last_stage:
         per_token += head_activation_bytes(args, tp, sequence_parallel, pipelined, dtype_bytes)
     return tokens * in_flight * per_token + rebuilt_block_bytes(
-        args, tokens, tp, sequence_parallel, recompute, dtype_bytes) * (layers > 0)
+        args, tokens, tp, sequence_parallel, recompute, dtype_bytes
+    ) * (layers > 0)
 
 
-def rebuilt_block_bytes(args: ModelArgs, tokens: int, tp: int, sequence_parallel: bool, recompute: str,
-                        dtype_bytes: int = ACTIVATION_BYTES) -> float:
+def rebuilt_block_bytes(
+    args: ModelArgs,
+    tokens: int,
+    tp: int,
+    sequence_parallel: bool,
+    recompute: str,
+    dtype_bytes: int = ACTIVATION_BYTES,
+) -> float:
     """Bytes of the one block that recompute rebuilds in full during backward (0 without it)."""
     if recompute == "none":
         return 0.0

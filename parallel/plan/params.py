@@ -60,8 +60,13 @@ def count_stage(stage: Transformer) -> StageParams:
         key = (d0, local.numel() // max(d0, 1))
         shapes[key] = shapes.get(key, 0) + 1
     blocks = [sum(_local(p).numel() for p in b.parameters()) for b in stage.layers.values()]
-    return StageParams(total, embedding, len(blocks), max(blocks, default=0),
-                       tuple((d0, row, n) for (d0, row), n in sorted(shapes.items())))
+    return StageParams(
+        total,
+        embedding,
+        len(blocks),
+        max(blocks, default=0),
+        tuple((d0, row, n) for (d0, row), n in sorted(shapes.items())),
+    )
 
 
 class StageCounter:

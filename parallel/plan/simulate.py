@@ -45,16 +45,22 @@ def simulated_bubble(schedule: str, pp: int, microbatches: int, virtual_stages: 
     if spec.torch_class is None:
         raise NotImplementedError(f"{schedule}: replaying a tridist-made order is not wired in yet")
     n_stages = p * v
-    ops = [[a.sub_actions or [a] for a in rank  # an OVERLAP_F_B runs its two actions in turn
-            if a is not None and (a.sub_actions or a.computation_type.value in COST)]
-           for rank in get_schedule_ops(spec.torch_class, p, m, v)]
+    ops = [
+        [
+            a.sub_actions or [a]
+            for a in rank  # an OVERLAP_F_B runs its two actions in turn
+            if a is not None and (a.sub_actions or a.computation_type.value in COST)
+        ]
+        for rank in get_schedule_ops(spec.torch_class, p, m, v)
+    ]
     done: dict[Done, float] = {}  # -> finish time
     clock, nxt = [0.0] * p, [0] * p
     while any(nxt[r] < len(ops[r]) for r in range(p)):
         before = sum(nxt)
         for r in range(p):
             while nxt[r] < len(ops[r]) and all(
-                    d in done for a in ops[r][nxt[r]] for d in _prerequisites(a, n_stages)):
+                d in done for a in ops[r][nxt[r]] for d in _prerequisites(a, n_stages)
+            ):
                 for a in ops[r][nxt[r]]:
                     clock[r] = max([clock[r]] + [done[d] for d in _prerequisites(a, n_stages)])
                     clock[r] += COST[a.computation_type.value]

@@ -30,7 +30,9 @@ class SavedActivationTracker:
 
     def __init__(self) -> None:
         self.live = self.peak = self.total = 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: _Saved(t, self), lambda s: s.tensor)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(
+            lambda t: _Saved(t, self), lambda s: s.tensor
+        )
 
     def __enter__(self) -> SavedActivationTracker:
         self._hooks.__enter__()

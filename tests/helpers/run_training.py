@@ -17,7 +17,9 @@ def make_config(overrides: list[str], world_size: int = 1) -> Config:
     return compose_config(overrides, world_size)
 
 
-def train_and_report(overrides: list[str], world_size: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+def train_and_report(
+    overrides: list[str], world_size: int
+) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Per-step losses and the final full weights this rank holds."""
     cfg = make_config(overrides, world_size)
     summary = train(cfg, load_data(cfg))
@@ -34,8 +36,13 @@ def train_validate_and_report(
     summary = train(cfg, tokens)
     trainer = summary.trainer
     assert trainer is not None
-    val = validation_batches(tokens.val, cfg.train.seq_len, cfg.train.global_batch_size,
-                             cfg.train.val_batches, trainer.model.mesh["dp"].get_local_rank(),
-                             cfg.parallel.dp)
+    val = validation_batches(
+        tokens.val,
+        cfg.train.seq_len,
+        cfg.train.global_batch_size,
+        cfg.train.val_batches,
+        trainer.model.mesh["dp"].get_local_rank(),
+        cfg.parallel.dp,
+    )
     val_loss = trainer.global_mean(trainer.evaluate(val)).item()
     return summary.losses, full_state_dict(trainer.model), val_loss

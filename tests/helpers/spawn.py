@@ -21,10 +21,18 @@ PORT_TAKEN = ("EADDRINUSE", "address already in use", "Address already in use")
 ATTEMPTS = 3  # a free port can be taken by another process before rank 0 binds it
 
 
-def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, queue: Any) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      OMP_NUM_THREADS="1")
+def _rank_main(
+    fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, queue: Any
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     import torch
     import torch.distributed as dist
 
@@ -43,7 +51,9 @@ def _run_once(world: int, fn: Callable[..., Any], args: tuple, timeout: float) -
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, args, queue)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(fn, r, world, port, args, queue)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
@@ -84,8 +94,9 @@ def _on_mesh(shape: tuple[int, int, int], fn: Callable[..., Any], args: tuple) -
     return fn(mesh, *args)
 
 
-def run_on_mesh(shape: tuple[int, int, int], fn: Callable[..., Any], *args: Any,
-                timeout: float = 600) -> list[Any]:
+def run_on_mesh(
+    shape: tuple[int, int, int], fn: Callable[..., Any], *args: Any, timeout: float = 600
+) -> list[Any]:
     """fn(mesh, *args) on dp*pp*tp ranks, `mesh` the real (dp, pp, tp) gloo DeviceMesh."""
     dp, pp, tp = shape
     return run_ranks(dp * pp * tp, _on_mesh, shape, fn, args, timeout=timeout)

@@ -13,7 +13,11 @@ from parallel.schedules import SCHEDULES
 def test_overhead_prints_a_positive_ratio(capsys: pytest.CaptureFixture[str]) -> None:
     main(["overhead", "--steps", "3", "--warmup", "1", "--seq-len", "32", "--batch", "4"])
     out = capsys.readouterr().out
-    ratio = float(re.search(r"ratio tridist/bare: ([0-9.]+) over all steps; median of step pairs ([0-9.]+)", out).group(1))
+    ratio = float(
+        re.search(
+            r"ratio tridist/bare: ([0-9.]+) over all steps; median of step pairs ([0-9.]+)", out
+        ).group(1)
+    )
     assert ratio > 0, out
     assert float(re.search(r"median of step pairs ([0-9.]+)", out).group(1)) > 0, out
     # same weights, data, optimizer and schedule: both loops must have done the same work
@@ -23,7 +27,9 @@ def test_overhead_prints_a_positive_ratio(capsys: pytest.CaptureFixture[str]) ->
 def test_formulas_match_the_literature() -> None:
     assert formula_bubble("gpipe", 4, 8) == pytest.approx(3 / 11)  # (p-1)/(m+p-1)
     assert formula_bubble("1f1b", 4, 8) == formula_bubble("gpipe", 4, 8)
-    relative = formula_bubble("interleaved_1f1b", 4, 8) / (1 - formula_bubble("interleaved_1f1b", 4, 8))
+    relative = formula_bubble("interleaved_1f1b", 4, 8) / (
+        1 - formula_bubble("interleaved_1f1b", 4, 8)
+    )
     assert relative == pytest.approx(3 / (2 * 8))  # (p-1)/(v*m) of the ideal time
     assert formula_bubble("zbv", 4, 8) == 0
 
@@ -33,15 +39,27 @@ def test_replaying_torchs_action_order_reproduces_the_formulas() -> None:
         for name in SCHEDULES:
             expected = formula_bubble("interleaved_zb" if name == "zbv" else name, p, m)
             # torch's ZBV order keeps the ZB1P bubble with equal F, I and W costs
-            assert simulated_bubble(name, p, m, VIRTUAL_STAGES) == pytest.approx(expected), (name, p, m)
+            assert simulated_bubble(name, p, m, VIRTUAL_STAGES) == pytest.approx(expected), (
+                name,
+                p,
+                m,
+            )
 
 
 def test_pipeline_bubbles_follow_their_formulas() -> None:
     # 30 ms stages, median of 3 steps, 0.15 tolerance: stalls of this shared 2-core VM added
     # ~50 ms to a ~500 ms step (0.13 of bubble) in repeated runs; a pipeline that serialized its
     # ranks would read 0.5 against the formula's 0.2
-    rows = {r.schedule: r for r in pipeline(pp=2, microbatches=4, stage_ms=30.0, repeats=3,
-                                            schedules=("gpipe", "1f1b", "interleaved_1f1b"))}
+    rows = {
+        r.schedule: r
+        for r in pipeline(
+            pp=2,
+            microbatches=4,
+            stage_ms=30.0,
+            repeats=3,
+            schedules=("gpipe", "1f1b", "interleaved_1f1b"),
+        )
+    }
     gpipe = rows["gpipe"]
     assert gpipe.ideal_ms == 4 * 3 * 30.0
     assert abs(gpipe.bubble - gpipe.formula) < 0.15, gpipe

@@ -13,8 +13,11 @@ from launcher.run.compose import CONF_DIR, compose_config
 GROUPS = ("model", "data", "parallel")
 
 
-@pytest.mark.parametrize("path", sorted(p for g in GROUPS for p in (CONF_DIR / g).glob("*.yaml")),
-                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for g in GROUPS for p in (CONF_DIR / g).glob("*.yaml")),
+    ids=lambda p: f"{p.parent.name}/{p.stem}",
+)
 def test_group_files_repeat_no_schema_default(path: Path) -> None:
     defaults = getattr(Config(), path.parent.name)
     values = yaml.safe_load(path.read_text()) or {}

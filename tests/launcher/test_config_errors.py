@@ -11,23 +11,38 @@ from launcher.run.compose import compose_config
 
 
 def _train(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.train", "train.steps=1", "train.sample_tokens=0", *overrides],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher.train",
+            "train.steps=1",
+            "train.sample_tokens=0",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
-@pytest.mark.parametrize("overrides,field", [
-    (["parallel.dp=2"], "parallel.dp"),                       # dp*pp*tp != world size (1)
-    (["model.n_kv_heads=3"], "model.n_kv_heads"),               # 8 heads not divisible by 3
-    (["optim.lr=-0.1"], "optim.lr"),
-    (["model=llama3_9b"], "model"),                            # unknown flavor
-    (["data=tokens", "data.path=/no/such/file.bin"], "data.path"),
-    (["train.global_batch_size=10", "parallel.microbatches=4"], "train.global_batch_size"),
-    (["train.seq_len=abc"], "train.seq_len"),                       # wrong type
-    (["cluster.peak_tflops=312"], "cluster.peak_tflops"),       # moved to hardware.peak_tflops
-    (["optim.lr=inf"], "optim.lr"),                             # non-finite
-    (["model.dim=1000000000"], "model.dim"),                     # would overflow a storage
-    (["model=llama3_8b"], "model"),                            # 120 GiB of state on one rank
-])
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (["parallel.dp=2"], "parallel.dp"),  # dp*pp*tp != world size (1)
+        (["model.n_kv_heads=3"], "model.n_kv_heads"),  # 8 heads not divisible by 3
+        (["optim.lr=-0.1"], "optim.lr"),
+        (["model=llama3_9b"], "model"),  # unknown flavor
+        (["data=tokens", "data.path=/no/such/file.bin"], "data.path"),
+        (["train.global_batch_size=10", "parallel.microbatches=4"], "train.global_batch_size"),
+        (["train.seq_len=abc"], "train.seq_len"),  # wrong type
+        (["cluster.peak_tflops=312"], "cluster.peak_tflops"),  # moved to hardware.peak_tflops
+        (["optim.lr=inf"], "optim.lr"),  # non-finite
+        (["model.dim=1000000000"], "model.dim"),  # would overflow a storage
+        (["model=llama3_8b"], "model"),  # 120 GiB of state on one rank
+    ],
+)
 def test_refused_with_exit_2(overrides: list[str], field: str) -> None:
     result = _train(*overrides)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -48,22 +63,25 @@ def test_unreadable_tokenizer(tmp_path) -> None:
 
 # The same validate() the entry point runs (tested above through it), in-process: every number
 # has a range; NaN and inf are refused where a finite value is needed.
-@pytest.mark.parametrize("overrides,field", [
-    (["optim.beta1=1.5"], "optim.beta1"),
-    (["optim.beta2=-0.1"], "optim.beta2"),
-    (["optim.eps=-1"], "optim.eps"),
-    (["optim.eps=0"], "optim.eps"),
-    (["optim.weight_decay=nan"], "optim.weight_decay"),
-    (["model.norm_eps=nan"], "model.norm_eps"),
-    (["model.rope_theta=0"], "model.rope_theta"),
-    (["train.val_batches=0"], "train.val_batches"),
-    (["model.multiple_of=0"], "model.multiple_of"),
-    (["model.ffn_dim_multiplier=-1"], "model.ffn_dim_multiplier"),
-    (["model.vocab_size=2000000000"], "model.vocab_size"),       # would allocate 512 GB
-    (["data.max_bytes=0"], "data.max_bytes"),
-    (["parallel.layers_per_stage=[3,3]"], "parallel.layers_per_stage"),  # pp=1: not ignored
-    (["train.nonfinite=ignore"], "train.nonfinite"),
-])
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (["optim.beta1=1.5"], "optim.beta1"),
+        (["optim.beta2=-0.1"], "optim.beta2"),
+        (["optim.eps=-1"], "optim.eps"),
+        (["optim.eps=0"], "optim.eps"),
+        (["optim.weight_decay=nan"], "optim.weight_decay"),
+        (["model.norm_eps=nan"], "model.norm_eps"),
+        (["model.rope_theta=0"], "model.rope_theta"),
+        (["train.val_batches=0"], "train.val_batches"),
+        (["model.multiple_of=0"], "model.multiple_of"),
+        (["model.ffn_dim_multiplier=-1"], "model.ffn_dim_multiplier"),
+        (["model.vocab_size=2000000000"], "model.vocab_size"),  # would allocate 512 GB
+        (["data.max_bytes=0"], "data.max_bytes"),
+        (["parallel.layers_per_stage=[3,3]"], "parallel.layers_per_stage"),  # pp=1: not ignored
+        (["train.nonfinite=ignore"], "train.nonfinite"),
+    ],
+)
 def test_every_bad_value_names_its_field(overrides: list[str], field: str) -> None:
     with pytest.raises(ConfigError) as err:
         compose_config(overrides, world_size=1)

@@ -10,16 +10,38 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_non_editable_install_composes_the_default_config(tmp_path: Path) -> None:
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "--no-build-isolation", "--target", str(target), str(REPO)],
-                   check=True, capture_output=True, cwd=tmp_path)
-    code = ("import launcher.run.compose as t\n"
-            "from hydra import compose, initialize_config_dir\n"
-            "with initialize_config_dir(config_dir=str(t.CONF_DIR), version_base='1.3'):\n"
-            "    cfg = compose('config', overrides=['model=llama3_8b'])\n"
-            "print(t.__file__, cfg.model.dim)\n")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    code = (
+        "import launcher.run.compose as t\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "with initialize_config_dir(config_dir=str(t.CONF_DIR), version_base='1.3'):\n"
+        "    cfg = compose('config', overrides=['model=llama3_8b'])\n"
+        "print(t.__file__, cfg.model.dim)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(target)}
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                         cwd=tmp_path, env=env).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    ).stdout
     installed_file, dim = out.split()
     assert installed_file.startswith(str(target)) and dim == "4096"

@@ -10,20 +10,62 @@ from launcher.run.compose import compose_config
 from tests.helpers.run_training import make_config
 
 CASES = [  # overrides, world size, field named in the error
-    (["parallel.pp=2", "parallel.microbatches=2", "parallel.schedule=1f1b", "parallel.virtual_stages=2"], 2,
-     "parallel.virtual_stages"),
-    (["parallel.pp=2", "parallel.schedule=zbv", "parallel.microbatches=4"], 2, "parallel.virtual_stages"),
-    (["parallel.pp=2", "parallel.schedule=1f1b", "parallel.microbatches=1"], 2, "parallel.microbatches"),
-    (["model=debug", "parallel.pp=4", "parallel.virtual_stages=2", "parallel.schedule=interleaved_1f1b",
-      "parallel.microbatches=9", "train.global_batch_size=18"], 4, "parallel.microbatches"),
-    (["model.n_layers=5", "parallel.pp=3", "parallel.microbatches=4"], 3, "parallel.layers_per_stage"),
+    (
+        [
+            "parallel.pp=2",
+            "parallel.microbatches=2",
+            "parallel.schedule=1f1b",
+            "parallel.virtual_stages=2",
+        ],
+        2,
+        "parallel.virtual_stages",
+    ),
+    (
+        ["parallel.pp=2", "parallel.schedule=zbv", "parallel.microbatches=4"],
+        2,
+        "parallel.virtual_stages",
+    ),
+    (
+        ["parallel.pp=2", "parallel.schedule=1f1b", "parallel.microbatches=1"],
+        2,
+        "parallel.microbatches",
+    ),
+    (
+        [
+            "model=debug",
+            "parallel.pp=4",
+            "parallel.virtual_stages=2",
+            "parallel.schedule=interleaved_1f1b",
+            "parallel.microbatches=9",
+            "train.global_batch_size=18",
+        ],
+        4,
+        "parallel.microbatches",
+    ),
+    (
+        ["model.n_layers=5", "parallel.pp=3", "parallel.microbatches=4"],
+        3,
+        "parallel.layers_per_stage",
+    ),
     (["parallel.tp=3"], 3, "model.n_heads"),
     (["parallel.tp=8"], 8, "model.n_kv_heads"),
     (["parallel.pp=2", "parallel.schedule=warp_speed"], 2, "parallel.schedule"),
     (["parallel.dp=3"], 3, "train.global_batch_size"),
-    (["parallel.pp=2", "parallel.microbatches=2", "model.tie_embeddings=true"], 2, "model.tie_embeddings"),
-    (["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=127", "train.sample_tokens=0"], 2,
-     "train.seq_len"),
+    (
+        ["parallel.pp=2", "parallel.microbatches=2", "model.tie_embeddings=true"],
+        2,
+        "model.tie_embeddings",
+    ),
+    (
+        [
+            "parallel.tp=2",
+            "parallel.sequence_parallel=true",
+            "train.seq_len=127",
+            "train.sample_tokens=0",
+        ],
+        2,
+        "train.seq_len",
+    ),
 ]
 
 
@@ -39,7 +81,9 @@ def test_sequence_parallel_accepted_when_the_sequence_splits() -> None:
     assert cfg.parallel.sequence_parallel and cfg.train.seq_len % 2 == 0
     with pytest.raises(ConfigError, match=r"train.seq_len=126 or parallel.sequence_parallel=false"):
         make_config(["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=127"], 2)
-    make_config(["parallel.sequence_parallel=true", "train.seq_len=127"], 1)  # tp=1: nothing to split
+    make_config(
+        ["parallel.sequence_parallel=true", "train.seq_len=127"], 1
+    )  # tp=1: nothing to split
 
 
 def test_tp_may_not_cross_a_node() -> None:
@@ -52,7 +96,20 @@ def test_refused_before_any_process_group_under_torchrun() -> None:
     # 2 ranks, pp=2 with 1 microbatch: refused by every rank before init_process_group, so
     # torchrun returns promptly with exit code 2 from the workers instead of hanging in rendezvous
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "launcher.train", "parallel.pp=2", "parallel.microbatches=1"],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "launcher.train",
+            "parallel.pp=2",
+            "parallel.microbatches=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0 and "parallel.microbatches" in result.stderr

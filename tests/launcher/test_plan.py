@@ -18,8 +18,16 @@ from parallel.plan.params import StageCounter
 from tests.helpers.spawn import run_ranks
 from tests.parallel.plan.test_memory import live_activation_bytes
 
-REAL = ["model=debug", "train.seq_len=32", "train.sample_tokens=0", "device=cpu", "parallel.pp=2", "parallel.tp=2",
-        "train.global_batch_size=8", "parallel.microbatches=4"]
+REAL = [
+    "model=debug",
+    "train.seq_len=32",
+    "train.sample_tokens=0",
+    "device=cpu",
+    "parallel.pp=2",
+    "parallel.tp=2",
+    "train.global_batch_size=8",
+    "parallel.microbatches=4",
+]
 SCHEDULES = {"zbv": 2, "1f1b": 1, "interleaved_1f1b": 2}  # schedule -> virtual stages
 CLUSTER_OF_4 = ["cluster.nodes=1", "cluster.gpus_per_node=4"]
 
@@ -56,8 +64,10 @@ def _real_run(world: int) -> dict[str, object]:
         cfg = make_config(REAL + _layout(schedule), world)
         trainer = build_trainer(cfg, load_data(cfg))
         if schedule == "zbv":  # the V places both ends on rank 0: parameters only
-            out["params"] = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
-                                for p in trainer.model.parameters())
+            out["params"] = sum(
+                (p.to_local() if hasattr(p, "to_local") else p).numel()
+                for p in trainer.model.parameters()
+            )
             continue
         trainer.train_step()  # the first step also infers shapes; measure the second
         inputs, targets = trainer.sampler.next_batch()
@@ -71,7 +81,9 @@ def _real_run(world: int) -> dict[str, object]:
             tables = [t for pair in chunk._rope_cache.values() for t in pair]
             local = [p.to_local() if hasattr(p, "to_local") else p for p in chunk.parameters()]
             micro = inputs[: inputs.shape[0] // cfg.parallel.microbatches]
-            out["forward_bytes"] = live_activation_bytes(lambda c=chunk, x=micro: c(x), local + tables)[0]
+            out["forward_bytes"] = live_activation_bytes(
+                lambda c=chunk, x=micro: c(x), local + tables
+            )[0]
     return out
 
 
@@ -94,38 +106,76 @@ def test_per_rank_parameters_equal_the_real_run_exactly(real: list[dict[str, obj
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
-def test_microbatches_in_flight_and_tp_collectives_match_the_real_run(real: list[dict[str, object]],
-                                                                     schedule: str) -> None:
+def test_microbatches_in_flight_and_tp_collectives_match_the_real_run(
+    real: list[dict[str, object]], schedule: str
+) -> None:
     plan = _plan(REAL + _layout(schedule) + CLUSTER_OF_4)
     for rank, got in enumerate(real):
         in_flight, collectives = got[schedule]
         r = plan.ranks[rank // 2]
-        assert abs(r.in_flight - in_flight) <= 0.2 * in_flight, (schedule, rank, r.in_flight, in_flight)
+        assert abs(r.in_flight - in_flight) <= 0.2 * in_flight, (
+            schedule,
+            rank,
+            r.in_flight,
+            in_flight,
+        )
         ends = (0 in r.stage_ids) + (2 * SCHEDULES[schedule] - 1 in r.stage_ids)  # embedding, head
         # the loss's token-sized all-reduces run inside DTensor's dispatch: not counted here
-        assert collectives == 4 * tp_collectives(sequence_parallel=False, layers=r.layers, ends=ends,
-                                                 recompute="none"), (schedule, rank, collectives)
+        assert collectives == 4 * tp_collectives(
+            sequence_parallel=False, layers=r.layers, ends=ends, recompute="none"
+        ), (schedule, rank, collectives)
 
 
-def test_tensor_parallel_activation_estimate_matches_the_real_run(real: list[dict[str, object]]) -> None:
+def test_tensor_parallel_activation_estimate_matches_the_real_run(
+    real: list[dict[str, object]],
+) -> None:
     from parallel.plan.memory import activation_bytes
 
     cfg = compose_config(REAL)
     for rank in (0, 1):  # pp rank 0: the embedding and 4 blocks, sharded over tp=2
         measured = real[rank]["forward_bytes"]
-        estimate_ = activation_bytes(cfg.model, layers=4, last_stage=False, tokens=2 * 32, in_flight=1, tp=2,
-                                     sequence_parallel=False, recompute="none", pipelined=True, dtype_bytes=4)
+        estimate_ = activation_bytes(
+            cfg.model,
+            layers=4,
+            last_stage=False,
+            tokens=2 * 32,
+            in_flight=1,
+            tp=2,
+            sequence_parallel=False,
+            recompute="none",
+            pipelined=True,
+            dtype_bytes=4,
+        )
         assert abs(estimate_ - measured) <= 0.2 * measured, (rank, estimate_, measured)
 
 
-@pytest.mark.parametrize(("schedule", "v"), [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2),
-                                             ("interleaved_1f1b", 4), ("interleaved_zb", 2), ("zbv", 2),
-                                             ("dualpipev", 2)])
+@pytest.mark.parametrize(
+    ("schedule", "v"),
+    [
+        ("gpipe", 1),
+        ("1f1b", 1),
+        ("interleaved_1f1b", 2),
+        ("interleaved_1f1b", 4),
+        ("interleaved_zb", 2),
+        ("zbv", 2),
+        ("dualpipev", 2),
+    ],
+)
 def test_bubble_is_the_papers(schedule: str, v: int) -> None:
     p, m = 4, 8
-    plan = _plan(["model=debug", "model.n_layers=16", "cluster.nodes=1", "cluster.gpus_per_node=4", f"parallel.pp={p}",
-                  f"parallel.schedule={schedule}", f"parallel.virtual_stages={v}", f"parallel.microbatches={m}",
-                  "train.global_batch_size=8"])
+    plan = _plan(
+        [
+            "model=debug",
+            "model.n_layers=16",
+            "cluster.nodes=1",
+            "cluster.gpus_per_node=4",
+            f"parallel.pp={p}",
+            f"parallel.schedule={schedule}",
+            f"parallel.virtual_stages={v}",
+            f"parallel.microbatches={m}",
+            "train.global_batch_size=8",
+        ]
+    )
     # per chunk of a rank holding v: forward F = 1/v, input gradient B = 1/v, weight gradient
     # W = 1/v; the ideal step is m (F + B + W) v = 3m
     f = b = w = 1 / v
@@ -137,15 +187,32 @@ def test_bubble_is_the_papers(schedule: str, v: int) -> None:
         "zbv": 0.0,  # ZB-V: none once m >= 2p
         "dualpipev": None,  # DeepSeek-V3: (p-1)(F&B + B_full - 3W), F&B = F + B_full unoverlapped
     }
-    over_ideal = {"interleaved_1f1b": (p - 1) / (v * m), "interleaved_zb": (p - 1) * (f + b - w) / (3 * m),
-                  "dualpipev": (p - 1) * ((f + 2 * b) + 2 * b - 3 * w) / (3 * m)}
-    expected = papers[schedule] if papers[schedule] is not None else over_ideal[schedule] / (1 + over_ideal[schedule])
+    over_ideal = {
+        "interleaved_1f1b": (p - 1) / (v * m),
+        "interleaved_zb": (p - 1) * (f + b - w) / (3 * m),
+        "dualpipev": (p - 1) * ((f + 2 * b) + 2 * b - 3 * w) / (3 * m),
+    }
+    expected = (
+        papers[schedule]
+        if papers[schedule] is not None
+        else over_ideal[schedule] / (1 + over_ideal[schedule])
+    )
     assert plan.bubble == pytest.approx(expected), (schedule, v)
 
 
-LLAMA3_405B = ["model=llama3_405b", "parallel.tp=8", "parallel.pp=16", "parallel.dp=128", "cluster.nodes=2048",
-               "cluster.gpus_per_node=8", "cluster.gpu_mem_gib=80", "train.seq_len=8192",
-               "train.global_batch_size=2048", "parallel.microbatches=16", "model.activation_checkpointing=full"]
+LLAMA3_405B = [
+    "model=llama3_405b",
+    "parallel.tp=8",
+    "parallel.pp=16",
+    "parallel.dp=128",
+    "cluster.nodes=2048",
+    "cluster.gpus_per_node=8",
+    "cluster.gpu_mem_gib=80",
+    "train.seq_len=8192",
+    "train.global_batch_size=2048",
+    "parallel.microbatches=16",
+    "model.activation_checkpointing=full",
+]
 
 
 def test_llama3_405b_published_layout_fits(capsys: pytest.CaptureFixture[str]) -> None:
@@ -163,24 +230,48 @@ def test_llama3_405b_published_layout_fits(capsys: pytest.CaptureFixture[str]) -
     assert took < 60, took
 
 
-def test_llama3_405b_on_one_node_without_sharding_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["model=llama3_405b", "cluster.nodes=1", "parallel.dp=8", "parallel.dp_shard=false"]) == 2
+def test_llama3_405b_on_one_node_without_sharding_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert (
+        main(["model=llama3_405b", "cluster.nodes=1", "parallel.dp=8", "parallel.dp_shard=false"])
+        == 2
+    )
     out = capsys.readouterr().out
-    found = re.search(r"does not fit: pp rank 0 needs ([\d.]+) GiB of 80.0 GiB \(short by ([\d.]+) GiB\)", out)
+    found = re.search(
+        r"does not fit: pp rank 0 needs ([\d.]+) GiB of 80.0 GiB \(short by ([\d.]+) GiB\)", out
+    )
     assert found, out
     needs, short = float(found.group(1)), float(found.group(2))
     assert needs - 80 == pytest.approx(short, abs=0.11)
     assert needs * GIB > 16 * 405e9  # bf16 weights + fp32 gradients + Adam, unsharded
 
 
-def test_invalid_layout_is_refused_with_the_validator_message(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["model=debug", "parallel.tp=3", "parallel.dp=1", "cluster.nodes=1", "cluster.gpus_per_node=3"]) == 2
-    assert "config error: model.n_heads=8: must be divisible by parallel.tp=3" in capsys.readouterr().err
+def test_invalid_layout_is_refused_with_the_validator_message(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert (
+        main(
+            [
+                "model=debug",
+                "parallel.tp=3",
+                "parallel.dp=1",
+                "cluster.nodes=1",
+                "cluster.gpus_per_node=3",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "config error: model.n_heads=8: must be divisible by parallel.tp=3"
+        in capsys.readouterr().err
+    )
 
 
 def test_search_ranks_valid_fitting_layouts_for_8b_on_one_node() -> None:
-    cfg = compose_config(["model=llama3_8b", "cluster.nodes=1", "train.seq_len=8192",
-                               "train.global_batch_size=32"])
+    cfg = compose_config(
+        ["model=llama3_8b", "cluster.nodes=1", "train.seq_len=8192", "train.global_batch_size=32"]
+    )
     start = time.process_time()
     rows, valid = search(cfg, 10)
     took = time.process_time() - start  # CPU time: the machine is shared, wall time is noise
@@ -191,12 +282,19 @@ def test_search_ranks_valid_fitting_layouts_for_8b_on_one_node() -> None:
     for c, p in rows:
         validate(c, 8, 8)
         assert p.fits and p.gpus == 8
-    assert {c.parallel.tp for c, _ in rows} | {c.parallel.pp for c, _ in rows} != {1}  # not all one layout
+    assert {c.parallel.tp for c, _ in rows} | {c.parallel.pp for c, _ in rows} != {
+        1
+    }  # not all one layout
     text = search_report(cfg, rows[:3], valid, took)
     assert len(re.findall(r"^ +[123] +\d+ +\d+ +\d+ ", text, re.M)) == 3, text
 
 
 def test_search_from_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--search", "--top", "3", "model=debug", "cluster.nodes=1", "cluster.gpus_per_node=4"]) == 0
+    assert (
+        main(
+            ["--search", "--top", "3", "model=debug", "cluster.nodes=1", "cluster.gpus_per_node=4"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "valid layouts" in out and len(re.findall(r"^ +[123] ", out, re.M)) == 3, out

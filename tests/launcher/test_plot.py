@@ -14,8 +14,10 @@ from launcher.plot import job_dirs, job_label, main
 
 def _write_run(run_dir: Path, speed: float, overrides: list[str] | None = None) -> None:
     run_dir.mkdir(parents=True)
-    records = [{"step": s, "loss": 5 * math.exp(-s / 20), "tokens_per_s": speed + s, "mfu": 0.01}
-               for s in range(10, 110, 10)]
+    records = [
+        {"step": s, "loss": 5 * math.exp(-s / 20), "tokens_per_s": speed + s, "mfu": 0.01}
+        for s in range(10, 110, 10)
+    ]
     records[-1]["val_loss"] = 1.0
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if overrides is not None:
@@ -27,7 +29,9 @@ def _png_shape(path: Path) -> tuple[int, ...]:
     return matplotlib.image.imread(path).shape
 
 
-def test_run_folder_gets_loss_and_throughput(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_folder_gets_loss_and_throughput(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _write_run(tmp_path / "run", 1000.0)
     main([str(tmp_path / "run")])
     printed = capsys.readouterr().out.split()
@@ -50,7 +54,9 @@ def test_multirun_folder_gets_one_comparison(tmp_path: Path) -> None:
     assert not (sweep / "loss.png").exists()
 
 
-def test_a_folder_without_metrics_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_folder_without_metrics_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path)])
     assert exit_info.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err

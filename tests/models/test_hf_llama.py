@@ -57,8 +57,21 @@ def test_through_the_entry_point_one_line_exit_2(tmp_path: Path) -> None:
     d = tmp_path / "hf"
     d.mkdir()
     (d / "config.json").write_text("[1, 2]")
-    result = subprocess.run([sys.executable, "-m", "launcher.train", "train.steps=1", "train.sample_tokens=0",
-                             f"model.init_from={d}", f"hydra.run.dir={tmp_path / 'run'}"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher.train",
+            "train.steps=1",
+            "train.sample_tokens=0",
+            f"model.init_from={d}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and "model.init_from" in lines[0], result.stderr
+    assert result.returncode == 2 and len(lines) == 1 and "model.init_from" in lines[0], (
+        result.stderr
+    )

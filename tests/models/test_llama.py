@@ -1,13 +1,14 @@
 """The plain model: shapes, causality, GQA == MHA with repeated weights, seeded init."""
 
-
 import pytest
 import torch
 
 from models.llama import ModelArgs, Transformer
 from parallel.init import init_parameters
 
-ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=64)
+ARGS = ModelArgs(
+    dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=64
+)
 
 
 def _model(args: ModelArgs = ARGS, seed: int = 0) -> Transformer:
@@ -19,7 +20,9 @@ def _model(args: ModelArgs = ARGS, seed: int = 0) -> Transformer:
 def test_shapes_and_ffn_sizing() -> None:
     logits = _model()(torch.randint(0, 64, (3, 10)))
     assert logits.shape == (3, 10, 64)
-    assert ModelArgs(dim=4096, multiple_of=1024, ffn_dim_multiplier=1.3).ffn_hidden_dim == 14336  # Llama 3 8B
+    assert (
+        ModelArgs(dim=4096, multiple_of=1024, ffn_dim_multiplier=1.3).ffn_hidden_dim == 14336
+    )  # Llama 3 8B
 
 
 def test_causal() -> None:
@@ -39,7 +42,11 @@ def test_gqa_equals_mha_with_repeated_kv_weights() -> None:
     hd, rep = ARGS.head_dim, ARGS.n_heads // ARGS.kv_heads
     for name, value in state.items():
         if name.endswith(("wk.weight", "wv.weight")):
-            value = value.view(ARGS.kv_heads, hd, -1).repeat_interleave(rep, dim=0).reshape(-1, ARGS.dim)
+            value = (
+                value.view(ARGS.kv_heads, hd, -1)
+                .repeat_interleave(rep, dim=0)
+                .reshape(-1, ARGS.dim)
+            )
         mha.state_dict()[name].copy_(value)
     x = torch.randint(0, 64, (2, 9))
     assert torch.allclose(gqa(x), mha(x), atol=1e-5)
@@ -55,7 +62,10 @@ def test_rope_scaling_changes_only_low_frequencies() -> None:
     from models.llama import rope_frequencies
 
     args = ModelArgs(dim=128, n_heads=1, rope_theta=500000.0)
-    plain, scaled = rope_frequencies(args), rope_frequencies(ModelArgs(**{**args.__dict__, "rope_scaling": True}))
+    plain, scaled = (
+        rope_frequencies(args),
+        rope_frequencies(ModelArgs(**{**args.__dict__, "rope_scaling": True})),
+    )
     assert torch.equal(plain[:4], scaled[:4]) and torch.allclose(scaled[-1], plain[-1] / 8)
 
 
@@ -75,8 +85,16 @@ def test_blocks_use_the_first_positions_of_longer_rope_tables() -> None:
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_parameter_count_is_the_modules(tie: bool) -> None:
-    args = ModelArgs(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=100, multiple_of=32,
-                     ffn_dim_multiplier=1.3, tie_embeddings=tie)
+    args = ModelArgs(
+        dim=64,
+        n_layers=3,
+        n_heads=8,
+        n_kv_heads=2,
+        vocab_size=100,
+        multiple_of=32,
+        ffn_dim_multiplier=1.3,
+        tie_embeddings=tie,
+    )
     with torch.device("meta"):
         model = Transformer(args)
     assert args.parameter_count == sum(p.numel() for p in model.parameters())

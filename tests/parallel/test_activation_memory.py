@@ -39,10 +39,14 @@ def test_1f1b_holds_at_most_pp_microbatches_gpipe_holds_all() -> None:
 
 
 def test_recompute_keeps_loss_and_cuts_saved_activations() -> None:
-    runs = {mode: _measure(["train.global_batch_size=4", f"model.activation_checkpointing={mode}"], 1)
-            for mode in ("none", "selective", "full")}
+    runs = {
+        mode: _measure(["train.global_batch_size=4", f"model.activation_checkpointing={mode}"], 1)
+        for mode in ("none", "selective", "full")
+    }
     assert runs["none"][0] == runs["selective"][0] == runs["full"][0]
     # selective recompute keeps matmul/attention outputs in its own cache, which autograd's
     # saved-tensor hooks do not see: this measures what autograd itself holds
-    assert runs["full"][2] < runs["none"][2] / 5 and runs["selective"][2] < runs["none"][2] / 5, runs
+    assert runs["full"][2] < runs["none"][2] / 5 and runs["selective"][2] < runs["none"][2] / 5, (
+        runs
+    )
     torch.distributed.destroy_process_group()

@@ -33,7 +33,9 @@ def test_tp_sharded_gradients_clip_like_one_process() -> None:
     ref_norm, ref_grads = _clipped(None)
     plain = _model()
     plain(torch.randn(4, 8, generator=torch.Generator().manual_seed(1))).pow(2).sum().backward()
-    assert abs(torch.nn.utils.clip_grad_norm_(plain.parameters(), MAX_NORM).item() - ref_norm) < 1e-6
+    assert (
+        abs(torch.nn.utils.clip_grad_norm_(plain.parameters(), MAX_NORM).item() - ref_norm) < 1e-6
+    )
     for norm, grads in run_on_mesh((2, 1, 2), _clipped):
         assert abs(norm - ref_norm) <= 1e-5 * ref_norm and ref_norm > MAX_NORM  # clipping did act
         for g, ref in zip(grads, ref_grads):

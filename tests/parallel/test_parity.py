@@ -18,9 +18,17 @@ from tests.helpers.spawn import run_ranks
 # way in another. A slightly larger eps keeps such elements still; a wrong gradient anywhere
 # still moves weights by ~lr and fails the 1e-5 check by orders of magnitude.
 SEQ_LEN = 16
-BASE = ["model=debug", "train.steps=3", f"train.seq_len={SEQ_LEN}", "train.global_batch_size=32",
-        "train.sample_tokens=0", "train.val_interval=1000", "optim.warmup_steps=1",
-        "optim.eps=1e-5", "device=cpu"]
+BASE = [
+    "model=debug",
+    "train.steps=3",
+    f"train.seq_len={SEQ_LEN}",
+    "train.global_batch_size=32",
+    "train.sample_tokens=0",
+    "train.val_interval=1000",
+    "optim.warmup_steps=1",
+    "optim.eps=1e-5",
+    "device=cpu",
+]
 ONE_STAGE = ("gpipe", "1f1b")
 MULTI_STAGE = ("interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev")
 SP = ("parallel.sequence_parallel=true",)
@@ -37,24 +45,43 @@ class Layout(NamedTuple):
 
 # pp=1 layouts name one schedule only: without a pipeline it is not used
 LAYOUTS = {
-    2: [Layout(1, 2, 1, 1, ONE_STAGE), Layout(1, 2, 1, 2, MULTI_STAGE),
-        Layout(1, 1, 2, 1, ("1f1b",), SP)],  # SP without dp: norm grads stay Partial into the optimizer
-    4: [Layout(1, 4, 1, 2, MULTI_STAGE),
+    2: [
+        Layout(1, 2, 1, 1, ONE_STAGE),
+        Layout(1, 2, 1, 2, MULTI_STAGE),
+        Layout(1, 1, 2, 1, ("1f1b",), SP),
+    ],  # SP without dp: norm grads stay Partial into the optimizer
+    4: [
+        Layout(1, 4, 1, 2, MULTI_STAGE),
         Layout(2, 1, 2, 1, ("1f1b",), SP),  # SP under FSDP2, which reduces norm grads across tp
-        Layout(1, 2, 2, 1, ("gpipe",), SP)],  # sequence-sharded activations between stages
-    8: [Layout(2, 2, 2, 1, ONE_STAGE), Layout(2, 2, 2, 2, MULTI_STAGE), Layout(1, 2, 4, 1, ONE_STAGE),
-        Layout(4, 2, 1, 1, ONE_STAGE), Layout(1, 4, 2, 2, MULTI_STAGE),
-        Layout(2, 2, 2, 1, ("1f1b",), SP), Layout(1, 4, 2, 2, ("interleaved_1f1b",), SP)],
+        Layout(1, 2, 2, 1, ("gpipe",), SP),
+    ],  # sequence-sharded activations between stages
+    8: [
+        Layout(2, 2, 2, 1, ONE_STAGE),
+        Layout(2, 2, 2, 2, MULTI_STAGE),
+        Layout(1, 2, 4, 1, ONE_STAGE),
+        Layout(4, 2, 1, 1, ONE_STAGE),
+        Layout(1, 4, 2, 2, MULTI_STAGE),
+        Layout(2, 2, 2, 1, ("1f1b",), SP),
+        Layout(1, 4, 2, 2, ("interleaved_1f1b",), SP),
+    ],
 }
 
 
 def _overrides(layout: Layout, schedule: str) -> list[str]:
-    return BASE + [f"parallel.dp={layout.dp}", f"parallel.pp={layout.pp}", f"parallel.tp={layout.tp}",
-                   f"parallel.virtual_stages={layout.v}", f"parallel.schedule={schedule}",
-                   "parallel.microbatches=8", *layout.extra]
+    return BASE + [
+        f"parallel.dp={layout.dp}",
+        f"parallel.pp={layout.pp}",
+        f"parallel.tp={layout.tp}",
+        f"parallel.virtual_stages={layout.v}",
+        f"parallel.schedule={schedule}",
+        "parallel.microbatches=8",
+        *layout.extra,
+    ]
 
 
-def _train_case(overrides: list[str], world: int) -> tuple[list[float], dict[str, torch.Tensor], float, set[int]]:
+def _train_case(
+    overrides: list[str], world: int
+) -> tuple[list[float], dict[str, torch.Tensor], float, set[int]]:
     """Losses, final weights and validation loss, plus the sequence lengths of the blocks' outputs on this rank."""
     lengths: set[int] = set()
 
@@ -69,7 +96,9 @@ def _train_case(overrides: list[str], world: int) -> tuple[list[float], dict[str
         handle.remove()
 
 
-def _run_cases(cases: list[list[str]], world: int) -> list[tuple[list[float], dict[str, torch.Tensor], float, set[int]]]:
+def _run_cases(
+    cases: list[list[str]], world: int
+) -> list[tuple[list[float], dict[str, torch.Tensor], float, set[int]]]:
     return [_train_case(overrides, world) for overrides in cases]
 
 

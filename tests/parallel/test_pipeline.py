@@ -12,8 +12,11 @@ def _layers_of_rank(n_layers: int, pp: int, v: int, rank: int, schedule: str) ->
     with torch.device("meta"):
         whole = Transformer(ModelArgs(n_layers=n_layers, dim=32, n_heads=4))
     counts = layers_per_stage(n_layers, pp * v)
-    return [int(k) for sid in stage_ids_for_rank(rank, pp, v, schedule)
-            for k in build_stage_module(whole, sid, counts).layers.keys()]
+    return [
+        int(k)
+        for sid in stage_ids_for_rank(rank, pp, v, schedule)
+        for k in build_stage_module(whole, sid, counts).layers.keys()
+    ]
 
 
 def test_megatron_interleaving() -> None:

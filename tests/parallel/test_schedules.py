@@ -56,8 +56,16 @@ def test_every_schedule_has_a_parity_row() -> None:
 def test_config_validation_accepts_exactly_the_registry() -> None:
     for name in SCHEDULES:
         v = stages_per_rank(name, V)
-        cfg = compose_config(["model=debug", "parallel.pp=2", f"parallel.schedule={name}",
-                              f"parallel.virtual_stages={v}", "parallel.microbatches=4"], 2)
+        cfg = compose_config(
+            [
+                "model=debug",
+                "parallel.pp=2",
+                f"parallel.schedule={name}",
+                f"parallel.virtual_stages={v}",
+                "parallel.microbatches=4",
+            ],
+            2,
+        )
         assert cfg.parallel.schedule == name
     with pytest.raises(ConfigError, match="parallel.schedule") as err:
         compose_config(["parallel.pp=2", "parallel.schedule=pipedream"], 2)
@@ -65,19 +73,45 @@ def test_config_validation_accepts_exactly_the_registry() -> None:
     assert tuple(listed.split(", ")) == SCHEDULES
 
 
-@pytest.mark.parametrize(("name", "pp", "v", "m", "setting", "fix"), [
-    ("1f1b", 2, 2, 4, "virtual_stages", "1f1b runs one stage per rank; set virtual_stages=1 or use "
-     "interleaved_1f1b"),
-    ("zbv", 2, 1, 4, "virtual_stages", "zbv places exactly two stages per rank; set it to 2"),
-    ("dualpipev", 2, 2, 3, "microbatches", "dualpipev needs at least as many microbatches as stages (4)"),
-    ("interleaved_zb", 4, 2, 9, "microbatches", "interleaved_zb runs microbatches in rounds of pp=4; "
-     "use a multiple of 4, e.g. 8"),
-])
-def test_validity_checks_name_the_setting_and_the_fix(name: str, pp: int, v: int, m: int, setting: str,
-                                                      fix: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "pp", "v", "m", "setting", "fix"),
+    [
+        (
+            "1f1b",
+            2,
+            2,
+            4,
+            "virtual_stages",
+            "1f1b runs one stage per rank; set virtual_stages=1 or use interleaved_1f1b",
+        ),
+        ("zbv", 2, 1, 4, "virtual_stages", "zbv places exactly two stages per rank; set it to 2"),
+        (
+            "dualpipev",
+            2,
+            2,
+            3,
+            "microbatches",
+            "dualpipev needs at least as many microbatches as stages (4)",
+        ),
+        (
+            "interleaved_zb",
+            4,
+            2,
+            9,
+            "microbatches",
+            "interleaved_zb runs microbatches in rounds of pp=4; use a multiple of 4, e.g. 8",
+        ),
+    ],
+)
+def test_validity_checks_name_the_setting_and_the_fix(
+    name: str, pp: int, v: int, m: int, setting: str, fix: str
+) -> None:
     problem = schedule_spec(name).problem(pp, v, m)
-    assert (problem.setting, problem.value, problem.fix) == (setting, v if setting == "virtual_stages" else m,
-                                                             fix)
+    assert (problem.setting, problem.value, problem.fix) == (
+        setting,
+        v if setting == "virtual_stages" else m,
+        fix,
+    )
     assert schedule_spec(name).problem(pp, stages_per_rank(name, v), 2 * pp * V) is None
 
 

@@ -25,12 +25,23 @@ STAGE_MS = 25.0  # per rank and microbatch: F, and B = 2F
 COVERAGE_ONLY = {"1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 4}  # schedule -> microbatches
 TRAINED = {"interleaved_zb": 2}  # through launcher.train with parallel.timeline=true
 RECORDED_STEPS = 5  # the median step is taken: a busy machine delays some wake-ups
-BASE = ["model=debug", "train.steps=3", "train.seq_len=16", "train.global_batch_size=8",
-        "train.sample_tokens=0", "train.log_interval=1", "optim.warmup_steps=1", "device=cpu",
-        f"parallel.pp={PP}", "parallel.timeline=true"]
+BASE = [
+    "model=debug",
+    "train.steps=3",
+    "train.seq_len=16",
+    "train.global_batch_size=8",
+    "train.sample_tokens=0",
+    "train.log_interval=1",
+    "optim.warmup_steps=1",
+    "device=cpu",
+    f"parallel.pp={PP}",
+    "parallel.timeline=true",
+]
 
 
-def _sleep_stage_timelines(schedules: dict[str, int], stage_ms: float, recorded: int) -> dict[str, Any]:
+def _sleep_stage_timelines(
+    schedules: dict[str, int], stage_ms: float, recorded: int
+) -> dict[str, Any]:
     """Per schedule, `recorded` steps' events (rank 0) after one warm-up step, on SleepStages."""
     import torch
     import torch.distributed as dist
@@ -48,7 +59,9 @@ def _sleep_stage_timelines(schedules: dict[str, int], stage_ms: float, recorded:
         v = stages_per_rank(name, V)
         ids = stage_ids_for_rank(rank, PP, v, name)
         modules = [SleepStage(8, stage_ms / v) for _ in ids]
-        sched = build_schedule(modules, ids, PP * v, name, m, F.mse_loss, torch.device("cpu"), dist.group.WORLD)
+        sched = build_schedule(
+            modules, ids, PP * v, name, m, F.mse_loss, torch.device("cpu"), dist.group.WORLD
+        )
         x, y = torch.randn(2 * m, 8), torch.randn(2 * m, 8)
 
         def step(sched=sched, ids=ids, x=x, y=y, v=v) -> None:
@@ -57,7 +70,9 @@ def _sleep_stage_timelines(schedules: dict[str, int], stage_ms: float, recorded:
         step()  # the first step infers shapes
         out[name] = [record_step(step, sched, torch.device("cpu"))[1] for _ in range(recorded)]
         # recording leaves torch's code as it was
-        assert all(not {"forward_one_chunk", "backward_one_chunk"} & vars(s).keys() for s in _stages(sched))
+        assert all(
+            not {"forward_one_chunk", "backward_one_chunk"} & vars(s).keys() for s in _stages(sched)
+        )
         assert torch_schedules._wait_batch_p2p is original_wait
     return out
 
@@ -70,8 +85,15 @@ def _all_cases(tmp: Path) -> dict[str, Any]:
 
     losses = {}
     for name, m in TRAINED.items():
-        cfg = make_config(BASE + [f"parallel.schedule={name}", f"parallel.microbatches={m}",
-                                  f"parallel.virtual_stages={stages_per_rank(name, V)}"], PP)
+        cfg = make_config(
+            BASE
+            + [
+                f"parallel.schedule={name}",
+                f"parallel.microbatches={m}",
+                f"parallel.virtual_stages={stages_per_rank(name, V)}",
+            ],
+            PP,
+        )
         losses[name] = train(cfg, load_data(cfg), tmp / name).losses
     bubbles = _sleep_stage_timelines({s: PP for s in BUBBLE_SCHEDULES}, STAGE_MS, RECORDED_STEPS)
     coverage = _sleep_stage_timelines(COVERAGE_ONLY, 2.0, 1)
@@ -94,14 +116,18 @@ def _expected_actions(schedule: str, m: int) -> dict[int, collections.Counter]:
     microbatches their runtime runs).
     """
     if stages_per_rank(schedule, V) == 1:
-        return {r: collections.Counter((k, r, i) for k in "FB" for i in range(m)) for r in range(PP)}
+        return {
+            r: collections.Counter((k, r, i) for k in "FB" for i in range(m)) for r in range(PP)
+        }
     ops = get_schedule_ops(schedule_spec(schedule).torch_class, PP, m, stages_per_rank(schedule, V))
     expected = {}
     for rank, actions in enumerate(ops):
         flat = [sub for a in actions if a is not None for sub in (a.sub_actions or [a])]
         expected[rank] = collections.Counter(
             (a.computation_type.value, a.stage_index, a.microbatch_index)
-            for a in flat if a.computation_type.value in COMPUTE_KINDS)
+            for a in flat
+            if a.computation_type.value in COMPUTE_KINDS
+        )
     return expected
 
 
@@ -131,18 +157,33 @@ def test_training_writes_the_trace_and_the_picture(recorded) -> None:
         run_dir = tmp / name
         trace = json.loads((run_dir / "timeline.json").read_text())
         spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
-        events = [Event(e["pid"], e["args"]["pp_rank"], e["cat"], e["args"]["stage"],
-                        e["args"]["microbatch"], e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6) for e in spans]
+        events = [
+            Event(
+                e["pid"],
+                e["args"]["pp_rank"],
+                e["cat"],
+                e["args"]["stage"],
+                e["args"]["microbatch"],
+                e["ts"] / 1e6,
+                (e["ts"] + e["dur"]) / 1e6,
+            )
+            for e in spans
+        ]
         assert _recorded_actions(events) == _expected_actions(name, m), name
         info = trace["otherData"]
         v = stages_per_rank(name, V)
         assert info["formula_bubble"] == pytest.approx(bubble_fraction(name, PP, m, v)), name
         assert info["step"] == 3 and info["microbatches"] == m and info["virtual_stages"] == v
-        assert {int(r): b for r, b in info["measured_bubble"].items()} == pytest.approx(measured_bubbles(events))
+        assert {int(r): b for r, b in info["measured_bubble"].items()} == pytest.approx(
+            measured_bubbles(events)
+        )
         png = (run_dir / "timeline.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
         # rank 0 logs the loss the last stage (on rank 1) computed
-        logged = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        logged = [
+            json.loads(line)["loss"]
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        ]
         assert logged == pytest.approx(results["losses"][name], rel=1e-6), name
 
 
@@ -150,9 +191,16 @@ def test_measured_bubbles_order_as_the_formulas_say(recorded) -> None:
     _, results = recorded
     measured = {}
     for name in BUBBLE_SCHEDULES:
-        per_step = [statistics.mean(measured_bubbles(events).values()) for events in results["timelines"][name]]
+        per_step = [
+            statistics.mean(measured_bubbles(events).values())
+            for events in results["timelines"][name]
+        ]
         measured[name] = statistics.median(per_step)
-    formula = {name: bubble_fraction(name, PP, PP, stages_per_rank(name, V)) for name in BUBBLE_SCHEDULES}
+    formula = {
+        name: bubble_fraction(name, PP, PP, stages_per_rank(name, V)) for name in BUBBLE_SCHEDULES
+    }
     assert measured["gpipe"] > measured["interleaved_1f1b"] > measured["interleaved_zb"], measured
-    for name in BUBBLE_SCHEDULES:  # near the formula, above it by the runtime's own cost (p2p, Python)
+    for (
+        name
+    ) in BUBBLE_SCHEDULES:  # near the formula, above it by the runtime's own cost (p2p, Python)
         assert -0.05 < measured[name] - formula[name] < 0.12, (name, measured, formula)

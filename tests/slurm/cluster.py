@@ -101,24 +101,50 @@ class SlurmCluster:
         shutil.chown(munge, "munge", "munge")
         munge.chmod(0o711)
         ports = _free_ports(len(NODES) + 1)
-        self.conf.write_text(SLURM_CONF.format(
-            root=self.root, ctld_port=ports[0], n_nodes=len(NODES), cpus=CPUS_PER_NODE,
-            node_ports=f"{ports[1]}-{ports[-1]}"))
-        self._spawn("munged", ["/usr/sbin/munged", "-F", f"--socket={munge}/munge.socket",
-                               f"--pid-file={munge}/munged.pid", f"--log-file={munge}/munged.log",
-                               f"--seed-file={munge}/seed"], user="munge")
+        self.conf.write_text(
+            SLURM_CONF.format(
+                root=self.root,
+                ctld_port=ports[0],
+                n_nodes=len(NODES),
+                cpus=CPUS_PER_NODE,
+                node_ports=f"{ports[1]}-{ports[-1]}",
+            )
+        )
+        self._spawn(
+            "munged",
+            [
+                "/usr/sbin/munged",
+                "-F",
+                f"--socket={munge}/munge.socket",
+                f"--pid-file={munge}/munged.pid",
+                f"--log-file={munge}/munged.log",
+                f"--seed-file={munge}/seed",
+            ],
+            user="munge",
+        )
         self._wait(lambda: (munge / "munge.socket").exists(), 10, "munged")
         self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-i", "-f", str(self.conf)])
         for node in NODES:
-            self._spawn(f"slurmd-{node}", ["/usr/sbin/slurmd", "-D", "-N", node, "-f", str(self.conf)])
+            self._spawn(
+                f"slurmd-{node}", ["/usr/sbin/slurmd", "-D", "-N", node, "-f", str(self.conf)]
+            )
         self._wait(self._nodes_idle, timeout, "both nodes idle in sinfo")
 
     def _spawn(self, name: str, cmd: list[str], user: str | None = None) -> None:
         log = open(self.root / "log" / f"{name}.out", "w")
         # a new session: a Ctrl-C in the test terminal reaches pytest, not the daemons
-        self._procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            stdin=subprocess.DEVNULL, start_new_session=True,
-                                            user=user, group=user))
+        self._procs.append(
+            subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                user=user,
+                group=user,
+            )
+        )
         log.close()
 
     def _nodes_idle(self) -> bool:
@@ -136,16 +162,21 @@ class SlurmCluster:
                 raise TimeoutError(f"waited {timeout:.0f} s for {what}")
             time.sleep(0.2)
 
-    def run(self, *cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    def run(
+        self, *cmd: str, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess:
         """A Slurm client command against this cluster."""
-        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True,
-                              check=check, timeout=timeout)
+        return subprocess.run(
+            list(cmd), env=self.env, capture_output=True, text=True, check=check, timeout=timeout
+        )
 
     def logs(self) -> str:
         """The daemons' log tails, for a failure message."""
         parts = []
         for f in sorted((self.root / "log").glob("*")):
-            parts.append(f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-15:]))
+            parts.append(
+                f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-15:])
+            )
         return "\n".join(parts)
 
     def stop(self) -> None:
@@ -156,8 +187,11 @@ class SlurmCluster:
             if jobs:
                 self.run("scancel", *jobs, check=False)
                 try:
-                    self._wait(lambda: not self.run("squeue", "-h", check=False).stdout.strip(), 30,
-                               "cancelled jobs to end")
+                    self._wait(
+                        lambda: not self.run("squeue", "-h", check=False).stdout.strip(),
+                        30,
+                        "cancelled jobs to end",
+                    )
                 except TimeoutError:
                     pass  # stop the daemons anyway
         for p in reversed(self._procs):

@@ -30,20 +30,47 @@ def test_sweep_through_submitit_completes_every_job(slurm: SlurmCluster, tmp_pat
     sweep = tmp_path / "sweep"
     # one rank per node: the dp=2 job spans both nodes (2 nodes x 1 task)
     result = subprocess.run(
-        [sys.executable, "-m", "launcher.train", "-m", "hydra/launcher=submitit_slurm",
-         "hydra.launcher.tasks_per_node=1", "hydra.launcher.timeout_min=10", "parallel.dp=1,2",
-         "model=debug", "device=cpu", "train.steps=4", "train.seq_len=32", "train.global_batch_size=8",
-         "train.sample_tokens=0", "train.log_interval=1", f"hydra.sweep.dir={sweep}"],
-        cwd=REPO, env=slurm.env, capture_output=True, text=True, timeout=400)
+        [
+            sys.executable,
+            "-m",
+            "launcher.train",
+            "-m",
+            "hydra/launcher=submitit_slurm",
+            "hydra.launcher.tasks_per_node=1",
+            "hydra.launcher.timeout_min=10",
+            "parallel.dp=1,2",
+            "model=debug",
+            "device=cpu",
+            "train.steps=4",
+            "train.seq_len=32",
+            "train.global_batch_size=8",
+            "train.sample_tokens=0",
+            "train.log_interval=1",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=REPO,
+        env=slurm.env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = summarize_sweep(sweep)
-    assert [[o for o in r.overrides if o.startswith("parallel.dp=")] for r in rows] == \
-        [["parallel.dp=1"], ["parallel.dp=2"]]
+    assert [[o for o in r.overrides if o.startswith("parallel.dp=")] for r in rows] == [
+        ["parallel.dp=1"],
+        ["parallel.dp=2"],
+    ]
     assert all(r.steps == 4 and r.loss is not None and r.tokens_per_s for r in rows), rows
-    torch.testing.assert_close(rows[1].loss, rows[0].loss, rtol=1e-5, atol=0)  # dp=2 means one group
+    torch.testing.assert_close(
+        rows[1].loss, rows[0].loss, rtol=1e-5, atol=0
+    )  # dp=2 means one group
     assert "| parallel.dp=2 | 4 |" in (sweep / "summary.md").read_text()
     shapes = {}
-    for folder in (f for f in (sweep / ".submitit").iterdir() if f.name.isdigit()):  # one per Slurm job
+    for folder in (
+        f for f in (sweep / ".submitit").iterdir() if f.name.isdigit()
+    ):  # one per Slurm job
         shown = slurm.run("scontrol", "show", "job", "-o", folder.name).stdout
-        shapes[folder.name] = tuple(re.search(rf"\b{k}=(\d+)", shown).group(1) for k in ("NumNodes", "NumTasks"))
+        shapes[folder.name] = tuple(
+            re.search(rf"\b{k}=(\d+)", shown).group(1) for k in ("NumNodes", "NumTasks")
+        )
     assert sorted(shapes.values()) == [("1", "1"), ("2", "2")], shapes

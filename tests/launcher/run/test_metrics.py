@@ -20,8 +20,19 @@ from tests.helpers.run_training import make_config
 
 PEAK_TFLOPS = 0.5
 STEPS = 4
-FIELDS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "step_time_s",
-          "data_wait_s", "flops_per_token", "mfu", "peak_memory_gib"}
+FIELDS = {
+    "step",
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "tokens_per_s_per_device",
+    "step_time_s",
+    "data_wait_s",
+    "flops_per_token",
+    "mfu",
+    "peak_memory_gib",
+}
 
 
 def _wandb_records(run_file: Path) -> list[Any]:
@@ -35,8 +46,8 @@ def _wandb_records(run_file: Path) -> list[Any]:
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        buf, pos = buf + data[pos + 7:pos + 7 + length], pos + 7 + length
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        buf, pos = buf + data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (1, 4):  # a full record, or the last piece of one
             record = wandb_internal_pb2.Record()
             record.ParseFromString(buf)
@@ -50,10 +61,22 @@ def _wandb_records(run_file: Path) -> list[Any]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Path, list[float], str]:
     tmp = tmp_path_factory.mktemp("metrics")
-    cfg = make_config(["model=debug", f"train.steps={STEPS}", "train.log_interval=2", "train.seq_len=32",
-                       "train.global_batch_size=8", "train.sample_tokens=0", "optim.warmup_steps=1",
-                       "device=cpu", f"hardware.peak_tflops={PEAK_TFLOPS}", "logging.wandb.enabled=true",
-                       "logging.wandb.project=tridist-test", f"checkpoint.dir={tmp / 'ckpt'}"])
+    cfg = make_config(
+        [
+            "model=debug",
+            f"train.steps={STEPS}",
+            "train.log_interval=2",
+            "train.seq_len=32",
+            "train.global_batch_size=8",
+            "train.sample_tokens=0",
+            "optim.warmup_steps=1",
+            "device=cpu",
+            f"hardware.peak_tflops={PEAK_TFLOPS}",
+            "logging.wandb.enabled=true",
+            "logging.wandb.project=tridist-test",
+            f"checkpoint.dir={tmp / 'ckpt'}",
+        ]
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("WANDB_API_KEY", raising=False)  # offline, whatever the machine has
         mp.setenv("WANDB_MODE", "offline")
@@ -79,7 +102,9 @@ def test_metrics_file_has_every_field_and_mfu_from_the_real_model(run) -> None:
         assert FIELDS <= r.keys(), FIELDS - r.keys()
         assert r["loss"] == pytest.approx(losses[r["step"] - 1], rel=1e-6)
         assert r["flops_per_token"] == expected_flops
-        assert r["mfu"] == pytest.approx(expected_flops * r["tokens_per_s_per_device"] / (PEAK_TFLOPS * 1e12))
+        assert r["mfu"] == pytest.approx(
+            expected_flops * r["tokens_per_s_per_device"] / (PEAK_TFLOPS * 1e12)
+        )
         assert r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_time_s"])
         assert r["tokens_per_s_per_device"] == r["tokens_per_s"]  # one device
         assert 0 <= r["data_wait_s"] < r["step_time_s"]
@@ -92,7 +117,11 @@ def test_console_shows_compact_lines_with_eta(run) -> None:
     _, _, _, out = run
     lines = [line for line in out.splitlines() if line.startswith("step=")]
     assert len(lines) == 2, out
-    assert lines[1].startswith("step=4 loss=") and "mfu=" in lines[1] and lines[1].endswith(" 4/4 eta 0:00"), lines
+    assert (
+        lines[1].startswith("step=4 loss=")
+        and "mfu=" in lines[1]
+        and lines[1].endswith(" 4/4 eta 0:00")
+    ), lines
 
 
 def test_wandb_offline_run_holds_the_values_and_the_config(run) -> None:
@@ -100,17 +129,27 @@ def test_wandb_offline_run_holds_the_values_and_the_config(run) -> None:
     run_files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1, list((run_dir / "wandb").rglob("*"))
     records = _wandb_records(run_files[0])
-    history = [{"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
-               for r in records if r.WhichOneof("record_type") == "history"]
+    history = [
+        {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [h["_step"] for h in history] == [r["step"] for r in logged]
     for h, r in zip(history, logged):
         for key in ("loss", "mfu", "tokens_per_s", "peak_memory_gib"):
             assert h[key] == pytest.approx(r[key]), key
-    config = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "run"
-              for i in r.run.config.update if i.key != "_wandb"}
+    config = {
+        i.key: json.loads(i.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "run"
+        for i in r.run.config.update
+        if i.key != "_wandb"
+    }
     assert config == json.loads(json.dumps(dataclasses.asdict(cfg)))  # the whole resolved config
-    assert config["hardware"]["peak_tflops"] == PEAK_TFLOPS and config["model"]["dim"] == cfg.model.dim
+    assert (
+        config["hardware"]["peak_tflops"] == PEAK_TFLOPS and config["model"]["dim"] == cfg.model.dim
+    )
 
 
 def test_tensorboard_sink_writes_scalars(tmp_path: Path) -> None:

@@ -9,15 +9,35 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-DIVERGING = ["model=debug", "train.steps=6", "train.global_batch_size=4", "train.seq_len=32",
-             "train.sample_tokens=0", "optim.lr=1e6", "optim.warmup_steps=0", "train.log_interval=1",
-             "checkpoint.interval=1", "checkpoint.keep=2"]
+DIVERGING = [
+    "model=debug",
+    "train.steps=6",
+    "train.global_batch_size=4",
+    "train.seq_len=32",
+    "train.sample_tokens=0",
+    "optim.lr=1e6",
+    "optim.warmup_steps=0",
+    "train.log_interval=1",
+    "checkpoint.interval=1",
+    "checkpoint.keep=2",
+]
 
 
 def _train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.train", *DIVERGING,
-                           f"checkpoint.dir={tmp_path / 'ck'}", f"hydra.run.dir={tmp_path / 'run'}",
-                           *overrides], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher.train",
+            *DIVERGING,
+            f"checkpoint.dir={tmp_path / 'ck'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _all_finite(checkpoint: Path) -> bool:
@@ -30,11 +50,15 @@ def _all_finite(checkpoint: Path) -> bool:
     return True
 
 
-def test_stops_at_the_first_nonfinite_step_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+def test_stops_at_the_first_nonfinite_step_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path,
+) -> None:
     result = _train(tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("training stopped: non-finite step "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("training stopped: non-finite step "), (
+        result.stderr
+    )
     bad_step = int(lines[0].split("non-finite step ")[1].split(":")[0])
     saved = sorted((tmp_path / "ck").glob("step-*"))
     assert saved and int(saved[-1].name.split("-")[1]) == bad_step - 1  # nothing of the bad step

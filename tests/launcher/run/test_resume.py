@@ -17,17 +17,31 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[3]
 STEPS = 10
-BASE = ["model=debug", f"train.steps={STEPS}", "train.seq_len=32", "train.global_batch_size=8",
-        "train.log_interval=1", "train.val_interval=1000", "train.sample_tokens=0", "device=cpu"]
+BASE = [
+    "model=debug",
+    f"train.steps={STEPS}",
+    "train.seq_len=32",
+    "train.global_batch_size=8",
+    "train.log_interval=1",
+    "train.val_interval=1000",
+    "train.sample_tokens=0",
+    "device=cpu",
+]
 
 
-def _train(tmp: Path, name: str, overrides: list[str], stop: signal.Signals | None = None,
-           stop_after_step: int = 2) -> tuple[int, str, list[dict]]:
+def _train(
+    tmp: Path,
+    name: str,
+    overrides: list[str],
+    stop: signal.Signals | None = None,
+    stop_after_step: int = 2,
+) -> tuple[int, str, list[dict]]:
     """Run one training process; optionally signal it once it has logged `stop_after_step`."""
     run_dir = tmp / name
     cmd = [sys.executable, "-m", "launcher.train", *BASE, *overrides, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     out = []
     for line in proc.stdout:
         out.append(line)
@@ -49,10 +63,17 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
     return [m["loss"] for m in metrics]
 
 
-@pytest.mark.parametrize(("stop", "extra"), [
-    (signal.SIGUSR1, []),
-    (signal.SIGTERM, ["checkpoint.async_save=true", "checkpoint.interval=1", "checkpoint.keep=2"]),
-], ids=["usr1-sync", "term-async"])
+@pytest.mark.parametrize(
+    ("stop", "extra"),
+    [
+        (signal.SIGUSR1, []),
+        (
+            signal.SIGTERM,
+            ["checkpoint.async_save=true", "checkpoint.interval=1", "checkpoint.keep=2"],
+        ),
+    ],
+    ids=["usr1-sync", "term-async"],
+)
 def test_stopped_then_resumed_equals_uninterrupted(
     tmp_path: Path, uninterrupted: list[float], stop: signal.Signals, extra: list[str]
 ) -> None:

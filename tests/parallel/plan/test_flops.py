@@ -9,8 +9,15 @@ from parallel.plan.flops import flops_per_token, peak_tflops
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_flops_per_token_counts_the_real_model(tied: bool) -> None:
-    args = ModelArgs(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=300, multiple_of=32,
-                     tie_embeddings=tied)
+    args = ModelArgs(
+        dim=64,
+        n_layers=3,
+        n_heads=8,
+        n_kv_heads=2,
+        vocab_size=300,
+        multiple_of=32,
+        tie_embeddings=tied,
+    )
     model = Transformer(args)  # a real one, on the CPU
     n = sum(p.numel() for p in model.parameters())
     if not tied:  # the embedding is a lookup; tied, the same matrix is the output head's matmul
@@ -23,8 +30,13 @@ def test_peak_comes_from_the_config_or_the_gpu_name(monkeypatch: pytest.MonkeyPa
     assert peak_tflops(None, torch.device("cpu")) is None
     assert peak_tflops(2.5, torch.device("cpu")) == 2.5
     gpu = torch.device("cuda", 0)
-    for name, peak in [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
-                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H200", 989.0), ("Some New GPU", None)]:
+    for name, peak in [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA H200", 989.0),
+        ("Some New GPU", None),
+    ]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert peak_tflops(None, gpu) == peak, name
     assert peak_tflops(100.0, gpu) == 100.0  # the config wins

@@ -23,7 +23,9 @@ from parallel.plan.memory import (
     state_bytes,
 )
 
-DEBUG = ModelArgs(dim=64, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=32, max_seq_len=512)
+DEBUG = ModelArgs(
+    dim=64, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=32, max_seq_len=512
+)
 
 
 class _Created(TorchDispatchMode):
@@ -42,7 +44,9 @@ class _Created(TorchDispatchMode):
         return out
 
 
-def live_activation_bytes(run: Callable[[], object], existing: list[torch.Tensor]) -> tuple[int, object]:
+def live_activation_bytes(
+    run: Callable[[], object], existing: list[torch.Tensor]
+) -> tuple[int, object]:
     """Bytes of the storages created by `run()` that are still alive once it returns (what the
     autograd graph keeps for backward, each storage once), leaving out those of `existing`
     tensors (parameters, rope tables); returns them with run()'s result, kept alive."""
@@ -65,10 +69,21 @@ def test_activation_estimate_within_20_percent_of_cpu_measurement(recompute: str
     batch, seq = 2, 64
     tokens = torch.randint(0, DEBUG.vocab_size, (batch, seq))
     cos, sin = model.rope(DEBUG.max_seq_len, tokens.device)
-    measured, loss = live_activation_bytes(lambda: cross_entropy(model(tokens), tokens),
-                                           [*model.parameters(), cos, sin])
-    estimate = activation_bytes(DEBUG, layers=DEBUG.n_layers, last_stage=True, tokens=batch * seq, in_flight=1,
-                                tp=1, sequence_parallel=False, recompute=recompute, pipelined=False, dtype_bytes=4)
+    measured, loss = live_activation_bytes(
+        lambda: cross_entropy(model(tokens), tokens), [*model.parameters(), cos, sin]
+    )
+    estimate = activation_bytes(
+        DEBUG,
+        layers=DEBUG.n_layers,
+        last_stage=True,
+        tokens=batch * seq,
+        in_flight=1,
+        tp=1,
+        sequence_parallel=False,
+        recompute=recompute,
+        pipelined=False,
+        dtype_bytes=4,
+    )
     # after forward, nothing is being rebuilt yet: that part is a backward-time peak
     held = estimate - rebuilt_block_bytes(DEBUG, batch * seq, 1, False, recompute, dtype_bytes=4)
     assert abs(held - measured) <= 0.2 * measured, (recompute, held, measured)
@@ -76,8 +91,18 @@ def test_activation_estimate_within_20_percent_of_cpu_measurement(recompute: str
 
 
 def test_recompute_orders_the_estimates() -> None:
-    kw = dict(layers=8, last_stage=False, tokens=1024, in_flight=4, tp=1, sequence_parallel=False, pipelined=True)
-    none, sel, full = (activation_bytes(DEBUG, recompute=r, **kw) for r in ("none", "selective", "full"))
+    kw = dict(
+        layers=8,
+        last_stage=False,
+        tokens=1024,
+        in_flight=4,
+        tp=1,
+        sequence_parallel=False,
+        pipelined=True,
+    )
+    none, sel, full = (
+        activation_bytes(DEBUG, recompute=r, **kw) for r in ("none", "selective", "full")
+    )
     assert full < sel < none
     with pytest.raises(ValueError, match="recompute"):
         activation_bytes(DEBUG, recompute="some", **kw)
@@ -94,8 +119,18 @@ def test_tensor_and_sequence_parallel_divide_activations() -> None:
 def test_fsdp_shards_model_state_and_keeps_a_working_copy() -> None:
     n, block, dp = 1000, 100, 10
     assert state_bytes(n, n, block, fsdp=False, pipelined=True, microbatches=4) == (
-        WEIGHT_BYTES * n, GRAD_BYTES * n, OPTIMIZER_BYTES * n)
+        WEIGHT_BYTES * n,
+        GRAD_BYTES * n,
+        OPTIMIZER_BYTES * n,
+    )
     w, g, o = state_bytes(n, n // dp, block, fsdp=True, pipelined=False, microbatches=1)
-    assert (w, g, o) == (WEIGHT_BYTES * (n // dp + 2 * block), GRAD_BYTES * (n // dp + block), OPTIMIZER_BYTES * n // dp)
+    assert (w, g, o) == (
+        WEIGHT_BYTES * (n // dp + 2 * block),
+        GRAD_BYTES * (n // dp + block),
+        OPTIMIZER_BYTES * n // dp,
+    )
     w, g, _ = state_bytes(n, n // dp, block, fsdp=True, pipelined=True, microbatches=4)
-    assert (w, g) == (WEIGHT_BYTES * (n + n // dp), GRAD_BYTES * (n + n // dp))  # unsharded between microbatches
+    assert (w, g) == (
+        WEIGHT_BYTES * (n + n // dp),
+        GRAD_BYTES * (n + n // dp),
+    )  # unsharded between microbatches
