@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from launcher.run.build import build_trainer, load_data
 from launcher.run.checkpointing import load_trainer, save_trainer, save_trainer_async
 from launcher.run.compose import compose_config
-from launcher.run.ports import free_port
+from launcher.run.ports import free_port, local_rank_env
 from parallel.checkpoint.async_save import AsyncCheckpointer
 from parallel.checkpoint.format import checkpoint_name, read_manifest
 
@@ -104,14 +104,7 @@ def _rank(
     saved: str | None,
     queue: mp.SimpleQueue,
 ) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    os.environ.update(local_rank_env(rank, world, port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     cfg = compose_config(overrides, world)
     trainer = build_trainer(cfg, load_data(cfg))

@@ -1,4 +1,4 @@
-"""A free TCP port on this machine, for local process groups (tests, benchmarks, local sweeps)."""
+"""Local process groups (tests, benchmarks): a free TCP port, and the environment of one rank."""
 
 from __future__ import annotations
 
@@ -11,3 +11,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def local_rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """What torchrun would set for `rank` of a one-node group of `world` ranks on `port`."""
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }

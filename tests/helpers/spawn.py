@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from launcher.run.ports import free_port
+from launcher.run.ports import free_port, local_rank_env
 
 PORT_TAKEN = ("EADDRINUSE", "address already in use", "Address already in use")
 ATTEMPTS = 3  # a free port can be taken by another process before rank 0 binds it
@@ -24,15 +24,7 @@ ATTEMPTS = 3  # a free port can be taken by another process before rank 0 binds 
 def _rank_main(
     fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, queue: Any
 ) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
+    os.environ.update(local_rank_env(rank, world, port), OMP_NUM_THREADS="1")
     import torch
     import torch.distributed as dist
 

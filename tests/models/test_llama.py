@@ -1,5 +1,7 @@
 """The plain model: shapes, causality, GQA == MHA with repeated weights, seeded init."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -85,16 +87,7 @@ def test_blocks_use_the_first_positions_of_longer_rope_tables() -> None:
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_parameter_count_is_the_modules(tie: bool) -> None:
-    args = ModelArgs(
-        dim=64,
-        n_layers=3,
-        n_heads=8,
-        n_kv_heads=2,
-        vocab_size=100,
-        multiple_of=32,
-        ffn_dim_multiplier=1.3,
-        tie_embeddings=tie,
-    )
+    args = dataclasses.replace(ARGS, ffn_dim_multiplier=1.3, tie_embeddings=tie)
     with torch.device("meta"):
         model = Transformer(args)
     assert args.parameter_count == sum(p.numel() for p in model.parameters())
