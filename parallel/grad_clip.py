@@ -2,34 +2,58 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate
 
-from parallel.dtensor import full_value, local_part
+from parallel.dtensor import local_part
+
+
+def _copies(grad: torch.Tensor, world: int, stages: int) -> int:
+    """How many ranks hold the same local values of this gradient: a stage's ranks (world /
+    stages) divided by the ways the DTensor is sharded; replicas over dp or tp hold copies."""
+    shards = 1
+    if isinstance(grad, DTensor):
+        # Shard and _StridedShard (FSDP over TP) split it; Replicate copies it (Partial: reduced first)
+        shards = math.prod(
+            grad.device_mesh.size(i) for i, p in enumerate(grad.placements) if not p.is_replicate()
+        )
+    return world // (stages * shards)
 
 
 @torch.no_grad()
 def clip_grad_norm(
-    params: Sequence[torch.Tensor], max_norm: float, pp_group: dist.ProcessGroup | None
+    params: Sequence[torch.Tensor], max_norm: float, mesh: DeviceMesh
 ) -> torch.Tensor:
-    """Clip in place and return the global L2 norm of all gradients of the whole model."""
+    """Clip in place and return the global L2 norm of all gradients of the whole model.
+
+    One all-reduce over all ranks: each rank adds the squares of its local shards, each divided by
+    the number of ranks holding the same values, so every element counts once. Written by hand:
+    torch's get_total_norm reduces DTensors placed on different meshes separately (TP-sharded
+    linears on (dp, tp), norms on dp only), with one collective per mesh dim, plus one over pp.
+    """
+    world, stages = mesh.size(), mesh["pp"].size()
+    by_copies: dict[int, list[torch.Tensor]] = defaultdict(list)
     grads = [p.grad for p in params if p.grad is not None]
-    # torch's get_total_norm cannot stack norms of DTensors on different meshes (TP-sharded
-    # linears live on (dp, tp), replicated norms on dp only), so reduce each group separately.
-    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
     for g in grads:
-        groups[(g.device_mesh, g.placements) if isinstance(g, DTensor) else None].append(g)
-    squares = []
-    for group in groups.values():
-        norm = torch.nn.utils.get_total_norm(group)
-        squares.append(full_value(norm) ** 2)
-    total_sq = torch.stack(squares).sum() if squares else torch.zeros(())
-    if pp_group is not None and dist.get_world_size(pp_group) > 1:
-        dist.all_reduce(total_sq, group=pp_group)  # each pp rank holds only its stages' grads
+        if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
+            # a pending sum (not produced by tridist's plans today): reduce it before squaring
+            g = g.redistribute(
+                placements=[Replicate() if pl.is_partial() else pl for pl in g.placements]
+            )
+        by_copies[_copies(g, world, stages)].append(local_part(g))
+    device = local_part(grads[0]).device if grads else torch.device("cpu")
+    total_sq = torch.zeros((), device=device, dtype=torch.float32)
+    for copies, group in by_copies.items():
+        norms = torch._foreach_norm(group)
+        total_sq += torch.stack([n.float() for n in norms]).square().sum() / copies
+    if world > 1:
+        dist.all_reduce(total_sq)  # the one collective: every element's square, counted once
     total = total_sq.sqrt()
     if max_norm > 0:
         # scale the local shards directly: torch's clip_grads_with_norm_ cannot mix meshes either

@@ -96,9 +96,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cfg)
         self._tp = self.model.mesh["tp"].size()
-        self._pp_group = (
-            self.model.mesh["pp"].get_group() if self.model.mesh["pp"].size() > 1 else None
-        )
 
     def apply_optim_config(self) -> None:
         """Make the optimizer and LR schedule follow cfg.optim from the current step on; after a
@@ -146,7 +143,7 @@ class Trainer:
         inputs, targets = self.sampler.next_batch()
         loss = self.forward_backward(inputs, targets)
         grad_norm = clip_grad_norm(
-            self.model.parameters(), self.cfg.optim.grad_clip, self._pp_group
+            self.model.parameters(), self.cfg.optim.grad_clip, self.model.mesh
         )
         # The step's one host sync: a NaN/inf must never reach the weights. The norm is global
         # (reduced over tp, dp and pp), so every rank takes the same decision; a non-finite loss

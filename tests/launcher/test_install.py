@@ -29,9 +29,7 @@ def test_non_editable_install_composes_the_default_config(tmp_path: Path) -> Non
     )
     code = (
         "import launcher.run.compose as t\n"
-        "from hydra import compose, initialize_config_dir\n"
-        "with initialize_config_dir(config_dir=str(t.CONF_DIR), version_base='1.3'):\n"
-        "    cfg = compose('config', overrides=['model=llama3_8b'])\n"
+        "cfg = t.compose_config(['model=llama3_8b'])\n"
         "print(t.__file__, cfg.model.dim)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from parallel.dtensor import full_value
@@ -19,24 +21,28 @@ def _model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
 
 
-def _clipped(mesh: DeviceMesh | None) -> tuple[float, list[torch.Tensor]]:
+def _input() -> torch.Tensor:
+    return torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+
+
+def _clipped(mesh: DeviceMesh, fsdp: bool) -> tuple[float, list[torch.Tensor]]:
+    """TP over mesh["tp"] (a sharded and a replicated bias), optionally FSDP2 over mesh["dp"]."""
     model = _model()
-    if mesh is not None:  # mesh is None: the one-process reference
-        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
-    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
-    model(x).pow(2).sum().backward()
-    norm = clip_grad_norm(list(model.parameters()), MAX_NORM, None)
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    if fsdp:
+        fully_shard(model, mesh=mesh["dp"])
+    model(_input()).pow(2).sum().backward()
+    norm = clip_grad_norm(list(model.parameters()), MAX_NORM, mesh)
     return norm.item(), [full_value(p.grad).detach().clone() for p in model.parameters()]
 
 
-def test_tp_sharded_gradients_clip_like_one_process() -> None:
-    ref_norm, ref_grads = _clipped(None)
+@pytest.mark.parametrize("fsdp", [False, True], ids=["tp", "fsdp-tp"])
+def test_sharded_and_replicated_gradients_clip_like_one_process(fsdp: bool) -> None:
     plain = _model()
-    plain(torch.randn(4, 8, generator=torch.Generator().manual_seed(1))).pow(2).sum().backward()
-    assert (
-        abs(torch.nn.utils.clip_grad_norm_(plain.parameters(), MAX_NORM).item() - ref_norm) < 1e-6
-    )
-    for norm, grads in run_on_mesh((2, 1, 2), _clipped):
-        assert abs(norm - ref_norm) <= 1e-5 * ref_norm and ref_norm > MAX_NORM  # clipping did act
-        for g, ref in zip(grads, ref_grads):
-            torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
+    plain(_input()).pow(2).sum().backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(plain.parameters(), MAX_NORM).item()
+    assert ref_norm > MAX_NORM  # clipping does act
+    for norm, grads in run_on_mesh((2, 1, 2), _clipped, fsdp):
+        assert abs(norm - ref_norm) <= 1e-5 * ref_norm
+        for g, p in zip(grads, plain.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
