@@ -79,6 +79,7 @@ def build_token_file_source(
             vocab_size,
             lambda s: [int(t) for t in s.split()],
             lambda ids: " ".join(str(int(t)) for t in ids),
+            has_text=False,
         )
 
     vocab_size, encode, decode = load_tokenizer_codec(tokenizer)

@@ -17,6 +17,7 @@ class TokenSource:
     vocab_size: int
     encode: Callable[[str], list[int]]
     decode: Callable[[list[int]], str]
+    has_text: bool = True  # False: bare token ids with no tokenizer (decode prints the ids)
 
 
 def encode_bytes(text: str) -> list[int]:
@@ -25,8 +26,9 @@ def encode_bytes(text: str) -> list[int]:
 
 
 def decode_bytes(ids: list[int]) -> str:
-    """Decode UTF-8 byte ids, replacing invalid sequences rather than failing."""
-    return bytes(ids).decode("utf-8", errors="replace")
+    """Decode UTF-8 byte ids; bytes that form no valid UTF-8 sequence (a short run's model
+    writes some) are dropped rather than shown as U+FFFD."""
+    return bytes(ids).decode("utf-8", errors="ignore")
 
 
 def split_holdout(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:

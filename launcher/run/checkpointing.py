@@ -14,15 +14,22 @@ from typing import Any
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
-from launcher.config import Config
+from launcher.config import Config, ConfigError
 from launcher.run.build import model_args
 from launcher.run.trainer import Trainer
 from models.hf_llama import HFLlamaWeights
 from parallel.checkpoint.async_save import AsyncCheckpointer
 from parallel.checkpoint.format import resume_path
 from parallel.checkpoint.load import load_checkpoint
+from parallel.checkpoint.preflight import check_root
 from parallel.checkpoint.save import CheckpointMeta, save_checkpoint
 from parallel.init import InitialValues
+
+ADAMW_MOMENTS = 2  # exp_avg and exp_avg_sq: each the size of its parameter
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def checkpoint_root(cfg: Config, run_dir: Path | None) -> Path | None:
@@ -37,9 +44,15 @@ def checkpoint_layout(cfg: Config) -> dict[str, Any]:
     par = cfg.parallel
     # a load compares this with the saved one (per-rank RNG only in the same layout): keep the
     # keys as format 1 wrote them, or every old checkpoint reads as another layout
-    return {"world_size": dist.get_world_size(), "dp": par.dp, "pp": par.pp, "tp": par.tp,
-            "virtual_stages": par.virtual_stages, "schedule": par.schedule,
-            "dp_shard": par.dp_shard}
+    return {
+        "world_size": dist.get_world_size(),
+        "dp": par.dp,
+        "pp": par.pp,
+        "tp": par.tp,
+        "virtual_stages": par.virtual_stages,
+        "schedule": par.schedule,
+        "dp_shard": par.dp_shard,
+    }
 
 
 def trainer_states(trainer: Trainer) -> dict[str, Stateful]:
@@ -50,30 +63,59 @@ def trainer_states(trainer: Trainer) -> dict[str, Stateful]:
 def trainer_meta(trainer: Trainer, extra: dict[str, Any] | None = None) -> CheckpointMeta:
     """What the manifest records of a trainer beside its tensors."""
     cfg = trainer.cfg
-    return CheckpointMeta(model=model_args(cfg), layout=checkpoint_layout(cfg),
-                          config=dataclasses.asdict(cfg),
-                          tokens_seen=trainer.sampler.samples_consumed * trainer.sampler.seq_len,
-                          extra=extra or {})
+    return CheckpointMeta(
+        model=model_args(cfg),
+        layout=checkpoint_layout(cfg),
+        config=dataclasses.asdict(cfg),
+        tokens_seen=trainer.sampler.samples_consumed * trainer.sampler.seq_len,
+        extra=extra or {},
+    )
 
 
-def save_trainer(root: Path, trainer: Trainer, extra: dict[str, Any] | None = None,
-                 keep: int | None = None) -> Path:
+def save_trainer(
+    root: Path, trainer: Trainer, extra: dict[str, Any] | None = None, keep: int | None = None
+) -> Path:
     """save_checkpoint of the trainer's current step; every rank must call it."""
-    return save_checkpoint(root, trainer.step, trainer.model, trainer.optimizer,
-                           trainer_states(trainer), trainer_meta(trainer, extra), keep)
+    return save_checkpoint(
+        root,
+        trainer.step,
+        trainer.model,
+        trainer.optimizer,
+        trainer_states(trainer),
+        trainer_meta(trainer, extra),
+        keep,
+    )
 
 
-def save_trainer_async(checkpointer: AsyncCheckpointer, root: Path, trainer: Trainer,
-                       extra: dict[str, Any] | None = None, keep: int | None = None) -> float:
+def save_trainer_async(
+    checkpointer: AsyncCheckpointer,
+    root: Path,
+    trainer: Trainer,
+    extra: dict[str, Any] | None = None,
+    keep: int | None = None,
+) -> float:
     """Start an async save of the trainer's current step; the seconds the caller was blocked."""
-    return checkpointer.save(root, trainer.step, trainer.model, trainer.optimizer,
-                             trainer_states(trainer), trainer_meta(trainer, extra), keep)
+    return checkpointer.save(
+        root,
+        trainer.step,
+        trainer.model,
+        trainer.optimizer,
+        trainer_states(trainer),
+        trainer_meta(trainer, extra),
+        keep,
+    )
 
 
 def load_trainer(path: Path, trainer: Trainer, verify: bool = True) -> dict[str, Any]:
     """load_checkpoint into the trainer, which then stands at the saved step; the manifest."""
-    manifest = load_checkpoint(path, trainer.model, trainer.optimizer, trainer_states(trainer),
-                               checkpoint_layout(trainer.cfg), verify=verify)
+    manifest = load_checkpoint(
+        path,
+        trainer.model,
+        trainer.optimizer,
+        trainer_states(trainer),
+        checkpoint_layout(trainer.cfg),
+        verify=verify,
+    )
     trainer.step = manifest["step"]
     return manifest
 
@@ -101,6 +143,60 @@ class RunCheckpoints:
         """Restore model, optimizer, schedule, data position, RNG and step from `path` (any layout)."""
         load_trainer(path, trainer, verify=self.cfg.checkpoint.verify)
 
+    def preflight(self, trainer: Trainer) -> None:
+        """Before the first step, on every rank: refuse a checkpoint root some rank cannot write
+        or without room for one checkpoint (a ConfigError); warn when it cannot hold as many as
+        the run keeps at once. Nothing to check without a root."""
+        if self.root is None:
+            return
+        check = check_root(self.root, trainer.model, moments=ADAMW_MOMENTS)
+        if check.problems:
+            raise ConfigError(
+                "checkpoint.dir",
+                str(self.root),
+                "; ".join(check.problems) + "; choose a folder every rank can create and write",
+            )
+        one, free = check.checkpoint_bytes, check.free_bytes
+        if free < one:
+            raise ConfigError(
+                "checkpoint.dir",
+                str(self.root),
+                f"{_size(free)} free there, one checkpoint of this run takes about "
+                f"{_size(one)}; free some space or choose another folder",
+            )
+        at_once = self._most_on_disk(trainer.step)
+        if free < one * at_once and dist.get_rank() == 0:
+            keep = self.cfg.checkpoint.keep
+            print(
+                f"warning: checkpoint.dir={str(self.root)!r}: {_size(free)} free holds "
+                f"{free // one} checkpoints of about {_size(one)}, but this run may hold "
+                f"{at_once} at once (checkpoint.keep={keep}, plus the one being written); "
+                "a save that finds the disk full stops the run",
+                flush=True,
+            )
+
+    def _most_on_disk(self, step: int) -> int:
+        """How many checkpoints this run may write and hold at once from `step` on (at least 1):
+        the saves still due, at most keep + 1 (the one being written) when keep > 0."""
+        steps, interval, keep = (
+            self.cfg.train.steps,
+            self.cfg.checkpoint.interval,
+            self.cfg.checkpoint.keep,
+        )
+        saves = steps // interval - step // interval if interval > 0 else 0
+        if interval <= 0 or steps % interval:
+            saves += 1  # the save at the end
+        return max(1, min(saves, keep + 1) if keep > 0 else saves)
+
+    def raise_if_failed(self) -> None:
+        """Raise, as a CheckpointError, the error of a background save that finished with one.
+
+        Cheap (a Future check, no collective, never blocks): meant for every step, so a failed
+        async save stops the run at the next step, not at the next save.
+        """
+        if self._async is not None:
+            self._async.raise_if_failed()
+
     def due(self, step: int, done: bool) -> bool:
         """A save is due after this step: every `checkpoint.interval` steps and at the end."""
         interval = self.cfg.checkpoint.interval
@@ -118,7 +214,8 @@ class RunCheckpoints:
             save_trainer(self.root, trainer, keep=keep)
 
     def close(self) -> None:
-        """Wait for a save still in flight, so the process never exits before it is committed."""
+        """Wait for a save still in flight, so the process never exits before it is committed;
+        raises its error as a CheckpointError."""
         if self._async is not None:
             self._async.close()
         if dist.is_initialized() and self.root is not None:

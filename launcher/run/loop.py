@@ -3,7 +3,6 @@ sample. Every rank runs it; rank 0 alone prints and writes shared files."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,13 +11,15 @@ import torch.distributed as dist
 
 from data import TokenSource, validation_batches
 from launcher.config import Config, ConfigError
+from launcher.run.banner import banner_lines
 from launcher.run.build import build_trainer
 from launcher.run.checkpointing import RunCheckpoints
+from launcher.run.console import Console
 from launcher.run.generate import generate
 from launcher.run.monitor import RunMonitor
 from launcher.run.preemption import StopSignal
 from launcher.run.resume import resume_changes
-from launcher.run.trainer import Trainer
+from launcher.run.trainer import StepResult, Trainer
 from models.hf_llama import HFFormatError
 from parallel.checkpoint.format import read_manifest
 from parallel.checkpoint.state import CheckpointError
@@ -45,42 +46,23 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
     With run_dir None (training called as a library) nothing is shown, logged or validated
     during the run, and no collective runs per step: the per-step losses are reduced once at
     the end."""
-    par, t = cfg.parallel, cfg.train
+    t = cfg.train
+    console = Console(run_dir)
     checkpoints = RunCheckpoints(cfg, run_dir)
     resume = checkpoints.resume_from()
-    if resume is not None:  # refused before any process group starts if it changes the run
-        changed = resume_changes(read_manifest(resume)["config"], cfg)
-        if changed and int(os.environ.get("RANK", "0")) == 0:
-            print(
-                f"resuming from {resume} with {len(changed)} changed settings (new values win):",
-                *changed,
-                sep="\n",
-                flush=True,
-            )
-    try:
-        trainer = build_trainer(
-            cfg, tokens, checkpoints.initial_values(resuming=resume is not None)
-        )
-    except (
-        CheckpointError,
-        HFFormatError,
-    ) as err:  # a bad model.init_from, found while filling weights
-        raise ConfigError("model.init_from", cfg.model.init_from, str(err)) from None
-    if resume is not None:
-        checkpoints.load(resume, trainer)
-        trainer.apply_optim_config()  # the optimizer follows this run's optim.*, not the saved one
-        if dist.get_rank() == 0:
-            print(f"resumed from {resume} at step {trainer.step}", flush=True)
-    model = trainer.model
+    if run_dir is not None:
+        for line in banner_lines(cfg, tokens, run_dir, checkpoints.root, resume):
+            console.say(line)
+    trainer = _start(cfg, tokens, checkpoints, resume, console)
     val = validation_batches(
         tokens.val,
         t.seq_len,
         t.global_batch_size,
         t.val_batches,
-        model.mesh["dp"].get_local_rank(),
-        par.dp,
+        trainer.model.mesh["dp"].get_local_rank(),
+        cfg.parallel.dp,
     )
-    monitor = RunMonitor(cfg, trainer, run_dir)  # progress, metrics sinks, pipeline timeline
+    monitor = RunMonitor(cfg, trainer, run_dir, record=console.record)  # progress, sinks, timeline
     summary = TrainSummary(trainer=trainer)
     local_losses: list[torch.Tensor] = []  # this rank's, as tensors: no host sync per step
     stop = StopSignal()
@@ -91,42 +73,98 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
         else:
             result = trainer.train_step()
         monitor.progress.update(trainer.step)
+        checkpoints.raise_if_failed()  # a background save that failed stops the run now
         local_losses.append(result.loss)
         skipped = 0 if result.applied else skipped + 1
         if skipped:
             _on_nonfinite(cfg, trainer, result.loss, result.grad_norm, skipped, checkpoints)
         done = trainer.step == t.steps
         if monitor.active and (trainer.step % t.log_interval == 0 or done):
-            record = {
-                "step": trainer.step,
-                "loss": trainer.global_mean(result.loss).item(),
-                "lr": trainer.lr_scheduler.get_last_lr()[0],
-                "grad_norm": result.grad_norm.item(),
-                **monitor.throughput(trainer.step),
-            }
-            if trainer.step % t.val_interval == 0 or done:
-                record["val_loss"] = summary.val_loss = trainer.global_mean(
-                    trainer.evaluate(val)
-                ).item()
-            monitor.log(record)
+            _log_step(
+                trainer,
+                monitor,
+                result,
+                val,
+                summary,
+                validate=trainer.step % t.val_interval == 0 or done,
+            )
         summary.preempted = stop.agreed()  # any rank signalled: all save and stop after this step
         if checkpoints.due(trainer.step, done) or summary.preempted:
-            checkpoints.save(trainer)
+            with console.phase(f"saving checkpoint step {trainer.step} to {checkpoints.root}"):
+                checkpoints.save(trainer)
     monitor.close()
     stop.restore()
     checkpoints.close()
-    if summary.preempted and dist.get_rank() == 0:
-        print(
-            f"stopped by a signal after step {trainer.step}; checkpoint saved in {checkpoints.root}",
-            flush=True,
+    if summary.preempted:
+        console.say(
+            f"stopped by a signal after step {trainer.step}; checkpoint saved in {checkpoints.root}"
         )
     if local_losses:  # one collective for the whole run: averaged over dp, from the last stage
         summary.losses = trainer.global_mean(torch.stack(local_losses)).tolist()
-    if t.sample_tokens > 0 and par.pp == 1:
-        summary.sample = sample(cfg, trainer, tokens)
-        if dist.get_rank() == 0:
-            print(f"\n--- sample from the trained model ---\n{summary.sample}\n---", flush=True)
+    if t.sample_tokens > 0 and cfg.parallel.pp == 1:
+        with console.phase(f"writing a sample of {t.sample_tokens} tokens"):
+            summary.sample = sample(cfg, trainer, tokens)
+        what = "" if tokens.has_text else " (token ids: set data.tokenizer to read them as text)"
+        console.say(f"\n--- sample from the trained model{what} ---\n{summary.sample}\n---")
     return summary
+
+
+def _start(
+    cfg: Config,
+    tokens: TokenSource,
+    checkpoints: RunCheckpoints,
+    resume: Path | None,
+    console: Console,
+) -> Trainer:
+    """Check a resume's changes (before any process group), build the trainer, load or start."""
+    if resume is not None:  # refused before any process group starts if it changes the run
+        changed = resume_changes(read_manifest(resume)["config"], cfg)
+        if changed:
+            console.say(f"resuming with {len(changed)} changed settings (new values win):")
+            for line in changed:
+                console.say(line)
+    init_from = cfg.model.init_from if resume is None else None
+    what = "building the model" + (
+        f" from Hugging Face weights in {init_from}" if init_from else ""
+    )
+    try:
+        with console.phase(what):
+            trainer = build_trainer(
+                cfg, tokens, checkpoints.initial_values(resuming=resume is not None)
+            )
+    except (
+        CheckpointError,
+        HFFormatError,
+    ) as err:  # a bad model.init_from, found while filling weights
+        raise ConfigError("model.init_from", cfg.model.init_from, str(err)) from None
+    checkpoints.preflight(trainer)  # writable from every rank, room for the checkpoints kept
+    if resume is not None:
+        with console.phase(f"loading {resume}"):
+            checkpoints.load(resume, trainer)
+        trainer.apply_optim_config()  # the optimizer follows this run's optim.*, not the saved one
+        console.say(f"resumed from {resume} at step {trainer.step}")
+    return trainer
+
+
+def _log_step(
+    trainer: Trainer,
+    monitor: RunMonitor,
+    result: StepResult,
+    val: list[tuple[torch.Tensor, torch.Tensor]],
+    summary: TrainSummary,
+    validate: bool,
+) -> None:
+    """The logged step's record (the loss's all-reduce and the one .item() happen here only)."""
+    record = {
+        "step": trainer.step,
+        "loss": trainer.global_mean(result.loss).item(),
+        "lr": trainer.lr_scheduler.get_last_lr()[0],
+        "grad_norm": result.grad_norm.item(),
+        **monitor.throughput(trainer.step),
+    }
+    if validate:
+        record["val_loss"] = summary.val_loss = trainer.global_mean(trainer.evaluate(val)).item()
+    monitor.log(record)
 
 
 def _on_nonfinite(
@@ -163,8 +201,9 @@ def _on_nonfinite(
 
 
 def sample(cfg: Config, trainer: Trainer, tokens: TokenSource) -> str:
-    """Text the trained model writes after the prompt `def ` (greedy, seeded)."""
-    prompt = tokens.encode("def ")
+    """Text the trained model writes after the prompt `def ` (seeded top-k sampling); without a
+    tokenizer, token ids after the validation stream's first token."""
+    prompt = tokens.encode("def ") if tokens.has_text else tokens.val[:1].tolist()
     pad_to = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
     out = generate(
         trainer.model.chunks[0],

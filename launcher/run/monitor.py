@@ -13,6 +13,7 @@ import dataclasses
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,15 @@ class RunMonitor:
     With run_dir None (training called as a library) it shows and records nothing.
     """
 
-    def __init__(self, cfg: Config, trainer: Trainer, run_dir: Path | None) -> None:
-        self.cfg, self.run_dir = cfg, run_dir
+    def __init__(
+        self,
+        cfg: Config,
+        trainer: Trainer,
+        run_dir: Path | None,
+        record: Callable[[str], None] | None = None,
+    ) -> None:
+        """record: also keeps each console line (e.g. in train.log)."""
+        self.cfg, self.run_dir, self._record = cfg, run_dir, record
         self.active = run_dir is not None
         self.is_rank0 = dist.get_rank() == 0
         self.world = dist.get_world_size()
@@ -85,7 +93,7 @@ class RunMonitor:
                 self.is_rank0,
                 wandb=wandb,
                 tensorboard=log.tensorboard,
-                console=self.progress.write,
+                console=self._console_line,
             )
         self.tokens_per_step = t.global_batch_size * t.seq_len
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)  # ModelConfig is a ModelArgs
@@ -106,6 +114,11 @@ class RunMonitor:
 
     def _restart(self, step: int) -> None:
         self._window = (step, time.perf_counter(), self.data_wait.seconds)
+
+    def _console_line(self, line: str) -> None:
+        self.progress.write(line)
+        if self._record is not None:
+            self._record(line)
 
     def record_timeline(self, trainer: Trainer) -> StepResult:
         """Run the next training step with every rank's pipeline actions timed; rank 0 writes

@@ -3,7 +3,10 @@ atomic commit with a CRC-checked manifest, loading into any layout, and Hugging 
 
     format.py      names on disk, finding checkpoints, the manifest and its versions
     state.py       model/optimizer tensors by full-model name, RNG; CheckpointError
-    save.py        save_checkpoint (and the snapshot/commit steps async saving reuses)
+    save.py        save_checkpoint (and the snapshot/write steps async saving reuses)
+    shards.py      one DCP part written, each file checked whole (DCP's threads lose errors)
+    commit.py      rank 0's manifest, rename, `latest` and rotation, in that order
+    preflight.py   before training: every rank can write the root; room for checkpoints
     async_save.py  AsyncCheckpointer
     load.py        load_checkpoint
     hf_export.py   export_to_hf

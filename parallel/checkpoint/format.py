@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,11 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Committed checkpoints under root, oldest first (.tmp dirs and manifest-less ones skipped)."""
     if not root.is_dir():
         return []
-    steps = {p: step for p in root.iterdir()
-             if (step := _step_of(p)) is not None and (p / MANIFEST).is_file()}
+    steps = {
+        p: step
+        for p in root.iterdir()
+        if (step := _step_of(p)) is not None and (p / MANIFEST).is_file()
+    }
     return sorted(steps, key=steps.__getitem__)
 
 
@@ -77,8 +81,10 @@ def find_checkpoint(path: Path) -> Path:
     if (path / MANIFEST).is_file():
         return path
     if (latest := find_latest(path)) is None:
-        raise CheckpointError(f"{path}: no complete checkpoint (with {MANIFEST}) there; name a "
-                              f"{STEP_PREFIX}XXXXXXXX folder or a folder holding them")
+        raise CheckpointError(
+            f"{path}: no complete checkpoint (with {MANIFEST}) there; name a "
+            f"{STEP_PREFIX}XXXXXXXX folder or a folder holding them"
+        )
     return latest
 
 
@@ -104,10 +110,14 @@ def file_crc32(path: Path) -> int:
     return crc
 
 
-def shard_files(directory: Path) -> list[str]:
+def shard_files(directory: Path, parts: tuple[str, ...] = PARTS) -> list[str]:
     """Every file of the DCP parts, relative to `directory`, in one order all ranks agree on."""
-    return sorted(str(p.relative_to(directory)) for part in PARTS
-                  for p in (directory / part).glob("*") if p.is_file())
+    return sorted(
+        str(p.relative_to(directory))
+        for part in parts
+        for p in (directory / part).glob("*")
+        if p.is_file()
+    )
 
 
 def part_tensors(directory: Path) -> dict[str, TensorStorageMetadata]:
@@ -132,8 +142,9 @@ def model_args_of(manifest: dict[str, Any]) -> ModelArgs:
     fields = {f.name for f in dataclasses.fields(ModelArgs)}
     # a field this code does not know would be dropped silently and build another model
     if unknown := sorted(set(entry) - fields):
-        raise CheckpointError(f"manifest model entry has fields this code lacks: {unknown}; "
-                              "saved by a newer tridist?")
+        raise CheckpointError(
+            f"manifest model entry has fields this code lacks: {unknown}; saved by a newer tridist?"
+        )
     return ModelArgs(**entry)
 
 
@@ -147,7 +158,8 @@ def _upgrade_v1(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of the checkpoint directory `path`, in the current format's shape."""
+    """The manifest of the checkpoint directory `path`, in the current format's shape, checked:
+    every entry later code reads has its type, and every file it names lies inside `path`."""
     manifest_path = Path(path) / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{path}: no {MANIFEST}; not a checkpoint, or an interrupted save")
@@ -158,10 +170,126 @@ def read_manifest(path: Path) -> dict[str, Any]:
     version = manifest.get("format") if isinstance(manifest, dict) else None
     try:
         if version == FORMAT_V1:
-            return _upgrade_v1(manifest)
-    except (KeyError, TypeError) as err:
+            manifest = _upgrade_v1(manifest)
+    except (KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{manifest_path}: format {FORMAT_V1!r} without {err}") from None
-    if version != FORMAT:
-        raise CheckpointError(f"{manifest_path}: format {version!r}, expected {FORMAT!r} "
-                              f"(or the older {FORMAT_V1!r})")
+    if version not in (FORMAT, FORMAT_V1):
+        raise CheckpointError(
+            f"{manifest_path}: format {version!r}, expected {FORMAT!r} (or the older {FORMAT_V1!r})"
+        )
+    if problem := manifest_problem(manifest) or _escaping_file(Path(path), manifest["files"]):
+        raise CheckpointError(f"{manifest_path}: {problem}")
     return manifest
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is missing or mistyped in a manifest of format 2's shape, or None.
+
+    Checked once here, so that load and export never meet a KeyError or TypeError instead.
+    """
+    for key, kind in _ENTRIES.items():
+        if key not in manifest:
+            return f"no {key!r} entry"
+        if not isinstance(manifest[key], kind) or (kind is int and isinstance(manifest[key], bool)):
+            return f"{key!r} is {type(manifest[key]).__name__}, expected {kind.__name__}"
+    if manifest["step"] < 0:
+        return f"'step' is {manifest['step']}"
+    for rel, info in manifest["files"].items():
+        if not (
+            isinstance(info, dict)
+            and _is_int(info.get("bytes"))
+            and info["bytes"] >= 0
+            and _is_int(info.get("crc32"))
+        ):
+            return f"files entry {rel!r} is {info!r}, expected {{'bytes': int, 'crc32': int}}"
+    if bad := sorted(
+        name for name, state in manifest["states"].items() if not isinstance(state, dict)
+    ):
+        return f"states {bad} are not objects"
+    if not all(isinstance(g, dict) for g in manifest["optimizer_param_groups"]):
+        return "'optimizer_param_groups' holds a non-object"
+    rng = manifest["rng"]
+    states, of_rank = rng.get("states"), rng.get("of_rank")
+    if not (isinstance(states, list) and states and all(isinstance(s, dict) for s in states)):
+        return "'rng' has no list of states"
+    if not (
+        isinstance(of_rank, list)
+        and of_rank
+        and all(_is_int(i) and 0 <= i < len(states) for i in of_rank)
+    ):
+        return f"'rng' has no list of state indices below {len(states)} for each rank"
+    return None
+
+
+# the entries of format 2 and their JSON types (torch_version is informative: never read)
+_ENTRIES: dict[str, type] = {
+    "step": int,
+    "tokens_seen": int,
+    "model": dict,
+    "layout": dict,
+    "config": dict,
+    "states": dict,
+    "optimizer_param_groups": list,
+    "extra": dict,
+    "rng": dict,
+    "files": dict,
+}
+
+
+def _escaping_file(path: Path, files: dict[str, Any]) -> str | None:
+    """The first file name that is not `<part>/<name>` inside the checkpoint folder, or None.
+
+    Checked before anything is read: a manifest is data, and may have been edited or crafted.
+    """
+    inside = path.resolve()
+    for rel in files:
+        target = Path(rel)
+        if (
+            target.is_absolute()
+            or len(target.parts) != 2
+            or target.parts[0] not in PARTS
+            or ".." in target.parts
+            or not (path / target).resolve().is_relative_to(inside)
+        ):
+            return (
+                f"files entry {rel!r} is not a file of {'/ or '.join(PARTS)}/ inside {path}; "
+                "refused before reading anything"
+            )
+    return None
+
+
+def file_problems(
+    path: Path, manifest: dict[str, Any], parts: tuple[str, ...] = PARTS, verify: Iterable[str] = ()
+) -> list[str]:
+    """Missing, resized or unlisted shard files of `parts`; CRC32 mismatches of those in `verify`.
+
+    `manifest` is from read_manifest, so every listed name lies inside `path`.
+    """
+    problems = []
+    listed = sorted(rel for rel in manifest["files"] if Path(rel).parts[0] in parts)
+    for rel in listed:
+        f = path / rel
+        expected = manifest["files"][rel]["bytes"]
+        if not f.is_file():
+            problems.append(f"missing shard file {f}")
+        elif (size := f.stat().st_size) != expected:
+            problems.append(
+                f"shard file {f} has {size} bytes, the manifest says {expected}: "
+                "truncated or overwritten"
+            )
+    if not problems:
+        for rel in verify:
+            if file_crc32(path / rel) != manifest["files"][rel]["crc32"]:
+                problems.append(
+                    f"shard file {path / rel} is corrupt: its CRC32 differs from the manifest"
+                )
+    # the safetensors reader reads every *.safetensors file it finds, listed or not
+    unlisted = sorted(
+        f for f in set(shard_files(path, parts)) - set(listed) if f.endswith(".safetensors")
+    )
+    problems += [f"unexpected file {path / rel} (not in the manifest)" for rel in unlisted]
+    return problems

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 
 from models.hf_llama import INDEX, SINGLE_FILE, hf_config, hf_name, to_hf_tensor
-from parallel.checkpoint.format import model_args_of, part_tensors, read_manifest
+from parallel.checkpoint.format import file_problems, model_args_of, part_tensors, read_manifest
 from parallel.checkpoint.state import CheckpointError
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # Hugging Face's default max_shard_size
@@ -35,15 +35,25 @@ def _groups(sizes: dict[str, int], limit: int) -> list[list[str]]:
     return groups
 
 
-def export_to_hf(checkpoint: Path, out: Path, dtype: torch.dtype | None = None,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Path]:
+def export_to_hf(
+    checkpoint: Path,
+    out: Path,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> list[Path]:
     """Write config.json and the weights (sharded with an index when over max_shard_bytes).
 
     Returns the safetensors files written. dtype: cast the weights (default: as saved).
     """
     checkpoint, out = Path(checkpoint), Path(out)
+    manifest = read_manifest(checkpoint)  # refuses file names outside the checkpoint
+    # the model files are the manifest's and whole (unlisted, missing, resized or corrupt ones
+    # refused) before the reader opens any; the optimizer part is not needed
+    model_files = [rel for rel in manifest["files"] if rel.startswith("model/")]
+    if problems := file_problems(checkpoint, manifest, parts=("model",), verify=model_files):
+        raise CheckpointError(f"cannot export {checkpoint}: " + "; ".join(problems))
     # the manifest's "model" entry (format 1's config.model, upgraded by read_manifest)
-    args = model_args_of(read_manifest(checkpoint))
+    args = model_args_of(manifest)
     meta = part_tensors(checkpoint / "model")
     names = sorted(meta, key=_export_order)
     saved_dtype = meta[names[0]].properties.dtype
@@ -51,22 +61,33 @@ def export_to_hf(checkpoint: Path, out: Path, dtype: torch.dtype | None = None,
     sizes = {n: meta[n].size.numel() * dtype.itemsize for n in names}
     groups = _groups(sizes, max_shard_bytes)
     out.mkdir(parents=True, exist_ok=True)
-    files = [out / (SINGLE_FILE if len(groups) == 1 else
-                    f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors") for i in range(len(groups))]
+    files = [
+        out
+        / (
+            SINGLE_FILE
+            if len(groups) == 1
+            else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        )
+        for i in range(len(groups))
+    ]
     weight_map = {}
     for group, path in zip(groups, files):
         full = {n: torch.empty(meta[n].size, dtype=meta[n].properties.dtype) for n in group}
-        dcp.load(full, storage_reader=HuggingFaceStorageReader(str(checkpoint / "model")),
-                 no_dist=True)
-        tensors = {hf_name(n): to_hf_tensor(n, t, args).to(dtype).contiguous()
-                   for n, t in full.items()}
+        dcp.load(
+            full, storage_reader=HuggingFaceStorageReader(str(checkpoint / "model")), no_dist=True
+        )
+        tensors = {
+            hf_name(n): to_hf_tensor(n, t, args).to(dtype).contiguous() for n, t in full.items()
+        }
         tmp = path.with_name(f".tmp-{path.name}")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         shutil.move(tmp, path)
         weight_map.update(dict.fromkeys(tensors, path.name))
     if len(files) > 1:
-        index = {"metadata": {"total_size": sum(sizes.values())},
-                 "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_size": sum(sizes.values())},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (out / INDEX).write_text(json.dumps(index, indent=2))
     if not args.tie_embeddings and "lm_head.weight" not in weight_map:
         raise CheckpointError(f"{checkpoint}: no output.weight in the checkpoint")

@@ -17,13 +17,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader
 from torch.distributed.checkpoint.stateful import Stateful
 
-from parallel.checkpoint.format import (
-    MANIFEST,
-    file_crc32,
-    part_tensors,
-    read_manifest,
-    shard_files,
-)
+from parallel.checkpoint.format import MANIFEST, file_problems, part_tensors, read_manifest
 from parallel.checkpoint.state import (
     CheckpointError,
     ModelParts,
@@ -40,28 +34,11 @@ __all__ = ["load_checkpoint"]
 
 
 def _file_problems(path: Path, manifest: dict[str, Any], verify: bool) -> list[str]:
-    """Missing or resized shard files (checked by all ranks); CRCs of this rank's share."""
-    problems = []
-    listed = sorted(manifest["files"])
-    for rel in listed:
-        f = path / rel
-        expected = manifest["files"][rel]["bytes"]
-        if not f.is_file():
-            problems.append(f"missing shard file {f}")
-        elif (size := f.stat().st_size) != expected:
-            problems.append(f"shard file {f} has {size} bytes, the manifest says {expected}: "
-                            "truncated or overwritten")
-    if verify and not problems:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        for rel in listed[rank::world]:  # each rank reads a share, so the checkpoint is read once
-            if file_crc32(path / rel) != manifest["files"][rel]["crc32"]:
-                problems.append(f"shard file {path / rel} is corrupt: "
-                                "its CRC32 differs from the manifest")
-    # the safetensors reader reads every *.safetensors file it finds, listed or not
-    unlisted = sorted(f for f in set(shard_files(path)) - set(listed)
-                      if f.endswith(".safetensors"))
-    problems += [f"unexpected file {path / rel} (not in the manifest)" for rel in unlisted]
-    return problems
+    """Missing, resized or unlisted shard files (checked by all ranks); CRCs of this rank's share."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # each rank reads a share, so the checkpoint is read once
+    share = sorted(manifest["files"])[rank::world] if verify else []
+    return file_problems(path, manifest, verify=share)
 
 
 def _all_problems(local: list[str]) -> list[str]:
@@ -85,16 +62,20 @@ def _load_part(directory: Path, state: TensorState, what: str) -> None:
         if name not in saved:
             problems.append(f"{what} tensor {name!r} is not in the checkpoint")
         elif tuple(saved[name].size) != tuple(tensor.shape):
-            problems.append(f"{what} tensor {name!r} has shape {list(saved[name].size)} in the "
-                            f"checkpoint but {list(tensor.shape)} in this model")
+            problems.append(
+                f"{what} tensor {name!r} has shape {list(saved[name].size)} in the "
+                f"checkpoint but {list(tensor.shape)} in this model"
+            )
     # names no rank of this model has mean the checkpoint is of another model
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (problems, sorted(state.tensors)))
     problems = sorted({p for rank_problems, _ in everyone for p in rank_problems})
     unknown = sorted(set(saved) - {n for _, names in everyone for n in names})
     if unknown:
-        problems.append(f"it holds {len(unknown)} {what} tensors this model lacks, e.g. "
-                        f"{unknown[:3]}: a checkpoint of another model?")
+        problems.append(
+            f"it holds {len(unknown)} {what} tensors this model lacks, e.g. "
+            f"{unknown[:3]}: a checkpoint of another model?"
+        )
     _raise_if_any(directory, problems)
     try:
         dcp.load(state.tensors, storage_reader=HuggingFaceStorageReader(str(directory)))
@@ -103,8 +84,12 @@ def _load_part(directory: Path, state: TensorState, what: str) -> None:
 
 
 def load_checkpoint(
-    path: Path, model: ModelParts, optimizer: torch.optim.Optimizer,
-    states: Mapping[str, Stateful], layout: dict[str, Any], verify: bool = True,
+    path: Path,
+    model: ModelParts,
+    optimizer: torch.optim.Optimizer,
+    states: Mapping[str, Stateful],
+    layout: dict[str, Any],
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Restore what save_checkpoint wrote into model, optimizer and `states`, whatever the layout.
 
@@ -118,8 +103,9 @@ def load_checkpoint(
     manifest = read_manifest(path)
     missing = sorted(set(states) - set(manifest["states"]))
     if missing:  # the manifest is the same on every rank, so all raise here together
-        raise CheckpointError(f"{path / MANIFEST}: no state {missing} (it holds "
-                              f"{sorted(manifest['states'])})")
+        raise CheckpointError(
+            f"{path / MANIFEST}: no state {missing} (it holds {sorted(manifest['states'])})"
+        )
     _raise_if_any(path, _all_problems(_file_problems(path, manifest, verify)))
     # optimizer tensors first: creating them on a fresh optimizer takes a zero-lr step
     optim = optimizer_state(model, optimizer)
@@ -136,6 +122,11 @@ def load_checkpoint(
             raise CheckpointError(f"{path / MANIFEST}: state {name!r}: {err}") from None
     # per-rank generators carry over only to the same layout; otherwise every rank takes rank 0's
     rng = manifest["rng"]
-    same_layout = manifest["layout"] == layout
-    set_rng_state(rng["states"][rng["of_rank"][dist.get_rank() if same_layout else 0]])
+    rank = dist.get_rank() if manifest["layout"] == layout else 0
+    try:  # read_manifest checked the shape of "rng", not each generator's state
+        set_rng_state(rng["states"][rng["of_rank"][rank]])
+    except (IndexError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{path / MANIFEST}: rng state of rank {rank}: {type(err).__name__}: {err}"
+        ) from None
     return manifest

@@ -6,42 +6,35 @@ manifest are on disk, so a directory named step-* with a manifest.json is always
 
 Written by hand, because DCP's safetensors storage does not do it: the manifest (that storage
 holds only tensors; a non-tensor entry would be written raw in front of the safetensors data),
-the CRC32s (DCP keeps no checksums), and the tmp-dir commit and `latest` pointer.
+the CRC32s (DCP keeps no checksums; shards.py), the check that every file was written whole
+(shards.py), the ranks' agreement on the outcome, and the tmp-dir commit (commit.py).
 """
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import shutil
-import zlib
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import HuggingFaceStorageWriter
-from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from models.llama import ModelArgs
+from parallel.checkpoint.commit import UNTOUCHED, clear_tmp, write_and_commit
 from parallel.checkpoint.format import (
     FORMAT,
-    LATEST,
-    MANIFEST,
     TMP_PREFIX,
     checkpoint_name,
-    complete_checkpoints,
     file_crc32,
     model_entry,
     shard_files,
 )
+from parallel.checkpoint.shards import FileRecord, write_part
 from parallel.checkpoint.state import (
     CheckpointError,
     ModelParts,
@@ -66,80 +59,6 @@ class CheckpointMeta:
     extra: dict[str, Any] = field(default_factory=dict)  # the saver's own; load returns it
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write via a temporary name and os.replace, so readers see the old or the new file."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-WRITER_THREADS = 2  # files written in parallel per rank: serializing a file is CPU-bound
-
-
-class _Crc32Stream(io.RawIOBase):
-    """A write-only file that checksums the bytes on their way to disk (no read-back)."""
-
-    def __init__(self, raw: io.IOBase) -> None:
-        super().__init__()
-        self.raw, self.crc = raw, 0
-
-    def write(self, data: Any) -> int:
-        """Checksum, then write through."""
-        self.crc = zlib.crc32(data, self.crc)  # releases the GIL for large buffers
-        return self.raw.write(data)
-
-    def writable(self) -> bool:
-        """Yes."""
-        return True
-
-    def tell(self) -> int:
-        """Position in the underlying file."""
-        return self.raw.tell()
-
-    def fileno(self) -> int:
-        """The underlying descriptor (DCP fsyncs it)."""
-        return self.raw.fileno()
-
-    def flush(self) -> None:
-        """Flush the underlying file."""
-        self.raw.flush()
-
-
-class _Crc32FileSystem(FileSystem):
-    """DCP's local file system, recording each written file's CRC32 as `<part>/<name>`.
-
-    DCP's safetensors writer sends each file as one sequential stream (no seeks), so the CRC of
-    what passed through equals the file's; loading re-checks it against the bytes on disk.
-    """
-
-    def __init__(self, part: str, crcs: dict[str, int]) -> None:
-        super().__init__()
-        self.part, self.crcs = part, crcs
-
-    @contextmanager
-    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[io.IOBase]:
-        """Wrap write streams; reads pass through."""
-        with super().create_stream(path, mode) as raw:
-            if "w" not in mode:
-                yield raw
-                return
-            stream = _Crc32Stream(raw)
-            yield stream
-            raw.flush()
-            self.crcs[f"{self.part}/{Path(path).name}"] = stream.crc  # writer threads: GIL-atomic
-
-
 @dataclass
 class Snapshot:
     """Everything one checkpoint holds, taken between steps: tensors and the JSON manifest."""
@@ -157,32 +76,52 @@ def _staged(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in tensors.items():
         local = local_part(t).detach().to("cpu", copy=True)
-        out[name] = (DTensor.from_local(local, t.device_mesh, t.placements, run_check=False,
-                                        shape=t.shape, stride=t.stride())
-                     if isinstance(t, DTensor) else local)
+        out[name] = (
+            DTensor.from_local(
+                local,
+                t.device_mesh,
+                t.placements,
+                run_check=False,
+                shape=t.shape,
+                stride=t.stride(),
+            )
+            if isinstance(t, DTensor)
+            else local
+        )
     return out
 
 
 def take_snapshot(
-    root: Path, step: int, model: ModelParts, optimizer: torch.optim.Optimizer,
-    states: Mapping[str, Stateful], meta: CheckpointMeta, copy: bool = False,
+    root: Path,
+    step: int,
+    model: ModelParts,
+    optimizer: torch.optim.Optimizer,
+    states: Mapping[str, Stateful],
+    meta: CheckpointMeta,
+    copy: bool = False,
 ) -> Snapshot:
     """The checkpoint of the current step; copy=True stages CPU copies (for async saves)."""
     root = Path(root)
     # built (and JSON-checked) on every rank, before any collective, so a bad value fails everywhere
     manifest = {
-        "format": FORMAT, "step": step, "tokens_seen": meta.tokens_seen,
-        "torch_version": torch.__version__, "model": model_entry(meta.model),
-        "layout": meta.layout, "config": meta.config,
+        "format": FORMAT,
+        "step": step,
+        "tokens_seen": meta.tokens_seen,
+        "torch_version": torch.__version__,
+        "model": model_entry(meta.model),
+        "layout": meta.layout,
+        "config": meta.config,
         "states": {name: obj.state_dict() for name, obj in states.items()},
-        "optimizer_param_groups": param_group_settings(optimizer), "extra": meta.extra,
+        "optimizer_param_groups": param_group_settings(optimizer),
+        "extra": meta.extra,
     }
     try:
         # a JSON round trip: checks it, and detaches it from live objects an async save outlives
         manifest = json.loads(json.dumps(manifest))
     except TypeError as err:
-        raise CheckpointError(f"{root / checkpoint_name(step)}: manifest entry is not "
-                              f"JSON-serializable: {err}") from None
+        raise CheckpointError(
+            f"{root / checkpoint_name(step)}: manifest entry is not JSON-serializable: {err}"
+        ) from None
     model_tensors = model_state(model).tensors
     optim_tensors = optimizer_state(model, optimizer).tensors
     if copy:
@@ -195,51 +134,64 @@ def write_snapshot(
 ) -> Path:
     """Write and commit a snapshot; a collective over `group` (default: all ranks).
 
+    Raises CheckpointError on every rank together when any rank's part could not be written or
+    rank 0 could not commit; the .tmp- folder is then removed and earlier checkpoints untouched.
     Async saves run this in a background thread on a private gloo group, so its collectives
     never interleave with training's.
     """
     root, name = snap.root, checkpoint_name(snap.step)
     final, tmp = root / name, root / f"{TMP_PREFIX}{name}"
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a killed save
-            if stale.is_dir():
-                shutil.rmtree(stale)
-            else:
-                stale.unlink()
-    dist.barrier(group)  # no rank writes into tmp before rank 0 has cleared it
-    written: dict[str, int] = {}  # file (relative to tmp) -> CRC32 of the bytes this rank wrote
-    for part, tensors in (("model", snap.model), ("optim", snap.optim)):
-        writer = HuggingFaceStorageWriter(str(tmp / part), save_distributed=True,
-                                          thread_count=WRITER_THREADS)
-        writer.fs = _Crc32FileSystem(part, written)
-        dcp.save(tensors, storage_writer=writer, process_group=group)
+    failed = f"cannot save checkpoint step {snap.step} into {root}"
+    # rank 0's verdict on clearing tmp: no rank writes into it before, none at all if it failed
+    if problem := _from_rank0(clear_tmp(root, tmp) if rank == 0 else None, group):
+        raise CheckpointError(f"{failed}: {problem}")
+    written: dict[str, FileRecord] = {}  # file (relative to tmp) -> what this rank wrote to it
+    try:
+        for part, tensors in (("model", snap.model), ("optim", snap.optim)):
+            records = write_part(tmp / part, tensors, group)  # fails on all ranks alike
+            written.update({f"{part}/{n}": r for n, r in records.items()})
+    except CheckpointError as err:
+        problem = str(err)
     dist.barrier(group)  # every shard is on disk before anyone lists the directory
-    files = shard_files(tmp)
-    # CRCs as written; a file no rank wrote through the writer (none in torch 2.13) is read back
-    unclaimed = [f for f in files if f not in written]
-    mine = {f: {"bytes": (tmp / f).stat().st_size,
-                "crc32": written[f] if f in written else file_crc32(tmp / f)}
-            for f in [f for f in files if f in written] + unclaimed[rank::world]}
+    files: dict[str, dict[str, int]] = {}
+    if problem is None:
+        try:
+            files = _file_entries(tmp, written, rank, world)
+        except OSError as err:
+            problem = f"rank {dist.get_rank()} cannot read back {err.filename}: {err.strerror}"
     gathered: list[Any] = [None] * world if rank == 0 else []
-    # rank 0 collects every rank's RNG state and its share of the file checksums
-    dist.gather_object({"rng": snap.rng, "files": mine}, gathered if rank == 0 else None,
-                       dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    # rank 0 collects every rank's RNG state, its share of the file checksums and its problem
+    dist.gather_object(
+        {"rng": snap.rng, "files": files, "problem": problem},
+        gathered if rank == 0 else None,
+        dst=_global(0, group),
+        group=group,
+    )
+    outcome = None
     if rank == 0:
-        manifest = dict(snap.manifest)
-        manifest["rng"] = _dedup_rng([g["rng"] for g in gathered])
-        infos = {f: info for g in gathered for f, info in g["files"].items()}
-        manifest["files"] = {f: infos[f] for f in sorted(infos)}
-        _write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        _commit(root, tmp, final, keep)
-    dist.barrier(group)  # no rank goes on (or exits) before the checkpoint is committed
+        problems = sorted({g["problem"] for g in gathered if g["problem"] is not None})
+        outcome = (
+            f"{failed}: " + "; ".join(problems) + UNTOUCHED
+            if problems
+            else write_and_commit(snap.manifest, gathered, tmp, final, keep, failed)
+        )
+        if tmp.exists():  # a failed save leaves nothing behind
+            shutil.rmtree(tmp, ignore_errors=True)
+    # rank 0's verdict on the commit: every rank goes on, or every rank raises the same error
+    if outcome := _from_rank0(outcome, group):
+        raise CheckpointError(outcome)
     return final
 
 
 def save_checkpoint(
-    root: Path, step: int, model: ModelParts, optimizer: torch.optim.Optimizer,
-    states: Mapping[str, Stateful], meta: CheckpointMeta, keep: int | None = None,
+    root: Path,
+    step: int,
+    model: ModelParts,
+    optimizer: torch.optim.Optimizer,
+    states: Mapping[str, Stateful],
+    meta: CheckpointMeta,
+    keep: int | None = None,
 ) -> Path:
     """Save model, optimizer, `states` (each's state_dict()) and `meta` as checkpoint `step`.
 
@@ -249,35 +201,24 @@ def save_checkpoint(
     return write_snapshot(take_snapshot(root, step, model, optimizer, states, meta), keep)
 
 
-def _dedup_rng(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each distinct RNG state once plus, per rank, which one: ranks seeded alike share a state,
-    so the manifest stays small at thousands of ranks."""
-    states: list[dict[str, Any]] = []
-    keys: list[str] = []
-    of_rank = []
-    for state in per_rank:
-        key = json.dumps(state, sort_keys=True)
-        if key not in keys:
-            keys.append(key)
-            states.append(state)
-        of_rank.append(keys.index(key))
-    return {"states": states, "of_rank": of_rank}
+def _global(group_rank: int, group: dist.ProcessGroup | None) -> int:
+    return dist.get_global_rank(group, group_rank) if group is not None else group_rank
 
 
-def _commit(root: Path, tmp: Path, final: Path, keep: int | None) -> None:
-    """Rename tmp into place, move `latest`, then drop checkpoints beyond the newest `keep`."""
-    _fsync_dir(tmp)
-    if final.exists():  # the same step saved again (e.g. after resuming): swap it out
-        trash = root / f"{TMP_PREFIX}old-{final.name}"
-        shutil.rmtree(trash, ignore_errors=True)
-        final.rename(trash)
-        tmp.rename(final)
-        shutil.rmtree(trash)
-    else:
-        tmp.rename(final)
-    _fsync_dir(root)
-    _write_text(root / LATEST, final.name + "\n")
-    if keep is not None and keep > 0:
-        for old in complete_checkpoints(root)[:-keep]:
-            if old != final:
-                shutil.rmtree(old)
+def _from_rank0(value: str | None, group: dist.ProcessGroup | None) -> str | None:
+    """Rank 0's value on every rank of `group`."""
+    box = [value]
+    dist.broadcast_object_list(box, src=_global(0, group), group=group)
+    return box[0]
+
+
+def _file_entries(
+    tmp: Path, written: dict[str, FileRecord], rank: int, world: int
+) -> dict[str, dict[str, int]]:
+    """Bytes and CRC32 of the files this rank wrote (and its share of any no rank claims)."""
+    # CRCs as written; a file no rank wrote through the writer (none in torch 2.13) is read back
+    unclaimed = [f for f in shard_files(tmp) if f not in written]
+    entries = {f: {"bytes": r.meant, "crc32": r.crc} for f, r in written.items()}
+    for f in unclaimed[rank::world]:
+        entries[f] = {"bytes": (tmp / f).stat().st_size, "crc32": file_crc32(tmp / f)}
+    return entries

@@ -92,8 +92,9 @@ def optimizer_state(model: ModelParts, optimizer: torch.optim.Optimizer) -> Tens
         if not key.startswith("state."):
             continue
         if not isinstance(value, torch.Tensor):  # AdamW's `step` is a tensor; a plain int is not
-            raise CheckpointError(f"optimizer state {key!r} is not a tensor but "
-                                  f"{type(value).__name__}")
+            raise CheckpointError(
+                f"optimizer state {key!r} is not a tensor but {type(value).__name__}"
+            )
         state[key.removeprefix("state.")] = value
     return _by_full_name(state, 0)
 
@@ -127,8 +128,10 @@ def restore_param_group_settings(
 ) -> None:
     """Set each group's saved hyperparameters (JSON lists become tuples where torch had tuples)."""
     if len(saved) != len(optimizer.param_groups):
-        raise CheckpointError(f"checkpoint has {len(saved)} optimizer param groups, this optimizer "
-                              f"{len(optimizer.param_groups)}")
+        raise CheckpointError(
+            f"checkpoint has {len(saved)} optimizer param groups, this optimizer "
+            f"{len(optimizer.param_groups)}"
+        )
     for group, settings in zip(optimizer.param_groups, saved):
         for key, value in settings.items():
             group[key] = tuple(value) if isinstance(group.get(key), tuple) else value

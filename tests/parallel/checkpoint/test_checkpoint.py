@@ -42,9 +42,18 @@ from tests.helpers.spawn import run_ranks
 REPO = Path(__file__).resolve().parents[3]
 # as tests/parallel/test_parity.py: fp32, and an eps that keeps rounding noise from flipping
 # Adam's first steps, so different layouts agree to 1e-5
-BASE = ["model=debug", "train.steps=6", "train.seq_len=16", "train.global_batch_size=32",
-        "train.sample_tokens=0", "train.val_interval=1000", "optim.warmup_steps=1",
-        "optim.eps=1e-5", "device=cpu", "parallel.microbatches=8"]
+BASE = [
+    "model=debug",
+    "train.steps=6",
+    "train.seq_len=16",
+    "train.global_batch_size=32",
+    "train.sample_tokens=0",
+    "train.val_interval=1000",
+    "optim.warmup_steps=1",
+    "optim.eps=1e-5",
+    "device=cpu",
+    "parallel.microbatches=8",
+]
 Layout = tuple[int, int, int, int, str]  # dp, pp, tp, virtual_stages, schedule
 SINGLE: Layout = (1, 1, 1, 1, "1f1b")
 DP2_PP2_TP2_V2: Layout = (2, 2, 2, 2, "interleaved_1f1b")
@@ -54,11 +63,21 @@ DP2_TP2: Layout = (2, 1, 2, 1, "1f1b")
 
 # ---- run inside the ranks -----------------------------------------------------------------
 
+
 def _trainer(layout: Layout, overrides: tuple[str, ...] = ()) -> Trainer:
     dp, pp, tp, v, schedule = layout
-    cfg = make_config(BASE + [f"parallel.dp={dp}", f"parallel.pp={pp}", f"parallel.tp={tp}",
-                              f"parallel.virtual_stages={v}", f"parallel.schedule={schedule}",
-                              *overrides], dp * pp * tp)
+    cfg = make_config(
+        BASE
+        + [
+            f"parallel.dp={dp}",
+            f"parallel.pp={pp}",
+            f"parallel.tp={tp}",
+            f"parallel.virtual_stages={v}",
+            f"parallel.schedule={schedule}",
+            *overrides,
+        ],
+        dp * pp * tp,
+    )
     return build_trainer(cfg, load_data(cfg))
 
 
@@ -68,14 +87,27 @@ def _steps(trainer: Trainer, n: int) -> list[float]:
 
 def _save(root: Path, trainer: Trainer, keep: int | None = None) -> Path:
     """save_checkpoint with the trainer's parts, passed explicitly."""
-    return save_checkpoint(root, trainer.step, trainer.model, trainer.optimizer,
-                           trainer_states(trainer), trainer_meta(trainer, {"note": "test"}), keep)
+    return save_checkpoint(
+        root,
+        trainer.step,
+        trainer.model,
+        trainer.optimizer,
+        trainer_states(trainer),
+        trainer_meta(trainer, {"note": "test"}),
+        keep,
+    )
 
 
 def _load(path: Path, trainer: Trainer, verify: bool = True) -> dict[str, Any]:
     """load_checkpoint into the trainer's parts; the caller sets its step from the manifest."""
-    manifest = load_checkpoint(path, trainer.model, trainer.optimizer, trainer_states(trainer),
-                               checkpoint_layout(trainer.cfg), verify=verify)
+    manifest = load_checkpoint(
+        path,
+        trainer.model,
+        trainer.optimizer,
+        trainer_states(trainer),
+        checkpoint_layout(trainer.cfg),
+        verify=verify,
+    )
     trainer.step = manifest["step"]
     return manifest
 
@@ -125,7 +157,7 @@ def _each(calls: list[tuple[Callable[..., Any], tuple]]) -> list[Any]:
 
 def _save_until_killed(root: str, signal_file: str) -> None:
     """Child process: three saves (keep=2), one more step, then a save that stalls mid-way."""
-    import parallel.checkpoint.save as checkpoint
+    import parallel.checkpoint.shards as shards
 
     trainer = _trainer(SINGLE)
     for _ in range(3):
@@ -133,18 +165,19 @@ def _save_until_killed(root: str, signal_file: str) -> None:
         _save(Path(root), trainer, keep=2)
     print(json.dumps(_steps(trainer, 1)), flush=True)
 
-    class StallingWriter(checkpoint.HuggingFaceStorageWriter):
+    class StallingWriter(shards._CheckedWriter):
         def write_data(self, *args: Any) -> Any:
             written = super().write_data(*args)
             Path(signal_file).write_text(str(self.path))  # the model shard is on disk
             time.sleep(300)  # wait here for SIGKILL, before the optimizer part and the manifest
             return written
 
-    checkpoint.HuggingFaceStorageWriter = StallingWriter
+    shards._CheckedWriter = StallingWriter
     _save(Path(root), trainer, keep=2)
 
 
 # ---- fixtures: each one spawn ------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -158,25 +191,43 @@ def _step_dir(root: Path, sub: str, step: int) -> str:
 @pytest.fixture(scope="module")
 def single(root: Path) -> list[list[float]]:
     """(1,1,1): 6 steps saving a/ at 3; then 3 steps resumed from a/."""
-    return run_ranks(1, _each, [(_save_and_continue, (SINGLE, str(root / "a"), 3, 6)),
-                                (_load_and_continue, (SINGLE, _step_dir(root, "a", 3), 3))])[0]
+    return run_ranks(
+        1,
+        _each,
+        [
+            (_save_and_continue, (SINGLE, str(root / "a"), 3, 6)),
+            (_load_and_continue, (SINGLE, _step_dir(root, "a", 3), 3)),
+        ],
+    )[0]
 
 
 @pytest.fixture(scope="module")
 def eight(root: Path, single: list[list[float]]) -> list[list[float]]:
     """(2,2,2,v2): 4 steps saving b/ at 2; then 3 steps resumed from a/ (saved at (1,1,1))."""
     a3 = _step_dir(root, "a", 3)
-    return run_ranks(8, _each, [(_save_and_continue, (DP2_PP2_TP2_V2, str(root / "b"), 2, 4)),
-                                (_load_and_continue, (DP2_PP2_TP2_V2, a3, 3))])[0]
+    return run_ranks(
+        8,
+        _each,
+        [
+            (_save_and_continue, (DP2_PP2_TP2_V2, str(root / "b"), 2, 4)),
+            (_load_and_continue, (DP2_PP2_TP2_V2, a3, 3)),
+        ],
+    )[0]
 
 
 @pytest.fixture(scope="module")
 def four(root: Path) -> list[list[float]]:
     """(1,4,1,v2): 4 steps saving c/ at 2; 2 steps resumed from c/ there and at (2,1,2)."""
     c2 = _step_dir(root, "c", 2)
-    return run_ranks(4, _each, [(_save_and_continue, (PP4_V2, str(root / "c"), 2, 4)),
-                                (_load_and_continue, (PP4_V2, c2, 2)),
-                                (_load_and_continue, (DP2_TP2, c2, 2))])[0]
+    return run_ranks(
+        4,
+        _each,
+        [
+            (_save_and_continue, (PP4_V2, str(root / "c"), 2, 4)),
+            (_load_and_continue, (PP4_V2, c2, 2)),
+            (_load_and_continue, (DP2_TP2, c2, 2)),
+        ],
+    )[0]
 
 
 @pytest.fixture(scope="module")
@@ -184,11 +235,18 @@ def killed(root: Path) -> dict[str, Any]:
     """A child saves at steps 1-3 (keep=2), steps once more and is SIGKILLed inside the next save;
     returns what it printed and what the directory looked like right after."""
     kill_root, signal_file = root / "killed", root / "save-started"
-    code = ("import sys; from tests.parallel.checkpoint.test_checkpoint import _save_until_killed as f; "
-            "f(*sys.argv[1:])")
-    child = subprocess.Popen([sys.executable, "-c", code, str(kill_root), str(signal_file)],
-                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code = (
+        "import sys; from tests.parallel.checkpoint.test_checkpoint import _save_until_killed as f; "
+        "f(*sys.argv[1:])"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(kill_root), str(signal_file)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not signal_file.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -196,16 +254,21 @@ def killed(root: Path) -> dict[str, Any]:
     out, err = child.communicate()
     assert signal_file.exists(), f"the child never reached the stalled save:\n{err[-3000:]}"
     tmp = kill_root / ".tmp-step-00000004"
-    return {"root": kill_root, "returncode": child.returncode,
-            "losses": [json.loads(line)[0] for line in out.splitlines()],
-            "entries": sorted(p.name for p in kill_root.iterdir()),
-            "tmp_files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")),
-            "latest": (kill_root / "latest").read_text().strip(), "found": find_latest(kill_root)}
+    return {
+        "root": kill_root,
+        "returncode": child.returncode,
+        "losses": [json.loads(line)[0] for line in out.splitlines()],
+        "entries": sorted(p.name for p in kill_root.iterdir()),
+        "tmp_files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")),
+        "latest": (kill_root / "latest").read_text().strip(),
+        "found": find_latest(kill_root),
+    }
 
 
 @pytest.fixture(scope="module")
-def reloads(root: Path, single: list[list[float]], eight: list[list[float]],
-            killed: dict[str, Any]) -> list[Any]:
+def reloads(
+    root: Path, single: list[list[float]], eight: list[list[float]], killed: dict[str, Any]
+) -> list[Any]:
     """One rank: b/ at (1,1,1) with and without its optimizer state, a resume (and new save)
     after the killed save, and every corrupted copy of a/ (see CORRUPTIONS)."""
     a3 = Path(_step_dir(root, "a", 3))
@@ -252,25 +315,94 @@ def _edit_manifest(d: Path, edit: Callable[[dict[str, Any]], None]) -> None:
 
 CORRUPTIONS: dict[str, tuple[Callable[[Path], None], tuple[str, ...], bool, list[str]]] = {
     "truncated": (_truncate, (), True, [MODEL_SHARD, "truncated"]),
-    "missing": (lambda d: (d / OPTIM_SHARD).unlink(), (), True,
-                ["missing shard file", OPTIM_SHARD]),
+    "missing": (
+        lambda d: (d / OPTIM_SHARD).unlink(),
+        (),
+        True,
+        ["missing shard file", OPTIM_SHARD],
+    ),
     "flipped": (_flip_bytes, (), True, [MODEL_SHARD, "corrupt"]),
     "bad_header": (_garble_header, (), False, ["optim", "safetensors headers"]),
     "no_manifest": (lambda d: (d / "manifest.json").unlink(), (), True, ["no manifest.json"]),
-    "fewer_layers": (lambda d: None, ("model.n_layers=4",), True,
-                     ["another model", "layers.4.attention"]),
-    "wider_model": (lambda d: None, ("model.dim=128",), True,
-                    ["'layers.0.attention.wq.weight' has shape [64, 64] in the checkpoint but "
-                     "[128, 128] in this model"]),
+    "fewer_layers": (
+        lambda d: None,
+        ("model.n_layers=4",),
+        True,
+        ["another model", "layers.4.attention"],
+    ),
+    "wider_model": (
+        lambda d: None,
+        ("model.dim=128",),
+        True,
+        [
+            "'layers.0.attention.wq.weight' has shape [64, 64] in the checkpoint but "
+            "[128, 128] in this model"
+        ],
+    ),
     "other_data": (lambda d: None, ("train.seq_len=32",), True, ["manifest.json", "windows"]),
-    "no_sampler_state": (lambda d: _edit_manifest(d, lambda m: m["states"].pop("sampler")), (),
-                         True, ["manifest.json", "no state ['sampler']"]),
-    "unknown_format": (lambda d: _edit_manifest(d, lambda m: m.update(format="tridist-9")), (),
-                       True, ["'tridist-9'", FORMAT]),
+    "no_sampler_state": (
+        lambda d: _edit_manifest(d, lambda m: m["states"].pop("sampler")),
+        (),
+        True,
+        ["manifest.json", "no state ['sampler']"],
+    ),
+    "unknown_format": (
+        lambda d: _edit_manifest(d, lambda m: m.update(format="tridist-9")),
+        (),
+        True,
+        ["'tridist-9'", FORMAT],
+    ),
+    # a malformed manifest: a CheckpointError naming it and what is wrong, never a KeyError
+    "no_files": (
+        lambda d: _edit_manifest(d, lambda m: m.pop("files")),
+        (),
+        True,
+        ["manifest.json", "no 'files' entry"],
+    ),
+    "no_states": (
+        lambda d: _edit_manifest(d, lambda m: m.pop("states")),
+        (),
+        True,
+        ["manifest.json", "no 'states' entry"],
+    ),
+    "no_rng": (
+        lambda d: _edit_manifest(d, lambda m: m.pop("rng")),
+        (),
+        True,
+        ["manifest.json", "no 'rng' entry"],
+    ),
+    "step_not_int": (
+        lambda d: _edit_manifest(d, lambda m: m.update(step="3")),
+        (),
+        True,
+        ["manifest.json", "'step' is str, expected int"],
+    ),
+    "files_entry_without_bytes": (
+        lambda d: _edit_manifest(d, lambda m: m["files"][MODEL_SHARD].pop("bytes")),
+        (),
+        True,
+        ["manifest.json", f"files entry '{MODEL_SHARD}'", "'bytes': int"],
+    ),
+    "rng_index_out_of_range": (
+        lambda d: _edit_manifest(d, lambda m: m["rng"].update(of_rank=[7])),
+        (),
+        True,
+        ["manifest.json", "'rng'"],
+    ),
+    # refused before anything is read (read_manifest reads the manifest alone)
+    "file_outside_checkpoint": (
+        lambda d: _edit_manifest(
+            d, lambda m: m["files"].update({"../../etc/hostname": {"bytes": 1, "crc32": 0}})
+        ),
+        (),
+        True,
+        ["manifest.json", "'../../etc/hostname'", "refused before reading"],
+    ),
 }
 
 
 # ---- tests -------------------------------------------------------------------------------
+
 
 def _rel(a: list[float], b: list[float]) -> float:
     assert len(a) == len(b)
@@ -287,8 +419,9 @@ def test_exact_resume_on_pipeline_ranks(four: list[list[float]]) -> None:
     assert resumed == straight[2:]  # bitwise, (1,4,1) interleaved on 4 ranks
 
 
-def test_resharding_single_to_dp2_pp2_tp2(single: list[list[float]],
-                                          eight: list[list[float]]) -> None:
+def test_resharding_single_to_dp2_pp2_tp2(
+    single: list[list[float]], eight: list[list[float]]
+) -> None:
     assert _rel(eight[1], single[0][3:]) <= 1e-5
 
 
@@ -306,13 +439,15 @@ def test_optimizer_state_is_restored(eight: list[list[float]], reloads: list[Any
     assert _rel(reloads[1], eight[0][2:]) > 1e-3
 
 
-def test_kill_during_save_keeps_previous_checkpoint(killed: dict[str, Any],
-                                                    reloads: list[Any]) -> None:
+def test_kill_during_save_keeps_previous_checkpoint(
+    killed: dict[str, Any], reloads: list[Any]
+) -> None:
     kill_root = killed["root"]
     assert killed["returncode"] == -signal.SIGKILL
-    # the killed save left only its model shard in .tmp; steps 2 and 3 survive (keep=2)
+    # the killed save left only its model shard (and the empty optim/ made up front) in .tmp;
+    # steps 2 and 3 survive (keep=2)
     assert killed["entries"] == [".tmp-step-00000004", "latest", "step-00000002", "step-00000003"]
-    assert killed["tmp_files"] == ["model", MODEL_SHARD]
+    assert killed["tmp_files"] == ["model", MODEL_SHARD, "optim"]
     assert killed["latest"] == "step-00000003" and killed["found"] == kill_root / "step-00000003"
     # resuming from it repeats the killed run's step 4 bitwise; the next save clears the leftover
     assert reloads[2] == killed["losses"][3:4]
@@ -321,8 +456,9 @@ def test_kill_during_save_keeps_previous_checkpoint(killed: dict[str, Any],
     assert (kill_root / "latest").read_text().strip() == "step-00000004"
 
 
-def test_manifest_records_the_architecture_and_states_by_name(root: Path,
-                                                             single: list[list[float]]) -> None:
+def test_manifest_records_the_architecture_and_states_by_name(
+    root: Path, single: list[list[float]]
+) -> None:
     raw = json.loads((root / "a" / checkpoint_name(3) / "manifest.json").read_text())
     assert raw["format"] == FORMAT == "tridist-checkpoint-2"
     args = model_args(make_config(BASE))

@@ -45,32 +45,53 @@ def _hydra(value: Any) -> str:
 def _overrides(manifest: dict[str, Any]) -> list[str]:
     """The saving run's settings, from its manifest, with the data file where it is stored now."""
     cfg = manifest["config"]
-    return ["model=debug", "device=cpu", "precision=fp32", "data.source=text",
-            f"data.path={CORPUS}", "train.sample_tokens=0",
-            *(f"model.{k}={_hydra(v)}" for k, v in manifest["model"].items()),
-            *(f"optim.{k}={_hydra(v)}" for k, v in cfg["optim"].items()),
-            *(f"train.{k}={_hydra(cfg['train'][k])}"
-              for k in ("steps", "global_batch_size", "seq_len", "seed"))]
+    return [
+        "model=debug",
+        "device=cpu",
+        "precision=fp32",
+        "data.source=text",
+        f"data.path={CORPUS}",
+        "train.sample_tokens=0",
+        *(f"model.{k}={_hydra(v)}" for k, v in manifest["model"].items()),
+        *(f"optim.{k}={_hydra(v)}" for k, v in cfg["optim"].items()),
+        *(
+            f"train.{k}={_hydra(cfg['train'][k])}"
+            for k in ("steps", "global_batch_size", "seq_len", "seed")
+        ),
+    ]
 
 
 def _load_and_step(path: str) -> dict[str, Any]:
     """On one rank: load the v1 checkpoint into today's trainer, compare, take one step."""
     cfg = make_config(_overrides(read_manifest(Path(path))), 1)
     trainer = build_trainer(cfg, load_data(cfg))
-    manifest = load_checkpoint(Path(path), trainer.model, trainer.optimizer,
-                               trainer_states(trainer), checkpoint_layout(cfg))
+    manifest = load_checkpoint(
+        Path(path),
+        trainer.model,
+        trainer.optimizer,
+        trainer_states(trainer),
+        checkpoint_layout(cfg),
+    )
     trainer.step = manifest["step"]
-    on_disk = {part: load_file(next((Path(path) / part).glob("*.safetensors")))
-               for part in ("model", "optim")}
-    loaded = {"model": model_state(trainer.model).tensors,
-              "optim": optimizer_state(trainer.model, trainer.optimizer).tensors}
+    on_disk = {
+        part: load_file(next((Path(path) / part).glob("*.safetensors")))
+        for part in ("model", "optim")
+    }
+    loaded = {
+        "model": model_state(trainer.model).tensors,
+        "optim": optimizer_state(trainer.model, trainer.optimizer).tensors,
+    }
     return {
         "step": trainer.step,
         "samples_consumed": trainer.sampler.samples_consumed,
         "lr_epoch": trainer.lr_scheduler.last_epoch,
         "names_match": {p: sorted(loaded[p]) == sorted(on_disk[p]) for p in on_disk},
-        "unequal": sorted(f"{p}/{n}" for p in on_disk for n, t in on_disk[p].items()
-                          if not torch.equal(local_part(loaded[p][n]).detach(), t)),
+        "unequal": sorted(
+            f"{p}/{n}"
+            for p in on_disk
+            for n, t in on_disk[p].items()
+            if not torch.equal(local_part(loaded[p][n]).detach(), t)
+        ),
         "next_loss": trainer.global_mean(trainer.train_step().loss).item(),
         "step_after": trainer.step,
     }
@@ -106,7 +127,10 @@ def test_v1_checkpoint_exports_to_hugging_face(tmp_path: Path) -> None:
     files = export_to_hf(V1, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_key_value_heads"]) == (
-        16, 2, 1)
+        16,
+        2,
+        1,
+    )
     saved = load_file(next((V1 / "model").glob("*.safetensors")))
     exported = load_file(files[0])
     assert sorted(exported) == sorted(hf_name(n) for n in saved)

@@ -9,6 +9,8 @@ HF weights must give the HF model's loss and logits.
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,14 +22,21 @@ from launcher.run.loop import train
 from launcher.run.trainer import Trainer
 from models.hf_llama import HFFormatError, HFLlamaWeights, hf_name
 from parallel.checkpoint.hf_export import export_to_hf
+from parallel.checkpoint.state import CheckpointError
 from parallel.dtensor import full_value
 from tests.helpers.run_training import make_config
 from tests.helpers.spawn import run_ranks
 
 transformers = pytest.importorskip("transformers")  # a test dependency: in the [dev] extra
 
-BASE = ["model=debug", "train.seq_len=16", "train.global_batch_size=4", "train.sample_tokens=0",
-        "train.val_interval=1000", "device=cpu"]
+BASE = [
+    "model=debug",
+    "train.seq_len=16",
+    "train.global_batch_size=4",
+    "train.sample_tokens=0",
+    "train.val_interval=1000",
+    "device=cpu",
+]
 # Llama 3.1 frequency scaling on, with an original length short enough to change frequencies
 ROPE = ["model.rope_scaling=true", "model.rope_original_max_seq_len=64"]
 
@@ -47,8 +56,9 @@ def _on_two_ranks(ckpt: str, hf_dir: str) -> dict[str, object]:
     cfg = make_config(BASE + ROPE + ["parallel.tp=2", "train.steps=2", f"checkpoint.dir={ckpt}"], 2)
     trained = train(cfg, load_data(cfg)).trainer
     out: dict[str, object] = {"trained_logits": _logits(trained)}
-    cfg = make_config(BASE + ["parallel.pp=2", "parallel.microbatches=2",
-                              f"model.init_from={hf_dir}"], 2)
+    cfg = make_config(
+        BASE + ["parallel.pp=2", "parallel.microbatches=2", f"model.init_from={hf_dir}"], 2
+    )
     pp2 = build_trainer(cfg, load_data(cfg), HFLlamaWeights(Path(hf_dir), cfg.model))
     out["pp2_loss"] = pp2.global_mean(pp2.evaluate([_batch()])).item()
     cfg = make_config(BASE + ["parallel.tp=2", f"model.init_from={hf_dir}"], 2)
@@ -60,10 +70,16 @@ def _on_two_ranks(ckpt: str, hf_dir: str) -> dict[str, object]:
 def _hf_model_like_debug(path: Path) -> transformers.LlamaForCausalLM:
     args = model_args(make_config(BASE))
     config = transformers.LlamaConfig(
-        hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-        num_key_value_heads=args.kv_heads, vocab_size=args.vocab_size, rms_norm_eps=args.norm_eps,
-        rope_theta=args.rope_theta, max_position_embeddings=args.max_seq_len)
+        hidden_size=args.dim,
+        intermediate_size=args.ffn_hidden_dim,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.kv_heads,
+        vocab_size=args.vocab_size,
+        rms_norm_eps=args.norm_eps,
+        rope_theta=args.rope_theta,
+        max_position_embeddings=args.max_seq_len,
+    )
     torch.manual_seed(3)
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(path)
@@ -133,13 +149,19 @@ def test_convert_cli_exports_the_newest_checkpoint_of_a_folder(
     assert json.loads((tmp_path / "out" / "config.json").read_text())["hidden_size"] == 16
 
 
-@pytest.mark.parametrize(("where", "expected"), [
-    ("auto", "auto is a train.resume keyword; convert needs a checkpoint"),
-    ("missing", "no complete checkpoint (with manifest.json) there"),
-])
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        ("auto", "auto is a train.resume keyword; convert needs a checkpoint"),
+        ("missing", "no complete checkpoint (with manifest.json) there"),
+    ],
+)
 def test_convert_cli_without_a_checkpoint_is_a_one_line_error(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-    where: str, expected: str
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+    expected: str,
 ) -> None:
     monkeypatch.chdir(tmp_path)  # `auto` names no folder here
     with pytest.raises(SystemExit) as exit_info:
@@ -147,3 +169,43 @@ def test_convert_cli_without_a_checkpoint_is_a_one_line_error(
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and err.startswith("checkpoint error: ") and expected in err
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def _escape_in_manifest(d: Path, outside: Path) -> None:
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["files"]["../../etc/hostname"] = {"bytes": 1, "crc32": 0}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _shard_links_outside(d: Path, outside: Path) -> None:
+    shard = next((d / "model").glob("*.safetensors"))
+    shutil.copy(shard, outside)
+    shard.unlink()
+    shard.symlink_to(outside)  # the name is listed; the bytes are elsewhere
+
+
+def _unlisted_shard(d: Path, outside: Path) -> None:
+    shard = next((d / "model").glob("*.safetensors"))
+    shutil.copy(shard, shard.with_name("shard-00009-model-00001-of-00001.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("break_it", "expected"),
+    [
+        (_escape_in_manifest, ["manifest.json", "'../../etc/hostname'", "refused before reading"]),
+        (_shard_links_outside, ["manifest.json", "is not a file of model/ or optim/ inside"]),
+        (_unlisted_shard, ["shard-00009", "not in the manifest"]),
+    ],
+    ids=["dotdot-entry", "symlink-out", "unlisted"],
+)
+def test_export_reads_only_the_files_the_manifest_lists_inside_the_checkpoint(
+    tmp_path: Path, break_it: Callable[[Path, Path], None], expected: list[str]
+) -> None:
+    checkpoint = tmp_path / "step-00000002"
+    shutil.copytree(V1_ROOT / "step-00000002", checkpoint)
+    break_it(checkpoint, tmp_path / "outside.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        export_to_hf(checkpoint, tmp_path / "out")
+    for part in expected:
+        assert part in str(err.value), err.value
+    assert not (tmp_path / "out").exists()  # refused before writing (or reading) anything

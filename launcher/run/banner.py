@@ -1,0 +1,59 @@
+"""The run's first screen: what is trained, on what, how, from which data, and where it goes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from data import TokenSource
+from launcher.config import Config
+from parallel.schedules import bubble_fraction, stages_per_rank
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def compute_dtype(cfg: Config) -> str:
+    """What the matmuls run in: bf16 autocast where asked (default on CUDA), else fp32."""
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    return f"{'cuda' if cuda else 'cpu'}, {'bf16 autocast (fp32 weights)' if bf16 else 'fp32'}"
+
+
+def banner_lines(
+    cfg: Config,
+    tokens: TokenSource,
+    run_dir: Path | None,
+    checkpoint_dir: Path | None,
+    resume: Path | None,
+) -> list[str]:
+    """A few lines for rank 0 to print before anything slow starts."""
+    m, p, t, c = cfg.model, cfg.parallel, cfg.train, cfg.checkpoint
+    world = p.dp * p.pp * p.tp
+    layout = f"dp={p.dp} x pp={p.pp} x tp={p.tp} ({_plural(world, 'rank')})"
+    if p.pp > 1:
+        v = stages_per_rank(p.schedule, p.virtual_stages)
+        bubble = bubble_fraction(p.schedule, p.pp, p.microbatches, v)
+        layout += (
+            f", {p.schedule} with {_plural(p.microbatches, 'microbatch')} and {v} stage(s) per "
+            f"rank: bubble {bubble:.0%} of the step"
+        )
+    elif p.microbatches > 1:
+        layout += f", {_plural(p.microbatches, 'microbatch')} accumulated"
+    source = cfg.data.source + (f" {cfg.data.path}" if cfg.data.path else "")
+    per_step = t.global_batch_size * t.seq_len
+    saves = f"every {c.interval} steps and at the end" if c.interval else "at the end"
+    return [
+        f"tridist: model {m.name}, {m.parameter_count / 1e6:,.1f}M parameters ({m.n_layers} layers, "
+        f"dim {m.dim}, vocab {m.vocab_size:,}), {compute_dtype(cfg)}",
+        f"  mesh {layout}",
+        f"  data {source}: {len(tokens.train):,} train / {len(tokens.val):,} validation tokens; "
+        f"{t.global_batch_size} x {t.seq_len} = {per_step:,} tokens per step, {_plural(t.steps, 'step')}",
+        f"  run folder {run_dir if run_dir is not None else '(none: library call)'}",
+        f"  checkpoints {checkpoint_dir} ({saves}, newest {c.keep} kept)"
+        if checkpoint_dir
+        else "  checkpoints: none",
+        f"  resume from {resume}" if resume is not None else "  resume: no (a fresh run)",
+    ]
