@@ -109,7 +109,10 @@ class CheckpointConfig:
 
     dir: str | None = None  # default: <run dir>/checkpoints
     interval: int = 0  # save every N steps; 0 = only at the end (and on a preemption signal)
-    keep: int = 3  # complete checkpoints kept; older ones are deleted after a save
+    keep: int = (
+        3  # complete checkpoints kept (the final one included); older ones deleted after a save
+    )
+    final: bool = True  # save at the end of the run (false: only every interval and on a signal)
     async_save: bool = False  # write in the background; the step loop waits only for staging
     verify: bool = True  # check shard CRC32s when loading
 

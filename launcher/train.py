@@ -7,7 +7,9 @@ The run itself is the library in launcher/run/; nothing imports this module.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +25,7 @@ from launcher.config import ConfigError, load_config, register_schema
 from launcher.errors import exit_config_error
 from launcher.preflight import check_fits_machine
 from launcher.run.build import load_data
-from launcher.run.compose import CONF_DIR, check_group_choices
+from launcher.run.compose import CONF_DIR, check_group_choices, check_keys
 from launcher.run.loop import NonFiniteError, train
 from launcher.run.multirun import run_worker_group
 from launcher.slurm import export_rank_env_from_slurm, is_submitit_task, requeue_if_slurm
@@ -64,6 +66,7 @@ def _hydra_main(raw: DictConfig) -> None:
         check_fits_machine(cfg, per_node or world_size)
         tokens = load_data(cfg)
     except ConfigError as err:
+        _remove_unstarted(Path(HydraConfig.get().runtime.output_dir))
         exit_config_error(err)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if own_group and world_size > 1:
@@ -72,6 +75,7 @@ def _hydra_main(raw: DictConfig) -> None:
     try:
         summary = train(cfg, tokens, run_dir)
     except ConfigError as err:  # found after start-up, e.g. a model.init_from that does not fit
+        _remove_unstarted(run_dir)
         exit_config_error(err)
     except CheckpointError as err:  # a checkpoint to resume from that cannot be loaded
         _exit_run_error("checkpoint error", err)
@@ -83,6 +87,21 @@ def _hydra_main(raw: DictConfig) -> None:
     if summary.preempted:
         # exit code 0: a requested stop with its checkpoint saved, which torchrun must not restart
         requeue_if_slurm()
+
+
+def _remove_unstarted(run_dir: Path) -> None:
+    """Delete the folder Hydra made for a run refused before its first step, so failed attempts
+    leave no outputs: only when it holds nothing but Hydra's .hydra/ and logs (rank 0 alone)."""
+    if int(os.environ.get("RANK", "0")) != 0 or not run_dir.is_dir():
+        return
+    if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cwd = Path.cwd().resolve()
+        for parent in (run_dir.parent, run_dir.parent.parent):  # outputs/<date>/, outputs/
+            inside = parent.resolve() != cwd and parent.resolve().is_relative_to(cwd)
+            with contextlib.suppress(OSError):  # not empty: other runs live there
+                if inside:
+                    parent.rmdir()
 
 
 def _exit_run_error(kind: str, err: Exception) -> NoReturn:
@@ -98,6 +117,7 @@ def main() -> None:
 
     try:
         check_group_choices(sys.argv[1:])
+        check_keys(sys.argv[1:])
     except ConfigError as err:
         exit_config_error(err)
     if int(os.environ.get("RANK", "0")) != 0:

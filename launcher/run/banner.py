@@ -44,7 +44,13 @@ def banner_lines(
         layout += f", {_plural(p.microbatches, 'microbatch')} accumulated"
     source = cfg.data.source + (f" {cfg.data.path}" if cfg.data.path else "")
     per_step = t.global_batch_size * t.seq_len
-    saves = f"every {c.interval} steps and at the end" if c.interval else "at the end"
+    saves = (
+        " and ".join(
+            ([f"every {c.interval} steps"] if c.interval else [])
+            + (["at the end"] if c.final else [])
+        )
+        or "only on a stop signal"
+    )
     return [
         f"tridist: model {m.name}, {m.parameter_count / 1e6:,.1f}M parameters ({m.n_layers} layers, "
         f"dim {m.dim}, vocab {m.vocab_size:,}), {compute_dtype(cfg)}",

@@ -29,6 +29,22 @@ def load_data(cfg: Config) -> TokenSource:
     except (FileNotFoundError, ValueError) as err:
         field_name = "data.tokenizer" if d.tokenizer and d.tokenizer in str(err) else "data.path"
         raise ConfigError(field_name, getattr(d, field_name.split(".")[1]), str(err)) from None
+    needed = cfg.train.global_batch_size * cfg.train.seq_len + 1  # one batch; targets shift by 1
+    if len(source.val) < needed:
+        raise ConfigError(
+            "data.val_fraction",
+            d.val_fraction,
+            f"the validation split holds {len(source.val):,} tokens, fewer than one batch of "
+            f"train.global_batch_size x train.seq_len + 1 = {needed:,}; raise data.val_fraction, "
+            "use more data, or lower train.global_batch_size or train.seq_len",
+        )
+    if len(source.train) < needed:
+        raise ConfigError(
+            "data.path",
+            d.path,
+            f"the training split holds {len(source.train):,} tokens, fewer than one batch of "
+            f"{needed:,}; use more data or lower train.global_batch_size or train.seq_len",
+        )
     if source.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             "model.vocab_size",

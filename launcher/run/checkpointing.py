@@ -19,7 +19,7 @@ from launcher.run.build import model_args
 from launcher.run.trainer import Trainer
 from models.hf_llama import HFLlamaWeights
 from parallel.checkpoint.async_save import AsyncCheckpointer
-from parallel.checkpoint.format import resume_path
+from parallel.checkpoint.format import read_manifest, resume_path
 from parallel.checkpoint.load import load_checkpoint
 from parallel.checkpoint.preflight import check_root
 from parallel.checkpoint.save import CheckpointMeta, save_checkpoint
@@ -198,20 +198,26 @@ class RunCheckpoints:
             self._async.raise_if_failed()
 
     def due(self, step: int, done: bool) -> bool:
-        """A save is due after this step: every `checkpoint.interval` steps and at the end."""
-        interval = self.cfg.checkpoint.interval
-        return self.root is not None and (done or (interval > 0 and step % interval == 0))
+        """A save is due after this step: every `checkpoint.interval` steps, and at the end
+        unless `checkpoint.final=false`."""
+        c = self.cfg.checkpoint
+        return self.root is not None and (
+            (done and c.final) or (c.interval > 0 and step % c.interval == 0)
+        )
 
-    def save(self, trainer: Trainer) -> None:
-        """Save the current step (in the background when async); every rank must call it."""
+    def save(self, trainer: Trainer) -> str:
+        """Save the current step (in the background when async); every rank must call it.
+        Returns what was done, for the user: the folder and its size, or that it is in flight."""
         if self.root is None:
-            return
+            return "no checkpoint folder"
         keep = self.cfg.checkpoint.keep
         if self.cfg.checkpoint.async_save:
             self._async = self._async or AsyncCheckpointer()
             self.blocked_s += save_trainer_async(self._async, self.root, trainer, keep=keep)
-        else:
-            save_trainer(self.root, trainer, keep=keep)
+            return f"writing step {trainer.step} in the background to {self.root}"
+        path = save_trainer(self.root, trainer, keep=keep)
+        size = sum(info["bytes"] for info in read_manifest(path)["files"].values())
+        return f"saved {path} ({size / 2**20:,.1f} MiB; newest {keep} kept)"
 
     def close(self) -> None:
         """Wait for a save still in flight, so the process never exits before it is committed;

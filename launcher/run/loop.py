@@ -90,8 +90,8 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
             )
         summary.preempted = stop.agreed()  # any rank signalled: all save and stop after this step
         if checkpoints.due(trainer.step, done) or summary.preempted:
-            with console.phase(f"saving checkpoint step {trainer.step} to {checkpoints.root}"):
-                checkpoints.save(trainer)
+            with console.phase(f"saving checkpoint step {trainer.step}"):
+                console.say(f"  {checkpoints.save(trainer)}")
     monitor.close()
     stop.restore()
     checkpoints.close()

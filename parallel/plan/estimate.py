@@ -7,6 +7,8 @@ bubble (parallel/schedules.py); DP traffic overlaps with compute except what out
 FSDP can hide it in (one microbatch under pipelining, the whole step otherwise).
 FLOPs per token are parallel/plan/flops.py's (PaLM's, as MFU counts them) for the layers and
 matmul parameters a GPU holds; recompute adds one forward of the blocks to the hardware FLOPs only.
+Activations are held for the schedule's microbatches in flight times the factor torch 2.13 was
+measured to hold beyond the paper's count (`activations_in_flight`, parallel/schedules.py).
 Takes explicit parts (a ModelArgs, a Layout, a Cluster), never a launcher config.
 """
 
@@ -22,8 +24,8 @@ from parallel.plan.layout import Cluster, Layout
 from parallel.plan.memory import RUNTIME_RESERVED_BYTES, activation_bytes, state_bytes
 from parallel.plan.params import StageCounter
 from parallel.schedules import (
+    activations_in_flight,
     bubble_over_ideal,
-    microbatches_in_flight,
     n_pipeline_stages,
     stage_ids_for_rank,
     stages_per_rank,
@@ -46,7 +48,7 @@ class RankEstimate:
     grads: float
     optimizer: float
     activations: float
-    in_flight: float  # microbatches whose activations it holds at its peak
+    in_flight: float  # microbatches whose activations it holds at its peak (as torch holds them)
     model_flops: float  # per step
     hardware_flops: float  # with recompute
     tp_bytes: float
@@ -54,7 +56,8 @@ class RankEstimate:
     dp_bytes: float
     compute_s: float
     comm_s: float  # exposed TP + PP time
-    dp_s: float
+    dp_s: float  # DP traffic time, before overlap
+    dp_exposed_s: float  # the part of it compute does not hide
 
     @property
     def total(self) -> float:
@@ -128,7 +131,7 @@ def estimate(
         weights, grads, optimizer = state_bytes(
             params, local, block, fsdp=fsdp, pipelined=pipelined, microbatches=m
         )
-        held = microbatches_in_flight(layout.schedule, pp, r, m, v)
+        held = activations_in_flight(layout.schedule, pp, r, m, v)
         acts = activation_bytes(
             args,
             layers=layers,
@@ -173,6 +176,10 @@ def estimate(
         )
         dp_b = dp_bytes(params, dp=dp, fsdp=fsdp, pipelined=pipelined, microbatches=m)
         hardware = model_flops + recompute_flops
+        compute_s = hardware / (peak * MATMUL_EFFICIENCY)
+        # FSDP hides its traffic behind compute: one microbatch's worth under pipelining
+        dp_s = dp_b / dp_bw
+        dp_exposed_s = max(0.0, dp_s - compute_s / (m if pipelined else 1))
         ranks.append(
             RankEstimate(
                 r,
@@ -190,16 +197,15 @@ def estimate(
                 tp_b,
                 pp_b,
                 dp_b,
-                hardware / (peak * MATMUL_EFFICIENCY),
+                compute_s,
                 tp_b / tp_bw + pp_b / pp_bw,
-                dp_b / dp_bw,
+                dp_s,
+                dp_exposed_s,
             )
         )
     bubble = bubble_over_ideal(layout.schedule, pp, m, v)
     pipeline_s = max(r.compute_s + r.comm_s for r in ranks) * (1 + bubble)
-    # FSDP hides its traffic behind compute: one microbatch's worth under pipelining
-    dp_exposed = max(max(0.0, r.dp_s - r.compute_s / (m if pipelined else 1)) for r in ranks)
-    step = pipeline_s + dp_exposed
+    step = pipeline_s + max(r.dp_exposed_s for r in ranks)
     flops = dp * tp * sum(r.model_flops for r in ranks)
     return PlanEstimate(
         ranks,
