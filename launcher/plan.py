@@ -16,13 +16,14 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import TextIO
 
 from launcher.config import Config, ConfigError
 from launcher.errors import print_config_error
 from launcher.run.build import model_args
 from launcher.run.compose import check_group_choices, compose_config
 from launcher.validate import validate
-from parallel.plan.estimate import GIB, PlanEstimate, estimate
+from parallel.plan.estimate import GIB, PlanEstimate, RankEstimate, estimate
 from parallel.plan.flops import PLAN_DEFAULT_PEAK_TFLOPS
 from parallel.plan.layout import Cluster, Layout
 from parallel.plan.params import StageCounter
@@ -31,6 +32,7 @@ from parallel.schedules import SCHEDULE_SPECS
 MICROBATCH_SIZES = (1, 2, 4, 8)  # sequences per microbatch tried by --search
 RECOMPUTE_MODES = ("none", "selective", "full")
 SEARCHED_VIRTUAL_STAGES = (2, 4)  # tried by --search for schedules that take any number
+PROGRESS_S = 5.0  # seconds between --search progress lines
 
 
 def world_of(cfg: Config) -> int:
@@ -134,14 +136,31 @@ def candidates(cfg: Config) -> Iterator[Config]:
                         yield c
 
 
-def search(cfg: Config, top: int) -> tuple[list[tuple[Config, PlanEstimate]], int]:
-    """The `top` fitting layouts by estimated tokens/s, and how many valid layouts there were."""
+def search(
+    cfg: Config, top: int, progress: TextIO | None = None
+) -> tuple[list[tuple[Config, PlanEstimate]], int]:
+    """The `top` fitting layouts by estimated tokens/s, and how many valid layouts there were;
+    with `progress`, a line there at the first estimate, every few seconds and at the last."""
     counter = StageCounter(model_args(cfg))
-    plans = [(c, estimate_config(c, counter)) for c in candidates(cfg)]
+    layouts, plans = list(candidates(cfg)), []
+    shown = time.perf_counter()
+    for done, c in enumerate(layouts, 1):
+        plans.append((c, estimate_config(c, counter)))
+        if progress and (done in (1, len(layouts)) or time.perf_counter() - shown > PROGRESS_S):
+            shown = time.perf_counter()
+            print(
+                f"search: estimated {done:,} of {plural(len(layouts), 'valid layout')}",
+                file=progress,
+            )
     fitting = sorted(
         (p for p in plans if p[1].fits), key=lambda p: (-p[1].tokens_per_s, -p[1].headroom)
     )
     return fitting[:top], len(plans)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """`1 microbatch`, `4 microbatches`: the count and the word in the form it takes."""
+    return f"{n:,} {word if n == 1 else many or word + 's'}"
 
 
 def describe(cfg: Config) -> str:
@@ -149,8 +168,9 @@ def describe(cfg: Config) -> str:
     p, t = cfg.parallel, cfg.train
     mbs = t.global_batch_size // (p.dp * p.microbatches)
     return (
-        f"tp={p.tp} x pp={p.pp} x dp={p.dp} ({p.tp * p.pp * p.dp} GPUs), {p.schedule} v={p.virtual_stages}, "
-        f"{p.microbatches} microbatches of {mbs} x {t.seq_len} tokens, recompute "
+        f"tp={p.tp} x pp={p.pp} x dp={p.dp} ({plural(p.tp * p.pp * p.dp, 'GPU')}), {p.schedule} "
+        f"v={p.virtual_stages}, {plural(p.microbatches, 'microbatch', 'microbatches')} of "
+        f"{plural(mbs, 'sequence')} x {t.seq_len} tokens, recompute "
         f"{cfg.model.activation_checkpointing}, {'FSDP' if p.dp_shard else 'replicated'} over dp"
         f"{', sequence parallel' if p.sequence_parallel else ''}"
     )
@@ -167,9 +187,21 @@ def _count(n: float) -> str:
     return str(int(n))
 
 
+def _dp_overlap(r: RankEstimate) -> str:
+    """The DP traffic time of pp rank `r`, split into what compute hides and what it exposes."""
+    if r.dp_s == 0:
+        return "DP: no traffic (dp=1)"
+    if r.dp_exposed_s == 0:
+        return f"DP: {r.dp_s:.3g} s of traffic per step, all hidden behind compute"
+    return (
+        f"DP: {r.dp_s:.3g} s of traffic per step (pp rank {r.pp_rank}), "
+        f"{r.dp_s - r.dp_exposed_s:.3g} s of it hidden behind compute, {r.dp_exposed_s:.3g} s exposed"
+    )
+
+
 def report(cfg: Config, plan: PlanEstimate, counter: StageCounter) -> str:
     """The per-pipeline-rank table and the totals, as printed."""
-    c = cluster_of(cfg)
+    c, p = cluster_of(cfg), cfg.parallel
     total_params = counter.whole().total
     source = (
         "hardware.peak_tflops"
@@ -177,9 +209,9 @@ def report(cfg: Config, plan: PlanEstimate, counter: StageCounter) -> str:
         else "H100 SXM's by default; set hardware.peak_tflops"
     )
     lines = [
-        f"plan: {cfg.model.name} ({_count(total_params)} parameters) on {c.nodes} node(s) x "
-        f"{c.gpus_per_node} GPUs ({c.gpu_mem_gib:g} GiB, {c.peak_tflops:g} TFLOP/s ({source}), "
-        f"intra-node {c.intra_node_gbps:g} GB/s, inter-node {c.inter_node_gbps:g} GB/s)",
+        f"plan: {cfg.model.name} ({_count(total_params)} parameters) on {plural(c.nodes, 'node')} x "
+        f"{plural(c.gpus_per_node, 'GPU')} ({c.gpu_mem_gib:g} GiB, {c.peak_tflops:g} TFLOP/s "
+        f"({source}), intra-node {c.intra_node_gbps:g} GB/s, inter-node {c.inter_node_gbps:g} GB/s)",
         f"layout: {describe(cfg)}",
         f"{'pp':>3} {'stages':>8} {'layers':>6} {'params/GPU':>10} {'sharded':>9} {'weights':>8} "
         f"{'grads':>6} {'optim':>6} {'activ':>6} {'in flight':>9} {'total GiB':>9}",
@@ -190,15 +222,25 @@ def report(cfg: Config, plan: PlanEstimate, counter: StageCounter) -> str:
             f"{_count(r.params_local):>9} {_gib(r.weights):>8} {_gib(r.grads):>6} {_gib(r.optimizer):>6} "
             f"{_gib(r.activations):>6} {r.in_flight:>9.2f} {_gib(r.total):>9}"
         )
+    lines.append(
+        "    (pp: pipeline rank; stages: the chunks it runs; params/GPU: before FSDP sharding, "
+        "sharded: after; weights..activ: GiB; in flight: microbatches whose activations it "
+        "holds at its peak; total: with 3 GiB runtime reserve)"
+    )
+    note = SCHEDULE_SPECS[p.schedule].activation_note if p.pp > 1 else None
+    lines += [f"    ({note})"] if note else []
     slow = max(plan.ranks, key=lambda r: r.compute_s + r.comm_s)
+    dp_rank = max(plan.ranks, key=lambda r: (r.dp_exposed_s, r.dp_s))
+    stretched = ", stretched by the bubble" if p.pp > 1 else ""
     gb = 1e9
     lines += [
-        f"bubble: {plan.bubble:.1%} of the step ({cfg.parallel.schedule}, p={cfg.parallel.pp}, "
-        f"m={cfg.parallel.microbatches})",
+        f"bubble: {plan.bubble:.1%} of the step ({p.schedule}, p={p.pp}, m={p.microbatches})",
         f"communication per GPU per step (pp rank {slow.pp_rank}): TP {slow.tp_bytes / gb:.2f} GB, "
         f"PP {slow.pp_bytes / gb:.2f} GB, DP {slow.dp_bytes / gb:.2f} GB",
-        f"step: {plan.step_s:.3g} s (compute {slow.compute_s:.3g} s, TP+PP {slow.comm_s:.3g} s, DP {slow.dp_s:.3g} s "
-        f"mostly hidden); {plan.tokens_per_s:,.0f} tokens/s; MFU {plan.mfu:.1%}",
+        f"step: {plan.step_s:.3g} s = {plan.step_s - dp_rank.dp_exposed_s:.3g} s on pp rank "
+        f"{slow.pp_rank} (compute {slow.compute_s:.3g} s + TP+PP {slow.comm_s:.3g} s{stretched}) + "
+        f"{dp_rank.dp_exposed_s:.3g} s exposed DP; {plan.tokens_per_s:,.0f} tokens/s; MFU {plan.mfu:.1%}",
+        _dp_overlap(dp_rank),
     ]
     w = plan.worst
     if plan.fits:
@@ -217,27 +259,37 @@ def report(cfg: Config, plan: PlanEstimate, counter: StageCounter) -> str:
 def search_report(
     cfg: Config, rows: list[tuple[Config, PlanEstimate]], valid: int, seconds: float
 ) -> str:
-    """The ranked layouts, as printed."""
+    """The ranked layouts, as printed, with what the columns mean."""
     c = cfg.cluster
     lines = [
-        f"search: {cfg.model.name} on {c.nodes} node(s) x {c.gpus_per_node} GPUs ({c.gpu_mem_gib:g} GiB), "
-        f"global batch {cfg.train.global_batch_size} x {cfg.train.seq_len} tokens: {valid} valid layouts, "
-        f"top {len(rows)} that fit by estimated tokens/s ({seconds:.1f} s)",
+        f"search: {cfg.model.name} on {plural(c.nodes, 'node')} x {plural(c.gpus_per_node, 'GPU')} "
+        f"({c.gpu_mem_gib:g} GiB), global batch {plural(cfg.train.global_batch_size, 'sequence')} "
+        f"x {cfg.train.seq_len} tokens: {plural(valid, 'valid layout')}, top {len(rows)} that fit "
+        f"by estimated tokens/s ({seconds:.1f} s)",
         f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>5} {'schedule':>16} {'v':>2} {'m':>4} {'mbs':>3} {'recompute':>9} "
         f"{'sp':>3} {'GiB':>6} {'headroom':>8} {'bubble':>6} {'step s':>7} {'tokens/s':>11} {'MFU':>6}",
     ]
+    flagged: list[str] = []
     for i, (c2, p) in enumerate(rows, 1):
         q = c2.parallel
         mbs = c2.train.global_batch_size // (q.dp * q.microbatches)
+        note = SCHEDULE_SPECS[q.schedule].activation_note if q.pp > 1 else None
+        if note and note not in flagged:
+            flagged.append(note)
         lines.append(
-            f"{i:>3} {q.tp:>3} {q.pp:>3} {q.dp:>5} {q.schedule:>16} {q.virtual_stages:>2} {q.microbatches:>4} "
-            f"{mbs:>3} {c2.model.activation_checkpointing:>9} {'y' if q.sequence_parallel else 'n':>3} "
-            f"{_gib(p.worst.total):>6} {_gib(p.headroom):>8} {p.bubble:>6.1%} {p.step_s:>7.3g} "
-            f"{p.tokens_per_s:>11,.0f} {p.mfu:>6.1%}"
+            f"{i:>3} {q.tp:>3} {q.pp:>3} {q.dp:>5} {q.schedule + '*' * bool(note):>16} "
+            f"{q.virtual_stages:>2} {q.microbatches:>4} {mbs:>3} {c2.model.activation_checkpointing:>9} "
+            f"{'y' if q.sequence_parallel else 'n':>3} {_gib(p.worst.total):>6} {_gib(p.headroom):>8} "
+            f"{p.bubble:>6.1%} {p.step_s:>7.3g} {p.tokens_per_s:>11,.0f} {p.mfu:>6.1%}"
         )
     if not rows:
         lines.append("no layout fits: use more GPUs, a smaller global batch or a shorter sequence")
-    return "\n".join(lines)
+        return "\n".join(lines)
+    lines.append(
+        "    (v: stages per pipeline rank; m: microbatches per step; mbs: sequences per "
+        "microbatch; sp: sequence parallelism; GiB: the fullest GPU's peak; bubble: of the step)"
+    )
+    return "\n".join(lines + [f"    * {note}" for note in flagged])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose_config(overrides)
         if args.search:
             start = time.perf_counter()
-            rows, valid = search(cfg, args.top)
+            rows, valid = search(cfg, args.top, progress=sys.stderr)
             print(search_report(cfg, rows, valid, time.perf_counter() - start))
             return 0 if rows else 2
         validate(cfg, world_of(cfg), cfg.cluster.gpus_per_node)

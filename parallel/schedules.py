@@ -62,6 +62,17 @@ class ScheduleSpec:
             return virtual_stages
         return self.stages_per_rank
 
+    @property
+    def activation_note(self) -> str | None:
+        """Why the planner counts more activations than the paper, or None when it does not."""
+        if self.torch_activation_factor == 1:
+            return None
+        return (
+            f"{self.name}: activations counted at {self.torch_activation_factor:g}x the paper's "
+            "microbatches in flight, what torch 2.13 was measured to hold at m <= 4; it holds "
+            "more at larger m (parallel/schedules.py): check peak memory with a short run"
+        )
+
     def problem(self, pp: int, virtual_stages: int, microbatches: int) -> ScheduleProblem | None:
         """The first reason (pp > 1, virtual_stages, microbatches) cannot run, or None."""
         v, fixed = virtual_stages, self.stages_per_rank

@@ -1,6 +1,7 @@
 """A non-editable install finds its Hydra configs (conf/ ships as package data)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_non_editable_install_composes_the_default_config(tmp_path: Path) -> None:
-    target = tmp_path / "site"
+    target, source = tmp_path / "site", tmp_path / "src"
+    # from a copy: setuptools builds in the source tree (build/, *.egg-info), never in the repo's
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", "build", "*.egg-info", "outputs", "multirun", "__pycache__"
+        ),
+    )
     subprocess.run(
         [
             sys.executable,
@@ -21,7 +30,7 @@ def test_non_editable_install_composes_the_default_config(tmp_path: Path) -> Non
             "--no-build-isolation",
             "--target",
             str(target),
-            str(REPO),
+            str(source),
         ],
         check=True,
         capture_output=True,
