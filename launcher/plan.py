@@ -188,10 +188,8 @@ def _count(n: float) -> str:
 
 
 def _dp_overlap(r: RankEstimate) -> str:
-    """The DP traffic time of pp rank `r`, split into what compute hides and what it exposes."""
-    if r.dp_s == 0:
-        return "DP: no traffic (dp=1)"
-    if r.dp_exposed_s == 0:
+    """The DP traffic time of pp rank `r`: what compute hides of it and what it leaves exposed."""
+    if not r.dp_exposed_s:
         return f"DP: {r.dp_s:.3g} s of traffic per step, all hidden behind compute"
     return (
         f"DP: {r.dp_s:.3g} s of traffic per step (pp rank {r.pp_rank}), "

@@ -7,6 +7,7 @@ into full-size tensors), a group of tensors at a time so memory stays near one o
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def export_to_hf(
         }
         tmp = path.with_name(f".tmp-{path.name}")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+        tmp.chmod(_new_file_mode())  # safetensors creates 0600; others on a cluster read exports
         shutil.move(tmp, path)
         weight_map.update(dict.fromkeys(tensors, path.name))
     if len(files) > 1:
@@ -93,6 +95,13 @@ def export_to_hf(
         raise CheckpointError(f"{checkpoint}: no output.weight in the checkpoint")
     (out / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2))
     return files
+
+
+def _new_file_mode() -> int:
+    """The mode an ordinary new file gets here: 0666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)  # reading the umask means setting it; put it straight back
+    return 0o666 & ~umask
 
 
 def _export_order(name: str) -> tuple[int, str]:
