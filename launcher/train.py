@@ -38,8 +38,8 @@ __all__ = ["CONF_DIR", "main"]
 def _run_dir_name() -> str:
     """One name all ranks of a job agree on: the rendezvous id under torchrun, else the time."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    if run_id and run_id != "none":
-        return f"run-{run_id[:16]}"
+    if run_id and run_id != "none":  # ranks start seconds apart: the day, not the time, is shared
+        return f"{datetime.now():%Y-%m-%d}/run-{run_id[:8]}"
     return datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
 
 
