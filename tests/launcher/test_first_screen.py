@@ -1,0 +1,82 @@
+"""What a new user sees, through the real entry point: the banner, a token-file run that ends
+well without a tokenizer, one line for a typo'd key or a too-small split, and --help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from launcher.config import ConfigError
+from launcher.run.build import load_data
+from launcher.run.compose import compose_config
+
+
+def _train(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.train", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_token_file_run_without_tokenizer_shows_the_banner_and_ends_with_a_sample(
+    tmp_path: Path,
+) -> None:
+    tokens = np.random.default_rng(0).integers(0, 200, 40_000, dtype=np.uint16)
+    tokens.tofile(tmp_path / "train.bin")
+    run = tmp_path / "run"
+    result = _train(
+        "model=debug",
+        "data=tokens",
+        f"data.path={tmp_path / 'train.bin'}",
+        "train.steps=2",
+        "train.seq_len=32",
+        "train.sample_tokens=8",
+        f"hydra.run.dir={run}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    banner = result.stdout.splitlines()[:6]
+    for needle in (
+        "model debug",
+        "M parameters",
+        "cpu, fp32",
+        "mesh dp=1 x pp=1 x tp=1",
+        "data tokens",
+        "tokens per step",
+        f"run folder {run}",
+        f"checkpoints {run / 'checkpoints'}",
+        "resume: no",
+    ):
+        assert any(needle in line for line in banner), (needle, banner)
+    assert "sample from the trained model (token ids" in result.stdout
+    assert (
+        "saved " in result.stdout and "MiB" in result.stdout
+    )  # where the checkpoint went, how big
+    assert "model debug" in (run / "train.log").read_text()
+
+
+def test_a_typo_names_the_key_it_meant(tmp_path: Path) -> None:
+    for arg in ("train.step=5", "+train.step=5"):
+        result = _train(arg)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert "train.step=" in lines[0] and "did you mean train.steps?" in lines[0]
+    assert not (tmp_path / "outputs").exists()  # refused runs leave no folder
+
+
+def test_a_validation_split_too_small_for_one_batch_names_a_real_key() -> None:
+    with pytest.raises(
+        ConfigError, match=r"data.val_fraction=0.05: the validation split holds 1,000 tokens"
+    ):
+        load_data(compose_config(["data.max_bytes=20000"], 1))
+
+
+def test_help_says_what_tridist_is_and_lists_its_groups() -> None:
+    out = _train("--help").stdout
+    assert out.startswith("tridist: train Llama-style language models") and "model: debug" in out
+    assert "cluster" not in out  # the planner's section, not training's
