@@ -15,10 +15,11 @@ QUIET_S = 2.0  # a phase shorter than this says nothing when it ends
 
 
 class Console:
-    """Prints on rank 0 (with a timestamp) and keeps a copy in <run dir>/train.log."""
+    """Prints on rank 0 of a run with a folder, and keeps a timestamped copy in its train.log."""
 
     def __init__(self, run_dir: Path | None) -> None:
-        self.enabled = int(os.environ.get("RANK", "0")) == 0
+        # silent for library calls (no run folder), as the rest of a run's output is
+        self.enabled = run_dir is not None and int(os.environ.get("RANK", "0")) == 0
         self.log = run_dir / LOG_NAME if run_dir is not None and self.enabled else None
 
     def say(self, line: str) -> None:
