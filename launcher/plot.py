@@ -62,16 +62,16 @@ def run_time(run_dir: Path) -> str:
     wrote .hydra/config.yaml, else the last write of metrics.jsonl."""
     found = FOLDER_TIME.search(run_dir.resolve().as_posix())
     if found:
-        return f"{found.group(1)} {':'.join(found.groups()[1:])}"
+        return f"started {found.group(1)} {':'.join(found.groups()[1:])}"
     config = run_dir / ".hydra" / "config.yaml"
     source, word = (
-        (config, "started") if config.is_file() else (run_dir / "metrics.jsonl", "logged")
+        (config, "started") if config.is_file() else (run_dir / "metrics.jsonl", "last logged")
     )
     return f"{word} {datetime.fromtimestamp(source.stat().st_mtime):%Y-%m-%d %H:%M:%S}"
 
 
 def run_facts(run_dir: Path) -> list[str]:
-    """What tells runs apart in a title: the model and its parameters, the layout, the time."""
+    """What tells runs apart in a title: the model and its parameters, and the layout."""
     facts, config = [], run_dir / ".hydra" / "config.yaml"
     if config.is_file():
         cfg = OmegaConf.to_container(OmegaConf.load(config), resolve=False)
@@ -90,7 +90,13 @@ def run_facts(run_dir: Path) -> list[str]:
             extra += [f"v={p['virtual_stages']}"] if p.get("virtual_stages", 1) > 1 else []
             layout = f"dp={p['dp']} × pp={p['pp']} × tp={p['tp']}"
             facts.append(layout + (f" ({', '.join(extra)})" if extra else ""))
-    return facts + [run_time(run_dir)]
+    return facts
+
+
+def run_title(run_dir: Path) -> str:
+    """Two title lines: the model and layout, then when the run started and its folder."""
+    named = "" if FOLDER_TIME.search(run_dir.resolve().as_posix()) else f" ({run_dir.name})"
+    return f"{', '.join(run_facts(run_dir)) or run_dir.name}\n{run_time(run_dir)}{named}"
 
 
 def robust_range(values: list[float]) -> tuple[float, float, int]:
@@ -142,7 +148,7 @@ def _fit_y(ax: Axes, label: str) -> None:
 def _curve(ax: Axes, records: list[dict[str, Any]], key: str, **style: Any) -> None:
     points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
     if len(points) == 1:  # a line through one point draws nothing
-        style.setdefault("marker", "o")
+        style["marker"] = "o"
     if points:
         ax.plot(*zip(*points), **style)
 
@@ -159,7 +165,7 @@ def _legend_below(fig: Figure, axes: list[Axes], ncol: int = 3) -> None:
 def run_figures(run_dir: Path) -> dict[str, Figure]:
     """loss.png (train and validation loss) and throughput.png (tokens/s, MFU) of a run, by file."""
     records = read_metrics(run_dir)
-    name = f"{', '.join(run_facts(run_dir))}\n{run_dir.name}"
+    name = run_title(run_dir)
     loss_fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
     _curve(ax, records, "loss", label="train loss")
     _curve(ax, records, "val_loss", label="validation loss", marker="o", linestyle="--")
@@ -210,8 +216,10 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 def sweep_figure(sweep_dir: Path) -> Figure:
     """compare.png's figure: loss and tokens/s against step, one curve per job."""
-    fig, (loss_ax, speed_ax) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
     jobs = job_dirs(sweep_dir)
+    if not jobs:
+        raise ValueError(refusal(sweep_dir))
+    fig, (loss_ax, speed_ax) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
     for job in jobs:
         records, label = read_metrics(job), f"{job.name}: {job_label(job)}"
         _curve(loss_ax, records, "loss", label=label)
@@ -222,8 +230,11 @@ def sweep_figure(sweep_dir: Path) -> Figure:
     _fit_y(speed_ax, "tokens/s (all devices)")
     _legend_below(fig, [loss_ax], ncol=2)
     per_job = [run_facts(job) for job in jobs]
-    shared = [f for f in per_job[0] if all(f in facts for facts in per_job)] if jobs else []
-    fig.suptitle(f"sweep {sweep_dir.name} ({len(jobs)} jobs): {', '.join(shared)}")
+    shared = [f for f in per_job[0] if all(f in facts for facts in per_job)]
+    fig.suptitle(
+        f"sweep {sweep_dir.name} ({len(jobs)} jobs): {', '.join(shared) or 'see the labels'}\n"
+        f"{run_time(jobs[0])}"
+    )
     return fig
 
 

@@ -1,7 +1,7 @@
 """Write a recorded pipeline step (parallel/timeline.py) as timeline.json (Chrome / Perfetto
 trace) and timeline.png, drawn like the papers' pipeline diagrams: one row per rank, coloured
-F / B / I / W blocks numbered by microbatch, waits hatched, idle time left blank, and each
-rank's measured bubble beside the formula's value for the schedule.
+F / B / I / W blocks numbered by microbatch, a rank's later chunks lighter, waits hatched, idle
+time left blank, and each rank's measured bubble (ms and % of the step) beside its name.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.transforms import blended_transform_factory
 
 from parallel.timeline import WAIT, Event, TimelineInfo, chrome_trace, measured_bubbles
 
@@ -25,10 +25,11 @@ NAMES = {
     "I": "backward (input grad)",
     "W": "backward (weight grad)",
 }
+LATER_CHUNK_ALPHA = 0.65  # how a rank's second and later chunks (stage >= pp) are lightened
 
 
-def draw_timeline(events: list[Event], info: TimelineInfo, path: Path) -> None:
-    """The pipeline diagram of one recorded step as a PNG."""
+def timeline_figure(events: list[Event], info: TimelineInfo) -> Figure:
+    """The pipeline diagram of one recorded step."""
     ranks = sorted({e.rank for e in events})
     bubbles = measured_bubbles(events)
     begin = min(e.start for e in events)
@@ -59,7 +60,7 @@ def draw_timeline(events: list[Event], info: TimelineInfo, path: Path) -> None:
                 color=COLOURS[e.kind],
                 edgecolor="white",
                 linewidth=0.5,
-                alpha=1.0 if chunk == 0 else 0.65,
+                alpha=1.0 if chunk == 0 else LATER_CHUNK_ALPHA,
             )
             if w > span_ms / 90:
                 ax.text(
@@ -71,37 +72,50 @@ def draw_timeline(events: list[Event], info: TimelineInfo, path: Path) -> None:
                     fontsize=7,
                     color="white" if e.kind in "FB" and chunk == 0 else "black",
                 )
-    side = blended_transform_factory(ax.transAxes, ax.transData)
-    for row, rank in enumerate(ranks):
-        ax.text(
-            1.01,
-            len(ranks) - 1 - row,
-            f"bubble {bubbles[rank]:.3f}\nformula {info.formula:.3f}",
-            transform=side,
-            va="center",
-            fontsize=8,
-        )
     pp_of = {e.rank: e.pp_rank for e in events}
-    ax.set_yticks(range(len(ranks)), [f"rank {r} (pp {pp_of[r]})" for r in reversed(ranks)])
+    ax.set_yticks(  # each rank's measured bubble beside its name: idle ms and share of the step
+        range(len(ranks)),
+        [
+            f"rank {r} (pp {pp_of[r]})\nbubble {bubbles[r] * span_ms:.1f} ms, {bubbles[r]:.1%} of the step"
+            for r in reversed(ranks)
+        ],
+    )
     ax.set_xlim(0, span_ms)
     ax.set_xlabel("time in the step (ms)")
-    v = f", v={info.virtual_stages} (second chunk lighter)" if info.virtual_stages > 1 else ""
+    v = f", v={info.virtual_stages}" if info.virtual_stages > 1 else ""
+    mbs = "microbatch" if info.microbatches == 1 else "microbatches"
     ax.set_title(
-        f"{info.schedule}: pp={info.pp}{v}, {info.microbatches} microbatches, step {info.step}; "
-        "numbers are microbatches, blank is idle"
+        f"{info.schedule}: pp={info.pp}{v}, {info.microbatches} {mbs}, step {info.step} "
+        f"({span_ms:.1f} ms), formula bubble {info.formula:.1%} of the step; "
+        "numbers in the blocks are microbatches"
     )
     kinds = [k for k in COLOURS if any(e.kind == k for e in events)]
     handles = [Patch(color=COLOURS[k], label=NAMES[k]) for k in kinds]
+    if any(e.stage >= info.pp for e in events if e.kind != WAIT):
+        handles.append(
+            Patch(
+                color=COLOURS[kinds[0]],
+                alpha=LATER_CHUNK_ALPHA,
+                label="lighter: the rank's later chunk (stage >= pp)",
+            )
+        )
     handles.append(Patch(facecolor="#dddddd", hatch="////", edgecolor="#999999", label="p2p wait"))
+    handles.append(Patch(facecolor="white", edgecolor="#999999", label="blank: idle (bubble)"))
     fig.tight_layout()
     fig.legend(
         handles=handles,
         loc="upper center",
         bbox_to_anchor=(0.5, 0.0),
-        ncol=len(handles),
+        ncol=(len(handles) + 1) // 2,
         fontsize=8,
         frameon=False,
     )  # below the axis label; savefig's tight box keeps it
+    return fig
+
+
+def draw_timeline(events: list[Event], info: TimelineInfo, path: Path) -> None:
+    """The pipeline diagram of one recorded step as a PNG."""
+    fig = timeline_figure(events, info)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -114,8 +128,10 @@ def write_timeline(events: list[Event], info: TimelineInfo, run_dir: Path) -> li
         f"timeline of step {info.step} ({info.schedule}) -> {run_dir / 'timeline.png'}, "
         f"{run_dir / 'timeline.json'} (open in https://ui.perfetto.dev)"
     ]
+    span_ms = (max(e.end for e in events) - min(e.start for e in events)) * 1000
     lines += [
-        f"  rank {r}: bubble {b:.3f} measured, {info.formula:.3f} by the formula"
+        f"  rank {r}: bubble {b:.3f} measured ({b * span_ms:.1f} ms of the {span_ms:.1f} ms "
+        f"step), {info.formula:.3f} by the formula"
         for r, b in measured_bubbles(events).items()
     ]
     return lines

@@ -1,5 +1,6 @@
 """launcher.plan: exact per-rank parameters and the activation and TP estimates against a real
-CPU run, the papers' bubbles, published and impossible layouts, and the layout search."""
+CPU run, the papers' bubbles, published and impossible layouts, the layout search, and what the
+printout says (plurals, column legends, DP exposed vs hidden, zero-bubble memory flagged)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from launcher.validate import validate
 from parallel.plan.comm import tp_collectives
 from parallel.plan.estimate import GIB, PlanEstimate
 from parallel.plan.params import StageCounter
+from parallel.schedules import SCHEDULE_SPECS, activations_in_flight, microbatches_in_flight
 from tests.helpers.spawn import run_ranks
 from tests.parallel.plan.test_memory import live_activation_bytes
 
@@ -296,5 +298,87 @@ def test_search_from_the_command_line(capsys: pytest.CaptureFixture[str]) -> Non
         )
         == 0
     )
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "valid layouts" in out and len(re.findall(r"^ +[123] ", out, re.M)) == 3, out
+    # the columns are explained under the table; the search said it was working
+    for legend in ("m: microbatches per step", "mbs: sequences per microbatch", "sp: sequence"):
+        assert legend in out, out
+    assert re.search(r"^search: estimated 1 of [\d,]+ valid layouts$", captured.err, re.M), (
+        captured.err
+    )
+
+
+EIGHT_B = ["model=llama3_8b", "cluster.nodes=1", "train.seq_len=8192", "train.global_batch_size=32"]
+# the layout the papers' in-flight count ranked second for 8B on one node (76.2 GiB of 80)
+ZB_SECOND = EIGHT_B + [
+    "parallel.tp=1",
+    "parallel.pp=2",
+    "parallel.dp=4",
+    "parallel.schedule=interleaved_zb",
+    "parallel.virtual_stages=4",
+    "parallel.microbatches=8",
+    "model.activation_checkpointing=selective",
+]
+
+
+def test_zero_bubble_activations_are_counted_as_torch_holds_them() -> None:
+    zb = _plan(ZB_SECOND)
+    megatron = _plan(ZB_SECOND + ["parallel.schedule=interleaved_1f1b"])  # the same paper count
+    factor = SCHEDULE_SPECS["interleaved_zb"].torch_activation_factor
+    assert factor == 2.0 and SCHEDULE_SPECS["zbv"].torch_activation_factor == 2.0
+    for held, paper in zip(zb.ranks, megatron.ranks):
+        assert paper.in_flight == microbatches_in_flight("interleaved_zb", 2, paper.pp_rank, 8, 4)
+        assert held.in_flight == min(factor * paper.in_flight, 8)
+        assert held.activations > 1.9 * paper.activations
+    assert megatron.fits and not zb.fits  # at the measured factor it no longer fits
+
+
+def test_search_ranks_zero_bubble_layouts_by_their_corrected_memory() -> None:
+    cfg = compose_config(EIGHT_B)
+    rows, valid = search(cfg, 1000)
+    zero_bubble = [(c, p) for c, p in rows if c.parallel.schedule in ("interleaved_zb", "zbv")]
+    assert zero_bubble, "no zero-bubble layout fits"
+    for c, p in zero_bubble:
+        q = c.parallel
+        for r in p.ranks:
+            assert r.in_flight == activations_in_flight(
+                q.schedule, q.pp, r.pp_rank, q.microbatches, q.virtual_stages
+            )
+    second = compose_config(ZB_SECOND)
+    assert not any(  # it does not fit any more
+        (c.parallel, c.model.activation_checkpointing)
+        == (second.parallel, second.model.activation_checkpointing)
+        for c, _ in rows
+    )
+    first_zb = next(i for i, (c, _) in enumerate(rows) if c.parallel.schedule.endswith("zb"))
+    text = search_report(cfg, rows[: first_zb + 1], valid, 1.0)
+    flagged = [line for line in text.splitlines() if re.match(r"^ +\d+ .*zb\* ", line)]
+    assert flagged and "* interleaved_zb: activations counted at 2x" in text, text
+
+
+def test_the_report_pluralizes_and_says_what_dp_exposes(capsys: pytest.CaptureFixture[str]) -> None:
+    # replicated DP of a tiny model on 2 GPUs: its all-reduce outlasts the compute it hides behind
+    overrides = ["model=debug", "cluster.nodes=1", "cluster.gpus_per_node=2", "parallel.dp=2"]
+    assert main(overrides + ["train.global_batch_size=2", "parallel.dp_shard=false"]) == 0
+    out = capsys.readouterr().out
+    assert "1 microbatches" not in out and "1 sequences" not in out and "(s)" not in out, out
+    assert "on 1 node x 2 GPUs" in out and "1 microbatch of 1 sequence x 128 tokens" in out, out
+    assert "in flight: microbatches whose activations it holds at its peak" in out, out
+    assert "mostly hidden" not in out, out
+    found = re.search(
+        r"^step: ([\d.e-]+) s = ([\d.e-]+) s on pp rank 0 .* \+ ([\d.e-]+) s exposed DP;", out, re.M
+    )
+    dp = re.search(
+        r"^DP: ([\d.e-]+) s of traffic per step \(pp rank 0\), ([\d.e-]+) s of it hidden behind "
+        r"compute, ([\d.e-]+) s exposed$",
+        out,
+        re.M,
+    )
+    assert found and dp, out
+    step, pipeline, exposed = map(float, found.groups())
+    traffic, hidden, dp_exposed = map(float, dp.groups())
+    assert exposed == dp_exposed > hidden > 0 and step == pytest.approx(
+        pipeline + exposed, rel=0.01
+    )
+    assert traffic == pytest.approx(hidden + exposed, rel=0.01)

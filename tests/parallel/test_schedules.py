@@ -24,6 +24,7 @@ from parallel.plan.simulate import simulated_bubble
 from parallel.schedules import (
     SCHEDULE_SPECS,
     SCHEDULES,
+    activations_in_flight,
     bubble_fraction,
     bubble_over_ideal,
     microbatches_in_flight,
@@ -170,6 +171,22 @@ def test_microbatches_in_flight_follow_the_schedules() -> None:
     assert microbatches_in_flight("zbv", p, 3, m, 2) == p
     assert microbatches_in_flight("1f1b", p, 0, 2, 1) == 2  # never more than there are
     assert microbatches_in_flight("1f1b", 1, 0, m, 1) == 1
+
+
+def test_activations_in_flight_apply_the_factor_torch_was_measured_to_hold() -> None:
+    p, m = 4, 16
+    measured = {"interleaved_zb": 2.0, "zbv": 2.0}  # torch 2.13, parallel/schedules.py
+    for name, spec in SCHEDULE_SPECS.items():
+        v = stages_per_rank(name, V)
+        assert spec.torch_activation_factor == measured.get(name, 1.0), name
+        assert (spec.activation_note is None) == (name not in measured), name
+        for r in range(p):
+            paper = microbatches_in_flight(name, p, r, m, v)  # the paper's count stays as it was
+            assert activations_in_flight(name, p, r, m, v) == min(
+                paper * spec.torch_activation_factor, m
+            ), (name, r)
+        assert activations_in_flight(name, 1, 0, m, v) == 1  # no pipeline, no schedule
+    assert activations_in_flight("zbv", 4, 0, 6, 2) == 6  # never more than there are
 
 
 def test_named_values_of_before() -> None:

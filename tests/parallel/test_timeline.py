@@ -1,6 +1,7 @@
 """The pipeline timeline: every action of each schedule is recorded on every rank, the files
 are written by training with parallel.timeline=true, and on fixed-cost stages the measured
-bubbles order as the literature says. Everything runs inside one set of 2 spawned gloo ranks.
+bubbles order as the literature says. Everything runs inside one set of 2 spawned gloo ranks,
+except the picture's texts, read from a figure drawn from made-up events.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops  # private API
 
 from parallel.schedules import SCHEDULES, bubble_fraction, schedule_spec, stages_per_rank
-from parallel.timeline import COMPUTE_KINDS, WAIT, Event, measured_bubbles
+from parallel.timeline import COMPUTE_KINDS, WAIT, Event, TimelineInfo, measured_bubbles
 from tests.helpers.spawn import run_ranks
 
 PP = 2
@@ -204,3 +205,32 @@ def test_measured_bubbles_order_as_the_formulas_say(recorded) -> None:
         name
     ) in BUBBLE_SCHEDULES:  # near the formula, above it by the runtime's own cost (p2p, Python)
         assert -0.05 < measured[name] - formula[name] < 0.12, (name, measured, formula)
+
+
+def test_the_picture_explains_its_shading_and_gives_bubbles_in_ms_and_percent() -> None:
+    import matplotlib.pyplot as plt
+
+    from launcher.timeline_plot import timeline_figure
+
+    # pp=2, v=2, one microbatch: rank 0 runs stages 0 and 2, rank 1 stages 1 and 3; 10 ms each
+    order = {
+        0: [("F", 0), ("F", 2), ("B", 2), ("B", 0)],
+        1: [("F", 1), ("F", 3), ("B", 3), ("B", 1)],
+    }
+    events = [
+        Event(rank, rank, kind, stage, 0, (rank + i) / 100, (rank + i + 1) / 100)
+        for rank, actions in order.items()
+        for i, (kind, stage) in enumerate(actions)
+    ]
+    fig = timeline_figure(events, TimelineInfo("interleaved_1f1b", 2, 1, 2, 3))
+    (ax,) = fig.axes
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert "lighter: the rank's later chunk (stage >= pp)" in labels, labels
+    assert "blank: idle (bubble)" in labels and "p2p wait" in labels, labels
+    ticks = [t.get_text() for t in ax.get_yticklabels()][::-1]  # bottom up: rank 0 is on top
+    # each rank idles 10 ms of the 50 ms step: 20%
+    assert ticks == [f"rank {r} (pp {r})\nbubble 10.0 ms, 20.0% of the step" for r in (0, 1)], ticks
+    title = ax.get_title()
+    assert "1 microbatch," in title and "(50.0 ms)" in title and "formula bubble" in title, title
+    plt.close(fig)
