@@ -11,6 +11,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +67,9 @@ def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
             argv[0] = sys.executable
         elif argv[0] == "torchrun":
             argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
+        start = time.perf_counter()
         result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        print(f"{time.perf_counter() - start:6.1f} s  {command}")  # pytest -s: where CI time goes
         ok = result.returncode == 0 or (
             "launcher.plan" in command and "does not fit" in result.stdout
         )

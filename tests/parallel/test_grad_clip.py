@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -36,13 +35,18 @@ def _clipped(mesh: DeviceMesh, fsdp: bool) -> tuple[float, list[torch.Tensor]]:
     return norm.item(), [full_value(p.grad).detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["tp", "fsdp-tp"])
-def test_sharded_and_replicated_gradients_clip_like_one_process(fsdp: bool) -> None:
+def _both(mesh: DeviceMesh) -> list[tuple[float, list[torch.Tensor]]]:
+    return [_clipped(mesh, fsdp=False), _clipped(mesh, fsdp=True)]  # one spawn for both layouts
+
+
+def test_sharded_and_replicated_gradients_clip_like_one_process() -> None:
+    """TP alone (dp ranks hold copies) and FSDP2 over TP (_StridedShard x Shard)."""
     plain = _model()
     plain(_input()).pow(2).sum().backward()
     ref_norm = torch.nn.utils.clip_grad_norm_(plain.parameters(), MAX_NORM).item()
     assert ref_norm > MAX_NORM  # clipping does act
-    for norm, grads in run_on_mesh((2, 1, 2), _clipped, fsdp):
-        assert abs(norm - ref_norm) <= 1e-5 * ref_norm
-        for g, p in zip(grads, plain.parameters()):
-            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+    for per_layout in run_on_mesh((2, 1, 2), _both):
+        for norm, grads in per_layout:
+            assert abs(norm - ref_norm) <= 1e-5 * ref_norm
+            for g, p in zip(grads, plain.parameters()):
+                torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
