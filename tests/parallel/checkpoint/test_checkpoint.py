@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from launcher.run.build import build_trainer, load_data, model_args
-from launcher.run.checkpointing import checkpoint_layout, trainer_meta, trainer_states
+from launcher.run.checkpointing import load_trainer, save_trainer
 from launcher.run.trainer import Trainer
 from parallel.checkpoint.format import (
     FORMAT,
@@ -33,8 +33,6 @@ from parallel.checkpoint.format import (
     read_manifest,
     resume_path,
 )
-from parallel.checkpoint.load import load_checkpoint
-from parallel.checkpoint.save import save_checkpoint
 from parallel.checkpoint.state import CheckpointError
 from tests.helpers.run_training import make_config
 from tests.helpers.spawn import run_ranks
@@ -86,30 +84,13 @@ def _steps(trainer: Trainer, n: int) -> list[float]:
 
 
 def _save(root: Path, trainer: Trainer, keep: int | None = None) -> Path:
-    """save_checkpoint with the trainer's parts, passed explicitly."""
-    return save_checkpoint(
-        root,
-        trainer.step,
-        trainer.model,
-        trainer.optimizer,
-        trainer_states(trainer),
-        trainer_meta(trainer, {"note": "test"}),
-        keep,
-    )
+    """save_checkpoint with the trainer's parts, through the launcher's glue."""
+    return save_trainer(root, trainer, {"note": "test"}, keep)
 
 
 def _load(path: Path, trainer: Trainer, verify: bool = True) -> dict[str, Any]:
-    """load_checkpoint into the trainer's parts; the caller sets its step from the manifest."""
-    manifest = load_checkpoint(
-        path,
-        trainer.model,
-        trainer.optimizer,
-        trainer_states(trainer),
-        checkpoint_layout(trainer.cfg),
-        verify=verify,
-    )
-    trainer.step = manifest["step"]
-    return manifest
+    """load_checkpoint into the trainer's parts; the trainer then stands at the saved step."""
+    return load_trainer(path, trainer, verify)
 
 
 def _save_and_continue(layout: Layout, root: str, save_at: int, total: int) -> list[float]:

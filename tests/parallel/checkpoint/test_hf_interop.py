@@ -149,7 +149,9 @@ def test_convert_cli_exports_the_newest_checkpoint_of_a_folder(
     assert json.loads((tmp_path / "out" / "config.json").read_text())["hidden_size"] == 16
     # the weights are as readable as config.json for others sharing the folder (not 0600)
     modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "out").iterdir()}
-    assert modes["model.safetensors"] == modes["config.json"] and modes["config.json"] & 0o044, modes
+    assert modes["model.safetensors"] == modes["config.json"] and modes["config.json"] & 0o044, (
+        modes
+    )
 
 
 @pytest.mark.parametrize(
