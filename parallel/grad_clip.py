@@ -42,7 +42,7 @@ def clip_grad_norm(
     grads = [p.grad for p in params if p.grad is not None]
     for g in grads:
         if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
-            # a pending sum (not produced by tridist's plans today): reduce it before squaring
+            # a pending sum (SP's norm weights without dp keep one): reduce it before squaring
             g = g.redistribute(
                 placements=[Replicate() if pl.is_partial() else pl for pl in g.placements]
             )

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from launcher.sweep_summary import summarize_sweep
+
 REPO = Path(__file__).resolve().parents[1]
 SHRINK = {"train.steps": "2", "train.sample_tokens": "8"}  # as written, only shorter
 ELSEWHERE = ("pip install", "python -m pytest", "sbatch ", "submitit_slurm")
@@ -78,3 +80,12 @@ def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
                 f"{command}\n  -> exit {result.returncode}: {result.stderr.strip()[-800:]}"
             )
     assert not failures, "\n".join(failures)
+    # the sweep ran each of its 4 jobs as its own worker group and summarized them
+    (sweep,) = [p for p in (tmp_path / "multirun").glob("*/*") if p.is_dir()]
+    rows = summarize_sweep(sweep)
+    assert [r.job for r in rows] == ["0", "1", "2", "3"] and all(r.steps == 2 for r in rows), rows
+    assert len({round(r.loss, 4) for r in rows}) == 1, rows  # schedule and m reorder work only
+    assert (
+        "| 3 | parallel.schedule=interleaved_1f1b parallel.microbatches=8 | 2 |"
+        in (sweep / "summary.md").read_text()
+    )

@@ -1,54 +1,13 @@
-"""A local sweep (`python -m launcher.train -m ...`): every job its own worker group in its own
-folder, and a summary with one row per job."""
+"""The sweep summary: one row per job. A real local sweep, each job its own worker group in its
+own folder, is the README's sweep command (tests/test_readme_commands.py checks its summary)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from launcher.sweep_summary import format_table, summarize_sweep
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def test_sweep_runs_each_job_as_its_own_worker_group(tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launcher.train",
-            "-m",
-            "parallel.schedule=1f1b,gpipe",
-            "parallel.pp=2",
-            "parallel.microbatches=2",
-            "model=debug",
-            "device=cpu",
-            "train.steps=3",
-            "train.seq_len=32",
-            "train.global_batch_size=8",
-            "train.sample_tokens=0",
-            "train.log_interval=1",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = summarize_sweep(sweep)
-    assert [r.job for r in rows] == ["0", "1"] and all(r.steps == 3 for r in rows), rows
-    assert (
-        rows[0].loss == rows[1].loss
-    )  # the schedule changes the order of work, not the arithmetic
-    summary = (sweep / "summary.md").read_text()
-    assert (
-        "| 0 | parallel.schedule=1f1b | 3 |" in summary
-        and "| 1 | parallel.schedule=gpipe | 3 |" in summary
-    )
-    assert "sweep summary" in result.stdout
 
 
 def test_summary_marks_a_job_without_metrics_failed(tmp_path: Path) -> None:
