@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from data import TokenSource
 from launcher.config import Config
+from launcher.run.trainer import uses_bf16
+from parallel.mesh import resolve_device
 from parallel.schedules import bubble_fraction, stages_per_rank
 
 
@@ -16,10 +16,10 @@ def _plural(n: int, word: str) -> str:
 
 
 def compute_dtype(cfg: Config) -> str:
-    """What the matmuls run in: bf16 autocast where asked (default on CUDA), else fp32."""
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
-    return f"{'cuda' if cuda else 'cpu'}, {'bf16 autocast (fp32 weights)' if bf16 else 'fp32'}"
+    """Where and in what the matmuls run, by the trainer's own rule."""
+    device = resolve_device(cfg.device)
+    bf16 = uses_bf16(device, cfg.precision)
+    return f"{device.type}, {'bf16 autocast (fp32 weights)' if bf16 else 'fp32'}"
 
 
 def banner_lines(

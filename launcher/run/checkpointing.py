@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -24,6 +25,7 @@ from parallel.checkpoint.load import load_checkpoint
 from parallel.checkpoint.preflight import check_root
 from parallel.checkpoint.save import CheckpointMeta, save_checkpoint
 from parallel.init import InitialValues
+from parallel.parallelize import ParallelModel
 
 ADAMW_MOMENTS = 2  # exp_avg and exp_avg_sq: each the size of its parameter
 
@@ -72,19 +74,24 @@ def trainer_meta(trainer: Trainer, extra: dict[str, Any] | None = None) -> Check
     )
 
 
-def save_trainer(
-    root: Path, trainer: Trainer, extra: dict[str, Any] | None = None, keep: int | None = None
-) -> Path:
-    """save_checkpoint of the trainer's current step; every rank must call it."""
-    return save_checkpoint(
-        root,
+def _save_parts(
+    trainer: Trainer, extra: dict[str, Any] | None
+) -> tuple[int, ParallelModel, torch.optim.Optimizer, dict[str, Stateful], CheckpointMeta]:
+    """(step, model, optimizer, states, meta): what save_checkpoint and its async twin take."""
+    return (
         trainer.step,
         trainer.model,
         trainer.optimizer,
         trainer_states(trainer),
         trainer_meta(trainer, extra),
-        keep,
     )
+
+
+def save_trainer(
+    root: Path, trainer: Trainer, extra: dict[str, Any] | None = None, keep: int | None = None
+) -> Path:
+    """save_checkpoint of the trainer's current step; every rank must call it."""
+    return save_checkpoint(root, *_save_parts(trainer, extra), keep)
 
 
 def save_trainer_async(
@@ -95,15 +102,7 @@ def save_trainer_async(
     keep: int | None = None,
 ) -> float:
     """Start an async save of the trainer's current step; the seconds the caller was blocked."""
-    return checkpointer.save(
-        root,
-        trainer.step,
-        trainer.model,
-        trainer.optimizer,
-        trainer_states(trainer),
-        trainer_meta(trainer, extra),
-        keep,
-    )
+    return checkpointer.save(root, *_save_parts(trainer, extra), keep)
 
 
 def load_trainer(path: Path, trainer: Trainer, verify: bool = True) -> dict[str, Any]:

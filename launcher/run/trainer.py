@@ -58,9 +58,14 @@ def build_lr_scheduler(
     )
 
 
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """bf16 autocast where asked, and by default on CUDA; fp32 otherwise."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast where asked (default on CUDA); plain fp32 otherwise."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """bf16 autocast where uses_bf16 says so; plain fp32 otherwise."""
+    if uses_bf16(device, precision):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
