@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from launcher.sweep_summary import summarize_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +61,7 @@ def test_readme_lists_the_commands_this_test_runs() -> None:
     assert sum(not c.startswith(ELSEWHERE) and "submitit_slurm" not in c for c in commands) >= 15
 
 
+@pytest.mark.long(240)
 def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
     failures = []
     for command in readme_commands():

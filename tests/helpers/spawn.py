@@ -19,12 +19,28 @@ from launcher.run.ports import free_port, local_rank_env
 
 PORT_TAKEN = ("EADDRINUSE", "address already in use", "Address already in use")
 ATTEMPTS = 3  # a free port can be taken by another process before rank 0 binds it
+# Ranks fork from one server that imported these once: importing torch, its pipelining/FSDP and
+# the launcher costs ~5 s of CPU per process here, paid once per test session instead of once
+# per rank per test. The server holds no threads or process groups when it forks.
+PRELOAD = ["torch", "torch.distributed.pipelining", "torch.distributed.fsdp", "launcher.run.loop"]
+_CONTEXT = mp.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(PRELOAD)
 
 
 def _rank_main(
-    fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, queue: Any
+    fn: Callable[..., Any],
+    rank: int,
+    world: int,
+    port: int,
+    args: tuple,
+    queue: Any,
+    env: dict[str, str],
+    cwd: str,
 ) -> None:
-    os.environ.update(local_rank_env(rank, world, port), OMP_NUM_THREADS="1")
+    # a forked rank starts with the server's environment and folder: take the caller's
+    os.environ.clear()
+    os.environ.update(env, **local_rank_env(rank, world, port), OMP_NUM_THREADS="1")
+    os.chdir(cwd)
     import torch
     import torch.distributed as dist
 
@@ -40,11 +56,12 @@ def _rank_main(
 
 
 def _run_once(world: int, fn: Callable[..., Any], args: tuple, timeout: float) -> list[Any]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    queue = _CONTEXT.Queue()
     port = free_port()
+    env, cwd = dict(os.environ), os.getcwd()
     procs = [
-        ctx.Process(target=_rank_main, args=(fn, r, world, port, args, queue)) for r in range(world)
+        _CONTEXT.Process(target=_rank_main, args=(fn, r, world, port, args, queue, env, cwd))
+        for r in range(world)
     ]
     for p in procs:
         p.start()

@@ -1,6 +1,7 @@
 """Every schedule on several (dp, pp, tp, v) layouts gives the single-process losses and weights.
 
-Cases sharing a world size run one after another inside one set of spawned gloo ranks.
+Each layout is one test: its schedules run one after another inside one set of spawned gloo
+ranks (forked from a server that imported torch once, so a spawn costs little).
 """
 
 from typing import NamedTuple
@@ -25,6 +26,7 @@ BASE = [
     "train.global_batch_size=32",
     "train.sample_tokens=0",
     "train.val_interval=1000",
+    "train.val_batches=1",  # one batch of 32 windows through the eval schedules: enough to compare
     "optim.warmup_steps=1",
     "optim.eps=1e-5",
     "device=cpu",
@@ -111,10 +113,20 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("world", sorted(LAYOUTS))
-def test_schedules_and_layouts_match_single_process(world: int, reference) -> None:
+def _layout_id(layout: Layout) -> str:
+    sp = "-sp" if SP[0] in layout.extra else ""
+    return f"dp{layout.dp}pp{layout.pp}tp{layout.tp}v{layout.v}{sp}"
+
+
+@pytest.mark.long(40)
+@pytest.mark.parametrize(
+    "world,layout",
+    [(w, layout) for w in sorted(LAYOUTS) for layout in LAYOUTS[w]],
+    ids=lambda x: _layout_id(x) if isinstance(x, Layout) else str(x),
+)
+def test_schedules_and_layouts_match_single_process(world: int, layout: Layout, reference) -> None:
     ref_losses, ref_weights, ref_val = reference
-    cases = [(layout, s) for layout in LAYOUTS[world] for s in layout.schedules]
+    cases = [(layout, s) for s in layout.schedules]
     per_rank = run_ranks(world, _run_cases, [_overrides(*c) for c in cases], world)
     for i, case in enumerate(cases):
         layout = case[0]

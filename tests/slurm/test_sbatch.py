@@ -11,8 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.slurm.cluster import SlurmCluster
 from tests.slurm.conftest import REPO, TRAIN, losses_by_step
+
+# one Slurm cluster per test session: under pytest -n, every Slurm test runs on the same worker
+pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.long(60)]
 
 TRAIN_STEPS = int(next(o for o in TRAIN if o.startswith("train.steps=")).split("=")[1])
 

@@ -17,6 +17,9 @@ from launcher.sweep_summary import summarize_sweep
 from tests.slurm.cluster import SlurmCluster
 from tests.slurm.conftest import REPO
 
+# one Slurm cluster per test session: under pytest -n, every Slurm test runs on the same worker
+pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.long(60)]
+
 
 def test_each_job_gets_the_nodes_its_mesh_needs() -> None:
     assert job_allocation(dp=1, pp=1, tp=1, ranks_per_node=8) == (1, 1)  # part of one node
