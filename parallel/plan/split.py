@@ -316,3 +316,20 @@ def choose_split(
         if slow_even <= max(rank_times(costs, auto, where)) * (1 + AUTO_DEFAULT_MIN_GAIN):
             return chosen(even, "even", even)
     return chosen(auto, "auto (default)", even)
+
+
+def fit_part_costs(
+    base: PartCosts, counts: Sequence[int], stage_seconds: Sequence[float]
+) -> PartCosts:
+    """Costs refitted to measured compute time per stage of the split `counts` (e.g. one
+    recorded step: parallel/timeline.py), in nanoseconds: a block's and the head's by least
+    squares on time = blocks * block + head on the last stage, the embedding scaled from `base`
+    by the block's measured/estimated ratio. Activations stay `base`'s."""
+    last = len(counts) - 1
+    ratio = base.embedding / base.block
+    a = torch.tensor([[n + ratio * (s == 0), float(s == last)] for s, n in enumerate(counts)])
+    t = torch.tensor([[x * 1e9] for x in stage_seconds])
+    block, head = (
+        max(1, round(v)) for v in torch.linalg.lstsq(a.double(), t.double()).solution[:, 0].tolist()
+    )
+    return replace(base, block=block, embedding=round(block * ratio), head=head)

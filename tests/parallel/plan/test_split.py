@@ -11,6 +11,7 @@ from parallel.plan.split import (
     PartCosts,
     best_split,
     choose_split,
+    fit_part_costs,
     objective,
     part_costs,
     placement,
@@ -80,3 +81,15 @@ def test_null_keeps_the_even_split_unless_auto_is_faster() -> None:
     assert (uneven.how, uneven.even, sum(uneven.counts)) == ("auto (default)", None, 7)
     with pytest.raises(ValueError, match="layers_per_stage"):
         choose_split(odd, 16, 4, 1, "1f1b", 8, "even")
+
+
+def test_measured_stage_times_refit_the_block_and_head() -> None:
+    base = part_costs(HEAD_HEAVY, 128)
+    # a machine where a block takes 3 ms and the head 30 ms (the FLOPs say ~19 blocks)
+    counts = [2, 2, 2, 2]
+    seconds = [2 * 3e-3 + 3e-3 * base.embedding / base.block, 6e-3, 6e-3, 6e-3 + 30e-3]
+    fitted = fit_part_costs(base, counts, seconds)
+    assert (fitted.block, fitted.head) == (3_000_000, 30_000_000)
+    where = placement(4, 1, "1f1b", 8)
+    refined = best_split(fitted, 8, where)
+    assert max(rank_times(fitted, refined, where)) == 30_000_000  # the head alone is the slowest
