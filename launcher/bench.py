@@ -1,4 +1,4 @@
-"""`python -m launcher.bench {overhead,pipeline,checkpoint}`: measure what tridist adds, pipeline
+"""`python -m launcher.bench {overhead,pipeline,checkpoint,split}`: measure what tridist adds, pipeline
 bubbles and checkpoint I/O.
 
 overhead: tridist's real training step against a bare PyTorch loop of the same model, data,
@@ -6,7 +6,9 @@ optimizer and schedule, interleaved in one process so machine noise hits both al
 pipeline: every schedule on real gloo ranks whose stages sleep a fixed time, so the measured
 bubble can be compared, even on 2 cores, with the literature's formula and with torch's own
 action order for the schedule replayed at the same costs.
-checkpoint: checkpoint save/load against raw disk I/O of the same bytes. Results: BENCHMARKS.md;
+checkpoint: checkpoint save/load against raw disk I/O of the same bytes.
+split: the training step with the cost model's pipeline split against the even split, A/B
+alternating on the same ranks, with the ratio the cost model predicts. Results: BENCHMARKS.md;
 the benchmarks themselves: launcher/benchmarks/.
 """
 
@@ -19,6 +21,7 @@ from launcher.benchmarks.checkpoint import checkpoint_io, drop_page_cache, forma
 from launcher.benchmarks.machine import machine
 from launcher.benchmarks.overhead import format_overhead, overhead
 from launcher.benchmarks.pipeline import format_pipeline, pipeline
+from launcher.benchmarks.split import HEAD_HEAVY, format_split, split_benchmark
 from parallel.schedules import SCHEDULES
 
 # 320M parameters: a 1.28 GB model in fp32, 3.8 GB with AdamW's two moments
@@ -50,11 +53,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     c.add_argument("--model", nargs="*", default=CHECKPOINT_MODEL, help="model overrides")
     c.add_argument("--tp", type=int, default=2, help="layout the resharded load uses")
+    s = sub.add_parser("split", help="auto vs even pipeline split, real training steps")
+    s.add_argument("--model", nargs="*", default=HEAD_HEAVY, help="model overrides")
+    s.add_argument("--pp", type=int, default=4)
+    s.add_argument("--steps", type=int, default=3, help="steps per timed block")
+    s.add_argument("--blocks", type=int, default=4, help="timed blocks per split, alternating")
     a = parser.parse_args(argv)
     if a.command == "checkpoint":
         print(machine())
         cold = drop_page_cache()
         print(format_checkpoint_io(checkpoint_io(a.dir, a.model, a.tp), cold))
+    elif a.command == "split":
+        print(machine())
+        print(format_split(split_benchmark(a.model, a.pp, a.steps, a.blocks)))
     elif a.command == "overhead":
         print(format_overhead(overhead(a.steps, a.model, a.warmup, a.seq_len, a.batch)))
     else:

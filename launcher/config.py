@@ -10,6 +10,7 @@ on one line and exits with code 2 (launcher/errors.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -59,7 +60,9 @@ class ParallelConfig:
     virtual_stages: int = 1
     schedule: str = "1f1b"
     microbatches: int = 1
-    layers_per_stage: list[int] | None = None
+    # blocks per pipeline stage: null (the even split unless the cost model's is faster), even,
+    # auto (parallel/plan/split.py), or a list of pp*virtual_stages counts
+    layers_per_stage: Any = None
     dp_shard: bool = True  # FSDP2 over dp; false replicates (DDP-style)
     sequence_parallel: bool = False
     allow_cross_node_tp: bool = False

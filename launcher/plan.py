@@ -20,13 +20,14 @@ from typing import TextIO
 
 from launcher.config import Config, ConfigError
 from launcher.errors import print_config_error
-from launcher.run.build import model_args
+from launcher.run.build import model_args, pipeline_split
 from launcher.run.compose import check_group_choices, compose_config
 from launcher.validate import validate
-from parallel.plan.estimate import GIB, PlanEstimate, RankEstimate, estimate
+from parallel.plan.estimate import GIB, MATMUL_EFFICIENCY, PlanEstimate, RankEstimate, estimate
 from parallel.plan.flops import PLAN_DEFAULT_PEAK_TFLOPS
 from parallel.plan.layout import Cluster, Layout
 from parallel.plan.params import StageCounter
+from parallel.plan.split import SplitChoice, imbalance
 from parallel.schedules import SCHEDULE_SPECS
 
 MICROBATCH_SIZES = (1, 2, 4, 8)  # sequences per microbatch tried by --search
@@ -43,7 +44,8 @@ def world_of(cfg: Config) -> int:
 def layout_of(cfg: Config) -> Layout:
     """The parallel layout `cfg` describes, as the planner takes it."""
     p = cfg.parallel
-    explicit = tuple(p.layers_per_stage) if p.layers_per_stage is not None else None
+    split = pipeline_split(cfg)
+    explicit = tuple(split.counts) if split is not None else None
     return Layout(
         dp=p.dp,
         pp=p.pp,
@@ -197,6 +199,26 @@ def _dp_overlap(r: RankEstimate) -> str:
     )
 
 
+def split_lines(cfg: Config, split: SplitChoice) -> list[str]:
+    """The pipeline split: blocks and estimated compute time per stage, and its imbalance
+    against the even split's (parallel/plan/split.py's cost model)."""
+    p, t = cfg.parallel, cfg.train
+    # FLOPs per token -> seconds per step on one GPU: the tokens of one dp rank, split over tp
+    scale = t.global_batch_size // p.dp * t.seq_len / (p.tp * cluster_of(cfg).peak_tflops * 1e12)
+    scale /= MATMUL_EFFICIENCY
+    times = ", ".join(f"{f * scale:.3g}" for f in split.stage_flops)
+    lines = [
+        f"split ({split.how}): {split.counts} blocks per stage; estimated compute per stage "
+        f"[{times}] s; imbalance max/mean over pp ranks {split.imbalance:.3f}"
+    ]
+    if split.even is not None and split.even_rank_flops is not None and split.even != split.counts:
+        lines.append(
+            f"    (the even split {split.even}: imbalance {imbalance(split.even_rank_flops):.3f}, "
+            f"its slowest rank estimated {split.even_slowdown:.3f}x this split's)"
+        )
+    return lines
+
+
 def report(cfg: Config, plan: PlanEstimate, counter: StageCounter) -> str:
     """The per-pipeline-rank table and the totals, as printed."""
     c, p = cluster_of(cfg), cfg.parallel
@@ -227,6 +249,8 @@ def report(cfg: Config, plan: PlanEstimate, counter: StageCounter) -> str:
     )
     note = SCHEDULE_SPECS[p.schedule].activation_note if p.pp > 1 else None
     lines += [f"    ({note})"] if note else []
+    split = pipeline_split(cfg)
+    lines += split_lines(cfg, split) if split is not None else []
     slow = max(plan.ranks, key=lambda r: r.compute_s + r.comm_s)
     dp_rank = max(plan.ranks, key=lambda r: (r.dp_exposed_s, r.dp_s))
     stretched = ", stretched by the bubble" if p.pp > 1 else ""

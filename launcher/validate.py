@@ -16,7 +16,7 @@ from launcher.config import (
     ParallelConfig,
     TrainConfig,
 )
-from parallel.schedules import SCHEDULES, n_pipeline_stages, schedule_spec
+from parallel.schedules import SCHEDULES, schedule_spec
 
 
 def _check(ok: bool, field_name: str, value: object, fix: str) -> None:
@@ -157,15 +157,25 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
         f"dp*pp*tp = {par.dp}*{par.pp}*{par.tp} = {layout} must equal the world size {world_size}; "
         f"set parallel.dp={world_size // (par.pp * par.tp) or 1} or launch {layout} ranks",
     )
+    split = par.layers_per_stage
     _check(
-        par.pp > 1 or par.layers_per_stage is None,
+        split in (None, "even", "auto")
+        or isinstance(split, list)
+        and all(isinstance(n, int) and not isinstance(n, bool) for n in split),
         "parallel.layers_per_stage",
-        par.layers_per_stage,
+        split,
+        "use null (even unless the cost model's split is faster), even, auto, or a list of "
+        "blocks per stage, e.g. [3,3,2,0]",
+    )
+    _check(
+        par.pp > 1 or not isinstance(split, list),
+        "parallel.layers_per_stage",
+        split,
         "a split into pipeline stages needs parallel.pp > 1; remove it or raise pp",
     )
     _validate_batch(t.global_batch_size, par.dp, par.microbatches)
     _validate_tensor_parallel(m, par, t, ranks_per_node)
-    _validate_pipeline(m, par)
+    _validate_pipeline(m, par, t.seq_len)
 
 
 def _validate_tensor_parallel(
@@ -205,8 +215,8 @@ def _validate_tensor_parallel(
     )
 
 
-def _validate_pipeline(m: ModelConfig, par: ParallelConfig) -> None:
-    from parallel.pipeline import layers_per_stage
+def _validate_pipeline(m: ModelConfig, par: ParallelConfig, seq_len: int) -> None:
+    from parallel.plan.split import choose_split
 
     s, v, pp = par.schedule, par.virtual_stages, par.pp
     _check(s in SCHEDULES, "parallel.schedule", s, f"choose one of {', '.join(SCHEDULES)}")
@@ -218,15 +228,8 @@ def _validate_pipeline(m: ModelConfig, par: ParallelConfig) -> None:
     problem = schedule_spec(s).problem(pp, v, par.microbatches)  # the schedule's own rules
     if problem is not None:
         raise ConfigError(f"parallel.{problem.setting}", problem.value, problem.fix)
-    _check(
-        not m.tie_embeddings,
-        "model.tie_embeddings",
-        True,
-        "tied embeddings with pp > 1 put the embedding and head on different stages; "
-        "set model.tie_embeddings=false (the default) or pp=1",
-    )
     try:
-        layers_per_stage(m.n_layers, n_pipeline_stages(pp, v, s), par.layers_per_stage)
+        choose_split(m, seq_len, pp, v, s, par.microbatches, par.layers_per_stage)
     except ValueError as err:
         raise ConfigError("parallel.layers_per_stage", par.layers_per_stage, str(err)) from None
 

@@ -63,6 +63,15 @@ class ModelArgs:
         return self.n_layers * block + ends
 
 
+# under tie_embeddings, the parameter that is the same matrix as another: copy -> the one kept
+TIED_PARAMETERS = {"output.weight": "tok_embeddings.weight"}
+
+
+def tied_name(fqn: str, args: ModelArgs) -> str:
+    """The parameter whose value `fqn` shares under tied embeddings (`fqn` itself otherwise)."""
+    return TIED_PARAMETERS.get(fqn, fqn) if args.tie_embeddings else fqn
+
+
 def rope_frequencies(args: ModelArgs, device: torch.device | None = None) -> torch.Tensor:
     """Inverse frequencies of the rotary embedding, with optional Llama 3.1 scaling."""
     freqs = 1.0 / (
@@ -170,6 +179,12 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self._rope_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def tie_weights(self) -> None:
+        """Point the head at the embedding's weight again where this module holds both: moving
+        off the meta device or sharding replaces the shared parameter by two."""
+        if self.args.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
+            self.output.weight = self.tok_embeddings.weight
+
     def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables for positions [0, seq_len), cached per length and device."""
         key = (seq_len, device)
@@ -208,7 +223,8 @@ def initial_value(
     if fqn.endswith("norm.weight"):
         return torch.ones(shape)
     if fqn.startswith("tok_embeddings"):
-        std = 1.0
+        # a tied matrix is the head too: the head's scale keeps the first logits near 1
+        std = args.dim**-0.5 if args.tie_embeddings else 1.0
     elif fqn.startswith("output"):
         std = args.dim**-0.5
     elif fqn.endswith(("attention.wo.weight", "feed_forward.w2.weight")):

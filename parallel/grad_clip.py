@@ -28,9 +28,15 @@ def _copies(grad: torch.Tensor, world: int, stages: int) -> int:
 
 @torch.no_grad()
 def clip_grad_norm(
-    params: Sequence[torch.Tensor], max_norm: float, mesh: DeviceMesh
+    params: Sequence[torch.Tensor],
+    max_norm: float,
+    mesh: DeviceMesh,
+    tied: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """Clip in place and return the global L2 norm of all gradients of the whole model.
+
+    tied: the parameters among `params` that are one of two copies of the same matrix (a tied
+    embedding and head on different stages, gradients already summed): counted once, clipped alike.
 
     One all-reduce over all ranks: each rank adds the squares of its local shards, each divided by
     the number of ranks holding the same values, so every element counts once. Written by hand:
@@ -39,14 +45,18 @@ def clip_grad_norm(
     """
     world, stages = mesh.size(), mesh["pp"].size()
     by_copies: dict[int, list[torch.Tensor]] = defaultdict(list)
+    twice = {id(p) for p in tied}
     grads = [p.grad for p in params if p.grad is not None]
-    for g in grads:
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
         if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
             # a pending sum (SP's norm weights without dp keep one): reduce it before squaring
             g = g.redistribute(
                 placements=[Replicate() if pl.is_partial() else pl for pl in g.placements]
             )
-        by_copies[_copies(g, world, stages)].append(local_part(g))
+        by_copies[_copies(g, world, stages) * (2 if id(p) in twice else 1)].append(local_part(g))
     device = local_part(grads[0]).device if grads else torch.device("cpu")
     total_sq = torch.zeros((), device=device, dtype=torch.float32)
     for copies, group in by_copies.items():

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from models.llama import ModelArgs, initial_value
+from models.llama import ModelArgs, initial_value, tied_name
 
 # full value of a parameter by full-model name and shape, e.g. read from a Hugging Face checkpoint
 InitialValues = Callable[[str, torch.Size], torch.Tensor]
@@ -25,8 +25,10 @@ def init_parameters(
     module: nn.Module, args: ModelArgs, seed: int, values: InitialValues | None = None
 ) -> None:
     """Fill every (possibly TP-sharded) parameter of `module` with its full-model initial value:
-    drawn from the seed, or taken from `values` (e.g. pretrained weights)."""
-    for fqn, param in module.named_parameters():
+    drawn from the seed, or taken from `values` (e.g. pretrained weights). A tied head on a
+    stage without the embedding takes the embedding's value: both copies start equal."""
+    for name, param in module.named_parameters():
+        fqn = tied_name(name, args)
         if values is not None:
             full = values(fqn, param.shape)
         else:

@@ -22,6 +22,7 @@ from parallel.pipeline import (
 )
 from parallel.schedules import n_pipeline_stages, schedule_spec, stage_ids_for_rank
 from parallel.tensor_parallel import apply_tensor_parallel
+from parallel.tied_embeddings import TiedCopies, tie_across_stages
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ParallelModel:
     schedule: _PipelineSchedule | None
     mesh: DeviceMesh
     eval_schedule: _PipelineSchedule | None = None  # when evaluation needs its own (V shapes)
+    tied: TiedCopies | None = None  # tied embedding and head on different stages
 
     @property
     def has_first_stage(self) -> bool:
@@ -80,10 +82,19 @@ def parallelize(
         if tp > 1:
             apply_tensor_parallel(chunk, mesh["tp"], sequence_parallel=sequence_parallel)
         chunk.to_empty(device=device)
+        chunk.tie_weights()  # a chunk holding embedding and head: one matrix again
         init_parameters(chunk, args, seed, initial_values)
         apply_activation_checkpointing(chunk, activation_checkpointing)
         if dp > 1:
             apply_data_parallel(chunk, mesh["dp"], shard=dp_shard, pipelined=pp > 1)
+    tied = None
+    if pp > 1 and args.tie_embeddings:
+        last_rank = next(
+            r
+            for r in range(pp)
+            if n_stages - 1 in stage_ids_for_rank(r, pp, virtual_stages, schedule)
+        )
+        tied = tie_across_stages(chunks, last_rank, mesh)
     sched = None
     if pp > 1:
         sched = build_schedule(
@@ -101,11 +112,12 @@ def parallelize(
         eval_sched = build_v_shape_eval_schedule(
             chunks, stage_ids, n_stages, microbatches, cross_entropy, device, mesh["pp"].get_group()
         )
-    return ParallelModel(chunks, stage_ids, n_stages, sched, mesh, eval_sched)
+    return ParallelModel(chunks, stage_ids, n_stages, sched, mesh, eval_sched, tied)
 
 
 def full_state_dict(model: ParallelModel) -> dict[str, torch.Tensor]:
-    """Full (unsharded) parameters of this rank's chunks, by full-model name.
+    """Full (unsharded) parameters of this rank's chunks, by full-model name (a tied head on
+    a stage without the embedding under its own name, `output.weight`).
 
     Collective over dp and tp: every rank of those groups must call it.
     """

@@ -6,8 +6,10 @@ from pathlib import Path
 
 from data import TokenSource
 from launcher.config import Config
+from launcher.run.build import pipeline_split
 from launcher.run.trainer import uses_bf16
 from parallel.mesh import resolve_device
+from parallel.plan.split import SplitChoice
 from parallel.schedules import bubble_fraction, stages_per_rank
 
 
@@ -20,6 +22,27 @@ def compute_dtype(cfg: Config) -> str:
     device = resolve_device(cfg.device)
     bf16 = uses_bf16(device, cfg.precision)
     return f"{device.type}, {'bf16 autocast (fp32 weights)' if bf16 else 'fp32'}"
+
+
+def split_line(split: SplitChoice, n_layers: int) -> str:
+    """Which blocks each pipeline stage holds, and why (the cost model's choice says so)."""
+    line = f"  pipeline split {split.counts} blocks per stage"
+    if split.how == "explicit":
+        return line + " (parallel.layers_per_stage)"
+    if not split.automatic:
+        return line + f" (even; estimated imbalance max/mean {split.imbalance:.2f})"
+    slower = split.even_slowdown
+    even = (
+        f"the even split {split.even} is estimated {slower:.2f}x slower on its slowest rank"
+        if slower is not None
+        else f"{n_layers} blocks do not split evenly"
+    )
+    default = "; parallel.layers_per_stage=even keeps the even one" if split.even else ""
+    how = "auto" if split.how == "auto" else "auto, the default here"
+    return (
+        f"{line} ({how}: chosen by the cost model, estimated imbalance max/mean "
+        f"{split.imbalance:.2f}; {even}{default if split.how != 'auto' else ''})"
+    )
 
 
 def banner_lines(
@@ -42,6 +65,7 @@ def banner_lines(
         )
     elif p.microbatches > 1:
         layout += f", {_plural(p.microbatches, 'microbatch')} accumulated"
+    split = pipeline_split(cfg)
     source = cfg.data.source + (f" {cfg.data.path}" if cfg.data.path else "")
     per_step = t.global_batch_size * t.seq_len
     saves = (
@@ -55,6 +79,7 @@ def banner_lines(
         f"tridist: model {m.name}, {m.parameter_count / 1e6:,.1f}M parameters ({m.n_layers} layers, "
         f"dim {m.dim}, vocab {m.vocab_size:,}), {compute_dtype(cfg)}",
         f"  mesh {layout}",
+        *([split_line(split, m.n_layers)] if split else []),
         f"  data {source}: {len(tokens.train):,} train / {len(tokens.val):,} validation tokens; "
         f"{t.global_batch_size} x {t.seq_len} = {per_step:,} tokens per step, {_plural(t.steps, 'step')}",
         f"  run folder {run_dir if run_dir is not None else '(none: library call)'}",

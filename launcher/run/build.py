@@ -14,11 +14,29 @@ from models.llama import ModelArgs
 from parallel.init import InitialValues
 from parallel.mesh import build_mesh, resolve_device
 from parallel.parallelize import parallelize
+from parallel.plan.split import SplitChoice, choose_split
 
 
 def model_args(cfg: Config) -> ModelArgs:
     """The architecture part of the model config."""
     return ModelArgs(**{f.name: getattr(cfg.model, f.name) for f in fields(ModelArgs)})
+
+
+def pipeline_split(cfg: Config) -> SplitChoice | None:
+    """The blocks per pipeline stage the run uses (parallel.layers_per_stage resolved), or None
+    without pipelining."""
+    p = cfg.parallel
+    if p.pp == 1:
+        return None
+    return choose_split(
+        model_args(cfg),
+        cfg.train.seq_len,
+        p.pp,
+        p.virtual_stages,
+        p.schedule,
+        p.microbatches,
+        p.layers_per_stage,
+    )
 
 
 def load_data(cfg: Config) -> TokenSource:
@@ -72,7 +90,7 @@ def build_trainer(
         virtual_stages=par.virtual_stages,
         schedule=par.schedule,
         microbatches=par.microbatches,
-        layers=par.layers_per_stage,
+        layers=split.counts if (split := pipeline_split(cfg)) else None,
         dp_shard=par.dp_shard,
         activation_checkpointing=cfg.model.activation_checkpointing,
         sequence_parallel=par.sequence_parallel,

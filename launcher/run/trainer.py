@@ -21,6 +21,7 @@ from parallel.dtensor import local_part
 from parallel.grad_clip import clip_grad_norm
 from parallel.loss import cross_entropy, loss_context
 from parallel.parallelize import ParallelModel
+from parallel.tied_embeddings import sum_tied_gradients
 
 
 def build_optimizer(model: ParallelModel, cfg: Config) -> torch.optim.AdamW:
@@ -147,8 +148,16 @@ class Trainer:
         """One optimizer step on the next global batch."""
         inputs, targets = self.sampler.next_batch()
         loss = self.forward_backward(inputs, targets)
+        tied = self.model.tied
+        if tied is not None:
+            sum_tied_gradients(
+                tied
+            )  # the copies of a tied matrix get one gradient, before clipping
         grad_norm = clip_grad_norm(
-            self.model.parameters(), self.cfg.optim.grad_clip, self.model.mesh
+            self.model.parameters(),
+            self.cfg.optim.grad_clip,
+            self.model.mesh,
+            tied=tied.params if tied is not None else (),
         )
         # The step's one host sync: a NaN/inf must never reach the weights. The norm is global
         # (reduced over tp, dp and pp), so every rank takes the same decision; a non-finite loss

@@ -64,7 +64,7 @@ def check_root(
     problem = _probe(root)
     free = shutil.disk_usage(root).free if problem is None else 0
     # by full-model name: a tensor replicated over dp (or held whole by several ranks) counts once
-    sizes = {name: t.numel() * t.element_size() for name, t in model_state(model).tensors.items()}
+    sizes = {name: t.numel() * t.element_size() for name, t in model_state(model).stored.items()}
     everyone: list[Any] = [None] * dist.get_world_size(group)
     # every rank's findings on every rank, so that all decide alike and raise together
     dist.all_gather_object(everyone, (problem, free, sizes), group=group)

@@ -122,8 +122,8 @@ def take_snapshot(
         raise CheckpointError(
             f"{root / checkpoint_name(step)}: manifest entry is not JSON-serializable: {err}"
         ) from None
-    model_tensors = model_state(model).tensors
-    optim_tensors = optimizer_state(model, optimizer).tensors
+    model_tensors = model_state(model).stored
+    optim_tensors = optimizer_state(model, optimizer).stored
     if copy:
         model_tensors, optim_tensors = _staged(model_tensors), _staged(optim_tensors)
     return Snapshot(root, step, manifest, model_tensors, optim_tensors, rng_state())

@@ -6,6 +6,11 @@ that optimizer updates. So the chunks are viewed as one `nn.ModuleList`, whose k
 chunk index (`1.layers.4.attention.wq.weight`); dropping that index gives the full-model name,
 which is the same in every layout. That name is the key on disk, and DCP's planner reshards
 DTensor/FSDP/TP state by it.
+
+A tied head (`output.weight` under model.tie_embeddings) is the embedding's matrix: it is stored
+once, as `tok_embeddings.weight` (and its optimizer state likewise); on load, the head's copy on
+a stage without the embedding reads that name, and a copy beside it (one module, or a V rank's
+two chunks) takes the same values.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import base64
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -27,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from models.llama import TIED_PARAMETERS
 from parallel.parallelize import ParallelModel
 
 # what save and load take as "the model": a ParallelModel or its chunks (TorchTitan's model_parts)
@@ -46,10 +52,21 @@ class TensorState:
 
     tensors: dict[str, torch.Tensor]
     torch_keys: dict[str, str]  # full-model name -> key in torch's state dict of the chunk list
+    # a tied copy beside the tensor it shares: torch key -> that tensor's full-model name
+    aliases: dict[str, str] = field(default_factory=dict)
+    # full-model names held here as the head's copy of the tied matrix, stored by stage 0
+    copies: set[str] = field(default_factory=set)
+
+    @property
+    def stored(self) -> dict[str, torch.Tensor]:
+        """What a save writes from this rank: every tensor but another stage's tied copies."""
+        return {name: t for name, t in self.tensors.items() if name not in self.copies}
 
     def as_torch_state(self, rest: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The tensors under torch's keys again (plus non-tensor entries), for set_*_state_dict."""
+        """The tensors under torch's keys again (plus non-tensor entries), for set_*_state_dict;
+        a tied copy gets its own clone of the values (optimizer state must not be shared)."""
         state = {self.torch_keys[name]: t for name, t in self.tensors.items()}
+        state |= {key: self.tensors[name].clone() for key, name in self.aliases.items()}
         return {**(rest or {}), **state}
 
 
@@ -57,21 +74,47 @@ def _chunk_list(model: ModelParts) -> nn.ModuleList:
     return nn.ModuleList(model.chunks if isinstance(model, ParallelModel) else model)
 
 
-def _by_full_name(flat: dict[str, Any], chunk_index_at: int) -> TensorState:
-    """Drop the chunk index (dot-separated part number `chunk_index_at`) from every key."""
-    tensors, torch_keys = {}, {}
+def _tied(model: ModelParts) -> bool:
+    args = getattr(_chunk_list(model)[0], "args", None)
+    return bool(getattr(args, "tie_embeddings", False))
+
+
+def _tied_source(name: str) -> str | None:
+    """The stored name of a tied copy's tensor (`output.weight.exp_avg` -> `tok_embeddings...`)."""
+    for copy, source in TIED_PARAMETERS.items():
+        if name == copy or name.startswith(copy + "."):
+            return source + name[len(copy) :]
+    return None
+
+
+def _by_full_name(flat: dict[str, Any], chunk_index_at: int, tied: bool) -> TensorState:
+    """Drop the chunk index (dot-separated part number `chunk_index_at`) from every key; a tied
+    copy goes under its source's name, or becomes an alias of the source held here."""
+    state = TensorState({}, {})
+    copies = []
     for key, value in flat.items():
         parts = key.split(".")
         name = ".".join(parts[:chunk_index_at] + parts[chunk_index_at + 1 :])
-        if name in tensors:
+        if tied and _tied_source(name) is not None:
+            copies.append((key, name))
+            continue
+        if name in state.tensors:
             raise CheckpointError(f"two local chunks both hold {name!r}: a wrong pipeline split")
-        tensors[name], torch_keys[name] = value, key
-    return TensorState(tensors, torch_keys)
+        state.tensors[name], state.torch_keys[name] = value, key
+    for key, name in copies:
+        source = _tied_source(name)
+        assert source is not None
+        if source in state.tensors:
+            state.aliases[key] = source
+        else:
+            state.tensors[source], state.torch_keys[source] = flat[key], key
+            state.copies.add(source)
+    return state
 
 
 def model_state(model: ModelParts) -> TensorState:
     """This rank's parameters (DTensors where sharded), by full-model name."""
-    return _by_full_name(get_model_state_dict(_chunk_list(model)), 0)
+    return _by_full_name(get_model_state_dict(_chunk_list(model)), 0, _tied(model))
 
 
 def load_model_state(model: ModelParts, state: TensorState) -> None:
@@ -96,7 +139,7 @@ def optimizer_state(model: ModelParts, optimizer: torch.optim.Optimizer) -> Tens
                 f"optimizer state {key!r} is not a tensor but {type(value).__name__}"
             )
         state[key.removeprefix("state.")] = value
-    return _by_full_name(state, 0)
+    return _by_full_name(state, 0, _tied(model))
 
 
 def load_optimizer_state(

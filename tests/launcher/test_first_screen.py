@@ -80,3 +80,23 @@ def test_help_says_what_tridist_is_and_lists_its_groups() -> None:
     out = _train("--help").stdout
     assert out.startswith("tridist: train Llama-style language models") and "model: debug" in out
     assert "cluster" not in out  # the planner's section, not training's
+
+
+def test_the_banner_says_when_the_cost_model_chose_the_pipeline_split() -> None:
+    from launcher.run.banner import split_line
+    from launcher.run.build import pipeline_split
+
+    head_heavy = ["model=debug", "model.dim=128", "model.vocab_size=32000", "parallel.pp=4"]
+    lines = {}
+    for setting in ("null", "even", "[1,3,4,0]"):
+        cfg = compose_config(
+            head_heavy + ["parallel.microbatches=8", f"parallel.layers_per_stage={setting}"], 4
+        )
+        split = pipeline_split(cfg)
+        assert split is not None
+        lines[setting] = split_line(split, cfg.model.n_layers)
+    assert "auto, the default here" in lines["null"], lines["null"]
+    assert "the even split [2, 2, 2, 2] is estimated 1.1" in lines["null"], lines["null"]
+    assert "parallel.layers_per_stage=even keeps" in lines["null"]
+    assert lines["even"].startswith("  pipeline split [2, 2, 2, 2] blocks per stage (even")
+    assert lines["[1,3,4,0]"].endswith("[1, 3, 4, 0] blocks per stage (parallel.layers_per_stage)")

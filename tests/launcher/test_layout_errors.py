@@ -43,19 +43,34 @@ CASES = [  # overrides, world size, field named in the error
         "parallel.microbatches",
     ),
     (
-        ["model.n_layers=5", "parallel.pp=3", "parallel.microbatches=4"],
+        [
+            "model.n_layers=5",
+            "parallel.pp=3",
+            "parallel.microbatches=4",
+            "parallel.layers_per_stage=even",
+        ],
         3,
+        "parallel.layers_per_stage",
+    ),
+    (
+        ["parallel.pp=2", "parallel.microbatches=2", "parallel.layers_per_stage=best"],
+        2,
+        "parallel.layers_per_stage",
+    ),
+    (
+        [
+            "model.n_layers=1",
+            "parallel.pp=4",
+            "parallel.microbatches=4",
+            "parallel.layers_per_stage=auto",
+        ],
+        4,
         "parallel.layers_per_stage",
     ),
     (["parallel.tp=3"], 3, "model.n_heads"),
     (["parallel.tp=8"], 8, "model.n_kv_heads"),
     (["parallel.pp=2", "parallel.schedule=warp_speed"], 2, "parallel.schedule"),
     (["parallel.dp=3"], 3, "train.global_batch_size"),
-    (
-        ["parallel.pp=2", "parallel.microbatches=2", "model.tie_embeddings=true"],
-        2,
-        "model.tie_embeddings",
-    ),
     (
         [
             "parallel.tp=2",

@@ -34,6 +34,7 @@ BASE = [
 ONE_STAGE = ("gpipe", "1f1b")
 MULTI_STAGE = ("interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev")
 SP = ("parallel.sequence_parallel=true",)
+TIED = ("model.tie_embeddings=true",)  # against a tied single-process reference
 
 
 class Layout(NamedTuple):
@@ -51,6 +52,13 @@ LAYOUTS = {
         Layout(1, 2, 1, 1, ONE_STAGE),
         Layout(1, 2, 1, 2, MULTI_STAGE),
         Layout(1, 1, 2, 1, ("1f1b",), SP),
+        # tied embedding and head on two ranks (gradients summed over a pair) and on one (V)
+        Layout(1, 2, 1, 1, ("1f1b",), TIED),
+        Layout(1, 2, 1, 2, ("zbv",), TIED),
+        # stages holding only the embedding, or only the norm and head
+        Layout(1, 2, 1, 2, ("interleaved_1f1b",), TIED + ("parallel.layers_per_stage=[0,3,5,0]",)),
+        # 8 blocks into 6 stages: no even split, the cost model's
+        Layout(1, 2, 1, 3, ("interleaved_1f1b",), ("parallel.layers_per_stage=auto",)),
     ],  # SP without dp: norm grads stay Partial into the optimizer
     4: [
         Layout(1, 4, 1, 2, MULTI_STAGE),
@@ -65,6 +73,7 @@ LAYOUTS = {
         Layout(1, 4, 2, 2, MULTI_STAGE),
         Layout(2, 2, 2, 1, ("1f1b",), SP),
         Layout(1, 4, 2, 2, ("interleaved_1f1b",), SP),
+        Layout(2, 2, 2, 1, ("1f1b",), TIED),  # the tied pairs of every (dp, tp) coordinate
     ],
 }
 
@@ -109,13 +118,22 @@ def reference() -> tuple[list[float], dict[str, torch.Tensor], float]:
     return train_validate_and_report(BASE, 1)
 
 
+@pytest.fixture(scope="module")
+def tied_reference() -> tuple[list[float], dict[str, torch.Tensor], float]:
+    return train_validate_and_report(BASE + list(TIED), 1)
+
+
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
 def _layout_id(layout: Layout) -> str:
-    sp = "-sp" if SP[0] in layout.extra else ""
-    return f"dp{layout.dp}pp{layout.pp}tp{layout.tp}v{layout.v}{sp}"
+    """e.g. dp1pp2tp1v2-tie_embeddings-layers_per_stage=[0,3,5,0]"""
+    tags = []
+    for override in layout.extra:
+        key, value = override.split("=", 1)
+        tags.append(key.split(".")[-1] + ("" if value == "true" else f"={value}"))
+    return "-".join([f"dp{layout.dp}pp{layout.pp}tp{layout.tp}v{layout.v}", *tags])
 
 
 @pytest.mark.long(40)
@@ -124,12 +142,16 @@ def _layout_id(layout: Layout) -> str:
     [(w, layout) for w in sorted(LAYOUTS) for layout in LAYOUTS[w]],
     ids=lambda x: _layout_id(x) if isinstance(x, Layout) else str(x),
 )
-def test_schedules_and_layouts_match_single_process(world: int, layout: Layout, reference) -> None:
-    ref_losses, ref_weights, ref_val = reference
+def test_schedules_and_layouts_match_single_process(
+    world: int, layout: Layout, request: pytest.FixtureRequest
+) -> None:
+    tied = TIED[0] in layout.extra
+    ref_losses, ref_weights, ref_val = request.getfixturevalue(
+        "tied_reference" if tied else "reference"
+    )
     cases = [(layout, s) for s in layout.schedules]
     per_rank = run_ranks(world, _run_cases, [_overrides(*c) for c in cases], world)
     for i, case in enumerate(cases):
-        layout = case[0]
         # the residual stream between blocks is split by sequence across tp only under SP
         seq_between_blocks = SEQ_LEN // layout.tp if SP[0] in layout.extra else SEQ_LEN
         weights: dict[str, torch.Tensor] = {}
@@ -141,6 +163,8 @@ def test_schedules_and_layouts_match_single_process(world: int, layout: Layout, 
             assert abs(val - ref_val) / ref_val <= 1e-5, (case, val, ref_val)
             assert lengths == {seq_between_blocks}, (case, lengths)
             weights.update(rank_weights)
+        if tied and layout.pp > 1:  # the head's copy of the tied matrix: equal to it, too
+            ref_weights = {**ref_weights, "output.weight": ref_weights["tok_embeddings.weight"]}
         assert weights.keys() == ref_weights.keys(), case  # no layer dropped or duplicated
         worst = max(ref_weights, key=lambda k: _relative(weights[k], ref_weights[k]))
         assert _relative(weights[worst], ref_weights[worst]) <= 1e-5, (case, worst)
