@@ -149,10 +149,8 @@ class Trainer:
         inputs, targets = self.sampler.next_batch()
         loss = self.forward_backward(inputs, targets)
         tied = self.model.tied
-        if tied is not None:
-            sum_tied_gradients(
-                tied
-            )  # the copies of a tied matrix get one gradient, before clipping
+        if tied is not None:  # the copies of a tied matrix get one gradient, before clipping
+            sum_tied_gradients(tied)
         grad_norm = clip_grad_norm(
             self.model.parameters(),
             self.cfg.optim.grad_clip,
