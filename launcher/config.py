@@ -60,6 +60,10 @@ class ParallelConfig:
     schedule: str = "1f1b"
     microbatches: int = 1
     layers_per_stage: list[int] | None = None
+    # zb_1p / zb_2p search their order at these per-stage costs: one [F, I, W] (ms, or any unit)
+    # per pipeline stage, and p2p_ms per transfer; null: equal stages
+    stage_costs: list[list[float]] | None = None
+    p2p_ms: float = 0.0
     dp_shard: bool = True  # FSDP2 over dp; false replicates (DDP-style)
     sequence_parallel: bool = False
     allow_cross_node_tp: bool = False
