@@ -87,3 +87,18 @@ def test_stage_costs_are_validated() -> None:
             + ["parallel.schedule=zb_h1", "parallel.stage_costs=[[1.0,1.0,1.0],[1.0,1.0,1.0]]"],
             2,
         )
+
+
+def test_measured_costs_are_each_stages_median() -> None:
+    from parallel.cost_tuning import SHORTEST_S, costs_from_events
+    from parallel.timeline import Event
+
+    def event(kind: str, stage: int, ms: float) -> Event:
+        return Event(stage, stage, kind, stage, 0, 0.0, ms / 1000)
+
+    events = [event("F", 0, 1), event("F", 0, 3), event("F", 0, 2), event("W", 0, 4)]
+    events += [event("F", 1, 2), event("B", 1, 6), event("I", 1, 2), event("wait", -1, 9)]
+    costs = costs_from_events(events, 2)
+    assert costs.forward == pytest.approx((0.002, 0.002))
+    assert costs.input_grad == pytest.approx((SHORTEST_S, 0.0025))  # torch runs no I on stage 0
+    assert costs.weight_grad == pytest.approx((0.004, 0.003))
