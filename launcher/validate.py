@@ -164,6 +164,18 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
         par.layers_per_stage,
         "a split into pipeline stages needs parallel.pp > 1; remove it or raise pp",
     )
+    _check(
+        par.pp > 1 or par.stage_costs is None,
+        "parallel.stage_costs",
+        par.stage_costs,
+        "per-stage costs need a pipeline (parallel.pp > 1); remove them or raise pp",
+    )
+    _check(
+        par.p2p_ms == 0 or par.stage_costs is not None,
+        "parallel.p2p_ms",
+        par.p2p_ms,
+        "only read with parallel.stage_costs; remove it or give the stage costs too",
+    )
     _validate_batch(t.global_batch_size, par.dp, par.microbatches)
     _validate_tensor_parallel(m, par, t, ranks_per_node)
     _validate_pipeline(m, par)

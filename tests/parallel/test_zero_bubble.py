@@ -81,6 +81,8 @@ def test_stage_costs_are_validated() -> None:
         compose_config(
             base + ["parallel.schedule=zb_2p", "parallel.stage_costs=[[1.0,1.0,1.0]]"], 2
         )
+    with pytest.raises(ConfigError, match="parallel.p2p_ms=0.5: only read with"):
+        compose_config(base + ["parallel.schedule=zb_2p", "parallel.p2p_ms=0.5"], 2)
     with pytest.raises(ConfigError, match="only zb_1p and zb_2p search an order"):
         compose_config(
             base
