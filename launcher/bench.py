@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stage-ms", type=float, default=20.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--schedules", default=",".join(SCHEDULES))
+    p.add_argument("--w-ratio", type=float, default=1.0, help="weight gradient / forward")
+    p.add_argument("--last-stage", type=float, default=1.0, help="the last stage's cost factor")
     c = sub.add_parser("checkpoint", help="checkpoint save/load vs raw disk I/O (>= 1 GB)")
     c.add_argument(
         "--dir",
@@ -69,8 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     elif a.command == "overhead":
         print(format_overhead(overhead(a.steps, a.model, a.warmup, a.seq_len, a.batch)))
     else:
-        rows = pipeline(a.pp, a.microbatches, a.stage_ms, tuple(a.schedules.split(",")), a.repeats)
-        print(format_pipeline(rows, a.pp, a.microbatches, a.stage_ms))
+        names = tuple(a.schedules.split(","))
+        rows = pipeline(a.pp, a.microbatches, a.stage_ms, names, a.repeats, a.w_ratio, a.last_stage)
+        print(format_pipeline(rows, a.pp, a.microbatches, a.stage_ms, a.w_ratio, a.last_stage))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,10 @@ class ParallelConfig:
     # blocks per pipeline stage: null (the even split unless the cost model's is faster), even,
     # auto (parallel/plan/split.py), or a list of pp*virtual_stages counts
     layers_per_stage: Any = None
+    # zb_1p / zb_2p search their order at these per-stage costs: one [F, I, W] (ms, or any unit)
+    # per pipeline stage, and p2p_ms per transfer; null: equal stages
+    stage_costs: list[list[float]] | None = None
+    p2p_ms: float = 0.0
     dp_shard: bool = True  # FSDP2 over dp; false replicates (DDP-style)
     sequence_parallel: bool = False
     allow_cross_node_tp: bool = False

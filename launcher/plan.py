@@ -256,7 +256,8 @@ def report(cfg: Config, plan: PlanEstimate, counter: StageCounter) -> str:
     stretched = ", stretched by the bubble" if p.pp > 1 else ""
     gb = 1e9
     lines += [
-        f"bubble: {plan.bubble:.1%} of the step ({p.schedule}, p={p.pp}, m={p.microbatches})",
+        f"bubble: {plan.bubble:.1%} of the step, {plan.bubble / (1 - plan.bubble):.1%} of the ideal "
+        f"compute time ({p.schedule}, p={p.pp}, m={p.microbatches})",
         f"communication per GPU per step (pp rank {slow.pp_rank}): TP {slow.tp_bytes / gb:.2f} GB, "
         f"PP {slow.pp_bytes / gb:.2f} GB, DP {slow.dp_bytes / gb:.2f} GB",
         f"step: {plan.step_s:.3g} s = {plan.step_s - dp_rank.dp_exposed_s:.3g} s on pp rank "

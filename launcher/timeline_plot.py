@@ -86,7 +86,8 @@ def timeline_figure(events: list[Event], info: TimelineInfo) -> Figure:
     mbs = "microbatch" if info.microbatches == 1 else "microbatches"
     ax.set_title(
         f"{info.schedule}: pp={info.pp}{v}, {info.microbatches} {mbs}, step {info.step} "
-        f"({span_ms:.1f} ms), formula bubble {info.formula:.1%} of the step; "
+        f"({span_ms:.1f} ms), formula bubble {info.formula:.1%} of the step "
+        f"({info.formula / (1 - info.formula):.1%} of the ideal); "
         "numbers in the blocks are microbatches"
     )
     kinds = [k for k in COLOURS if any(e.kind == k for e in events)]
@@ -130,8 +131,9 @@ def write_timeline(events: list[Event], info: TimelineInfo, run_dir: Path) -> li
     ]
     span_ms = (max(e.end for e in events) - min(e.start for e in events)) * 1000
     lines += [
-        f"  rank {r}: bubble {b:.3f} measured ({b * span_ms:.1f} ms of the {span_ms:.1f} ms "
-        f"step), {info.formula:.3f} by the formula"
+        f"  rank {r}: bubble {b:.3f} of the step measured ({b / (1 - b):.3f} of the ideal; "
+        f"{b * span_ms:.1f} ms of the {span_ms:.1f} ms step), "
+        f"{info.formula:.3f} ({info.formula / (1 - info.formula):.3f}) by the formula"
         for r, b in measured_bubbles(events).items()
     ]
     return lines

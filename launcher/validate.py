@@ -16,7 +16,7 @@ from launcher.config import (
     ParallelConfig,
     TrainConfig,
 )
-from parallel.schedules import SCHEDULES, schedule_spec
+from parallel.schedules import SCHEDULE_SPECS, SCHEDULES, n_pipeline_stages, schedule_spec
 
 
 def _check(ok: bool, field_name: str, value: object, fix: str) -> None:
@@ -83,6 +83,7 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("parallel.tp", lambda v: v > 0, "must be > 0"),
     ("parallel.virtual_stages", lambda v: v > 0, "must be > 0"),
     ("parallel.microbatches", lambda v: v > 0, "must be > 0"),
+    ("parallel.p2p_ms", lambda v: _finite(v) and v >= 0, "must be finite and >= 0"),
 ]
 
 
@@ -173,6 +174,18 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
         split,
         "a split into pipeline stages needs parallel.pp > 1; remove it or raise pp",
     )
+    _check(
+        par.pp > 1 or par.stage_costs is None,
+        "parallel.stage_costs",
+        par.stage_costs,
+        "per-stage costs need a pipeline (parallel.pp > 1); remove them or raise pp",
+    )
+    _check(
+        par.p2p_ms == 0 or par.stage_costs is not None,
+        "parallel.p2p_ms",
+        par.p2p_ms,
+        "only read with parallel.stage_costs; remove it or give the stage costs too",
+    )
     _validate_batch(t.global_batch_size, par.dp, par.microbatches)
     _validate_tensor_parallel(m, par, t, ranks_per_node)
     _validate_pipeline(m, par, t.seq_len)
@@ -232,6 +245,28 @@ def _validate_pipeline(m: ModelConfig, par: ParallelConfig, seq_len: int) -> Non
         choose_split(m, seq_len, pp, v, s, par.microbatches, par.layers_per_stage)
     except ValueError as err:
         raise ConfigError("parallel.layers_per_stage", par.layers_per_stage, str(err)) from None
+    _validate_stage_costs(par, n_pipeline_stages(pp, v, s))
+
+
+def _validate_stage_costs(par: ParallelConfig, n_stages: int) -> None:
+    costs = par.stage_costs
+    if costs is None:
+        return
+    searched = [n for n, spec in SCHEDULE_SPECS.items() if spec.searched]
+    _check(
+        schedule_spec(par.schedule).searched,
+        "parallel.stage_costs",
+        costs,
+        f"only {' and '.join(searched)} search an order from costs; remove it or use one of them",
+    )
+    _check(
+        len(costs) == n_stages
+        and all(len(row) == 3 and all(_finite(c) and c > 0 for c in row) for row in costs),
+        "parallel.stage_costs",
+        costs,
+        f"give one [F, I, W] of positive times per pipeline stage ({n_stages}), "
+        f"e.g. {[[1.0, 1.0, 1.0]] * n_stages}",
+    )
 
 
 def _validate_data(d: DataConfig) -> None:

@@ -15,11 +15,12 @@ from parallel.dtensor import full_value
 from parallel.init import InitialValues, init_parameters
 from parallel.loss import cross_entropy
 from parallel.pipeline import (
+    build_eval_schedule,
     build_schedule,
     build_stage_module,
-    build_v_shape_eval_schedule,
     layers_per_stage,
 )
+from parallel.plan.replay import StageCosts
 from parallel.schedules import n_pipeline_stages, schedule_spec, stage_ids_for_rank
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.tied_embeddings import TiedCopies, tie_across_stages
@@ -34,7 +35,7 @@ class ParallelModel:
     n_stages: int
     schedule: _PipelineSchedule | None
     mesh: DeviceMesh
-    eval_schedule: _PipelineSchedule | None = None  # when evaluation needs its own (V shapes)
+    eval_schedule: _PipelineSchedule | None = None  # when evaluation needs its own order
     tied: TiedCopies | None = None  # tied embedding and head on different stages
 
     @property
@@ -66,6 +67,7 @@ def parallelize(
     activation_checkpointing: str = "none",
     sequence_parallel: bool = False,
     initial_values: InitialValues | None = None,
+    stage_costs: StageCosts | None = None,
 ) -> ParallelModel:
     """Build this rank's part of the model on `mesh`, initialized identically for any layout."""
     dp, pp, tp = (mesh[d].size() for d in ("dp", "pp", "tp"))
@@ -106,11 +108,19 @@ def parallelize(
             cross_entropy,
             device,
             mesh["pp"].get_group(),
+            stage_costs,
         )
-    eval_sched = sched
-    if schedule_spec(schedule).placement == "v" and pp > 1:
-        eval_sched = build_v_shape_eval_schedule(
-            chunks, stage_ids, n_stages, microbatches, cross_entropy, device, mesh["pp"].get_group()
+    eval_sched, spec = sched, schedule_spec(schedule)
+    if (spec.placement == "v" or spec.order is not None) and pp > 1:  # their eval() fails
+        eval_sched = build_eval_schedule(
+            chunks,
+            stage_ids,
+            n_stages,
+            microbatches,
+            cross_entropy,
+            device,
+            mesh["pp"].get_group(),
+            v_shape=spec.placement == "v",
         )
     return ParallelModel(chunks, stage_ids, n_stages, sched, mesh, eval_sched, tied)
 

@@ -26,6 +26,7 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from models.llama import Transformer
+from parallel.plan.replay import StageCosts
 from parallel.schedules import schedule_spec
 
 
@@ -81,26 +82,43 @@ def build_schedule(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     device: torch.device,
     pp_group: torch.distributed.ProcessGroup,
+    costs: StageCosts | None = None,
 ) -> PipelineScheduleSingle | PipelineScheduleMulti:
     """Wrap each local chunk in a PipelineStage and build the named schedule (parallel/schedules.py).
 
     The loss function returns the mean over a microbatch's tokens and scale_grads divides the
-    summed gradients by the number of microbatches: the gradient of the batch mean.
+    summed gradients by the number of microbatches: the gradient of the batch mean. `costs`
+    (per stage) are what a searched order (zb_1p, zb_2p) is searched at; None: equal stages.
     """
     stages = [
         PipelineStage(module, sid, n_stages, device, group=pp_group)
         for module, sid in zip(modules, stage_ids)
     ]
     spec = schedule_spec(schedule)
-    if spec.torch_class is None:
-        raise NotImplementedError(f"{schedule}: tridist-made action orders are not wired in yet")
+    if spec.order is not None:
+        # tridist's order, run by torch's runtime (a private class: the public schedules take
+        # no custom order); every rank computes the same order from the same inputs
+        sched = _PipelineScheduleRuntime(
+            stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True
+        )
+        pp = torch.distributed.get_world_size(pp_group)
+        set_order(sched, spec.order(pp, n_stages, microbatches, costs))
+        return sched
+    assert spec.torch_class is not None  # a spec has one or the other
     cls = get_schedule_class(spec.torch_class)
     if issubclass(cls, PipelineScheduleSingle):
         return cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True)
     return cls(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True)
 
 
-def build_v_shape_eval_schedule(
+def set_order(sched: _PipelineScheduleRuntime, order: dict[int, list[_Action]]) -> None:
+    """Run `order` (compute actions per pipeline rank) from the next step on: torch's lowering
+    checks it, maps stages to ranks and adds FSDP unshard/reshard, grad reduction and p2p."""
+    sched.pipeline_order = {r: list[_Action | None](actions) for r, actions in order.items()}
+    sched._prepare_schedule_with_comms(sched.pipeline_order)
+
+
+def build_eval_schedule(
     modules: Sequence[nn.Module],
     stage_ids: list[int],
     n_stages: int,
@@ -108,12 +126,14 @@ def build_v_shape_eval_schedule(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     device: torch.device,
     pp_group: torch.distributed.ProcessGroup,
+    v_shape: bool,
 ) -> _PipelineScheduleRuntime:
-    """A forward-only schedule for V-shaped placements, for evaluation.
+    """A forward-only schedule for evaluation, for V-shaped placements and tridist's orders.
 
     torch 2.13's ZBV and DualPipeV orders keep their backward actions in eval() and fail
-    ("can't steal_bwd_input"), so evaluation runs its own order: every rank passes all
-    microbatches through its first stage, then through its second; torch's runtime (a private
+    ("can't steal_bwd_input"), as would a custom order's, so evaluation runs its own order:
+    every rank passes all microbatches through its first stage, then through its second (if
+    any); torch's runtime (a private
     class: the public schedules take no custom order) adds the sends and receives. Separate
     PipelineStage wrappers of the same modules keep the training schedule's buffers untouched.
     """
@@ -123,16 +143,16 @@ def build_v_shape_eval_schedule(
     ]
     sched = _PipelineScheduleRuntime(stages, n_microbatches=microbatches, loss_fn=loss_fn)
     pp = torch.distributed.get_world_size(pp_group)
+    to_rank = generate_stage_to_rank_mapping(pp, n_stages, style="v" if v_shape else "loop")
     order: dict[int, list[_Action | None]] = {
         rank: [
             _Action(sid, FORWARD, mb)
-            for sid in (rank, n_stages - 1 - rank)
+            for sid in sorted(s for s, r in to_rank.items() if r == rank)
             for mb in range(microbatches)
         ]
         for rank in range(pp)
     }
     # lowered here rather than by _prepare_schedule_with_comms, whose check wants backwards
-    to_rank = generate_stage_to_rank_mapping(pp, n_stages, style="v")
     sched.stage_index_to_group_rank = to_rank
     for stage in stages:
         stage.stage_index_to_group_rank = to_rank

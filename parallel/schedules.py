@@ -1,7 +1,8 @@
 """The pipeline schedules tridist runs: one registry entry per schedule, read by config
 validation, the pipeline builder, the planner, the benchmark and the timeline.
 
-An entry says how the schedule is built (a torch.distributed.pipelining class), where its
+An entry says how the schedule is built (a torch.distributed.pipelining class, or a tridist-made
+action order that torch's runtime runs: parallel/zero_bubble.py), where its
 stages sit (one per rank, looped s mod pp, or a V), how many stages a rank holds, which
 microbatch counts it accepts, its bubble and the microbatches a rank holds at its peak.
 Adding a schedule is one entry here plus its row in tests/parallel/test_schedules.py.
@@ -21,9 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from parallel.plan.replay import StageCosts
+from parallel.zero_bubble import zb_1p_order, zb_2p_order, zb_h1_order, zb_h2_order
+
 Placement = Literal["one", "looped", "v"]
-# (pp, n_stages, microbatches) -> per pipeline rank, its list of torch _Actions
-ActionOrder = Callable[[int, int, int], dict[int, list[Any]]]
+# (pp, n_stages, microbatches, per-stage costs or None) -> per pipeline rank, its torch _Actions
+ActionOrder = Callable[[int, int, int, StageCosts | None], dict[int, list[Any]]]
 # (schedule name, pp, n_stages, microbatches) -> a fix when the microbatch count cannot work
 MicrobatchCheck = Callable[[str, int, int, int], str | None]
 
@@ -48,7 +52,8 @@ class ScheduleSpec:
     bubble_time: Callable[[int, int], float]  # (pp, v) -> idle time of a rank, in units of F
     in_flight: Callable[[int, int, int, int], float]  # (pp, pp rank, m, v) -> microbatches held
     microbatch_check: MicrobatchCheck | None = None
-    order: ActionOrder | None = None  # room for a tridist-made order (none yet)
+    order: ActionOrder | None = None  # a tridist-made order, run by torch's runtime
+    searched: bool = False  # the order is searched from the run's per-stage costs
     # measured activations torch holds / the paper's in-flight count (1.0: as the paper says)
     torch_activation_factor: float = 1.0
 
@@ -166,13 +171,15 @@ _SPECS = (
         _microbatches_in_rounds_of_pp,
         torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
     ),
-    # ZB-V: ~0 once m >= 2p; p on every rank, the peak of 1F1B's first stage
+    # ZB-V: its paper's ~0 needs optimizer post-validation (steps overlapping); within one
+    # synchronous step the middle rank waits (p-1) chunks of F/2 for its first input, which
+    # torch's order reaches at F = I = W: (p-1)/2. p on every rank, 1F1B's first-stage peak
     ScheduleSpec(
         "zbv",
         "ZBVZeroBubble",
         "v",
         2,
-        lambda p, v: 0.0,
+        lambda p, v: (p - 1) / 2,
         lambda p, r, m, v: p,
         torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
     ),
@@ -186,6 +193,59 @@ _SPECS = (
         lambda p, v: p - 1,
         lambda p, r, m, v: p + 1,
         _one_microbatch_per_stage,
+    ),
+    # tridist's zero-bubble orders, one stage per rank (parallel/zero_bubble.py). In a
+    # synchronous step the last rank waits (p-1) F for its first input whatever the order: ZB-H1
+    # reaches that floor, (p-1)(F+I-W), at F = I = W; ZB-H2's paper zero needs post-validation
+    # ZB-H1: p in flight on every rank (W r microbatches late on rank r), 1F1B's peak
+    ScheduleSpec(
+        "zb_h1",
+        None,
+        "one",
+        1,
+        lambda p, v: p - 1,
+        lambda p, r, m, v: p,
+        _one_microbatch_per_stage,
+        order=zb_h1_order,
+        torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
+    ),
+    # ZB-H2: 2p-1 in flight; the same floor at F = I = W, below ZB-H1's (p-1)(F+I-W) when W < I
+    ScheduleSpec(
+        "zb_h2",
+        None,
+        "one",
+        1,
+        lambda p, v: p - 1,
+        lambda p, r, m, v: 2 * p - 1,
+        _one_microbatch_per_stage,
+        order=zb_h2_order,
+        torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
+    ),
+    # ZB-1p / ZB-2p: searched from per-stage costs under p / 2p in flight; at equal costs
+    # they find the floor, (p-1)
+    ScheduleSpec(
+        "zb_1p",
+        None,
+        "one",
+        1,
+        lambda p, v: p - 1,
+        lambda p, r, m, v: p,
+        _one_microbatch_per_stage,
+        order=zb_1p_order,
+        searched=True,
+        torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
+    ),
+    ScheduleSpec(
+        "zb_2p",
+        None,
+        "one",
+        1,
+        lambda p, v: p - 1,
+        lambda p, r, m, v: 2 * p,
+        _one_microbatch_per_stage,
+        order=zb_2p_order,
+        searched=True,
+        torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
     ),
 )
 SCHEDULE_SPECS: dict[str, ScheduleSpec] = {s.name: s for s in _SPECS}

@@ -1,11 +1,13 @@
 """`python -m launcher.bench pipeline`: every schedule on real gloo ranks whose stages sleep a
 fixed time, so the measured bubble can be compared, even on 2 cores, with the literature's
-formula (parallel/schedules.py) and with torch's own action order for the schedule replayed at
-the same costs (parallel/plan/simulate.py).
+formula (parallel/schedules.py) and with the schedule's action order (torch's, or tridist's)
+replayed at the same costs (parallel/plan/simulate.py). Unequal costs (cheaper weight gradients,
+a slower last stage) show what the searched orders (zb_1p, zb_2p), given those costs, gain.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -19,11 +21,13 @@ from torch import nn
 from launcher.benchmarks.machine import machine
 from launcher.run.ports import free_port
 from parallel.pipeline import build_schedule
+from parallel.plan.replay import StageCosts, busiest_rank_work, stage_to_rank
 from parallel.plan.simulate import simulated_bubble
 from parallel.schedules import (
     SCHEDULES,
     bubble_fraction,
     n_pipeline_stages,
+    schedule_spec,
     stage_ids_for_rank,
     stages_per_rank,
 )
@@ -49,17 +53,17 @@ class _Sleep(torch.autograd.Function):
 
 
 class SleepStage(nn.Module):
-    """A stage of known cost: F = ms, input-grad = ms, weight-grad = ms (full backward 2ms).
+    """A stage of known cost: F = ms, input-grad = ms, weight-grad = w_ratio * ms.
 
     The two backward halves are separate autograd nodes meeting at the add, so the zero-bubble
     schedules' stage_backward_input (autograd.grad to the inputs) runs only the input half and
     stage_backward_weight (autograd.grad from the add to the weights) only the weight half.
     """
 
-    def __init__(self, width: int, ms: float) -> None:
+    def __init__(self, width: int, ms: float, w_ratio: float = 1.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(width))
-        self.ms = ms
+        self.ms, self.w_ratio = ms, w_ratio
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x + weight, at a fixed cost."""
@@ -67,7 +71,8 @@ class SleepStage(nn.Module):
             # the first stage's input needs no grad, but a real first stage still back-propagates
             # through its own layers: keep the input half so its full backward also costs 2ms
             x = x.detach().requires_grad_()
-        return _Sleep.apply(x, self.ms, self.ms) + _Sleep.apply(self.weight, 0, self.ms)
+        weight_ms = self.w_ratio * self.ms
+        return _Sleep.apply(x, self.ms, self.ms) + _Sleep.apply(self.weight, 0, weight_ms)
 
 
 def benchmarked_stages_per_rank(schedule: str) -> int:
@@ -81,6 +86,16 @@ def formula_bubble(schedule: str, p: int, m: int) -> float:
     return bubble_fraction(schedule, p, m, benchmarked_stages_per_rank(schedule))
 
 
+def stage_costs(
+    schedule: str, pp: int, stage_ms: float, w_ratio: float = 1.0, last_stage: float = 1.0
+) -> StageCosts:
+    """Per stage, in ms: a rank's stage_ms split over its v chunks, the last stage (the output
+    head's) `last_stage` times slower, each weight gradient `w_ratio` times its forward."""
+    n = n_pipeline_stages(pp, VIRTUAL_STAGES, schedule)
+    f = tuple(stage_ms / (n // pp) * (last_stage if s == n - 1 else 1) for s in range(n))
+    return StageCosts(f, f, tuple(w_ratio * x for x in f))
+
+
 @dataclass
 class PipelineRow:
     """One schedule's measured step against its ideal, its formula and its simulated order."""
@@ -89,7 +104,7 @@ class PipelineRow:
     step_ms: float  # median over the timed steps (slowest rank)
     ideal_ms: float  # m * (F + B) per rank: no bubble at all
     formula: float  # the literature's bubble, fraction of the step
-    simulated: float  # torch's action order replayed with free communication, fraction of step
+    simulated: float  # the action order replayed, free communication; fraction of step (or nan)
     runtime_ms: float  # the same schedule's step with zero-cost stages: comm + Python
 
     @property
@@ -112,6 +127,8 @@ def _pipeline_rank(
     stage_ms: float,
     repeats: int,
     queue: mp.SimpleQueue,
+    w_ratio: float = 1.0,
+    last_stage: float = 1.0,
 ) -> None:
     """One rank: per schedule, median of `repeats` steps after a warm-up step, at the stage cost
     and again at zero cost (what the runtime itself takes: p2p, Python, autograd book-keeping)."""
@@ -124,14 +141,16 @@ def _pipeline_rank(
     for name in schedules:
         v = benchmarked_stages_per_rank(name)
         ids = stage_ids_for_rank(rank, pp, v, name)
-        modules = [SleepStage(width, stage_ms / v) for _ in ids]
+        costs = stage_costs(name, pp, stage_ms, w_ratio, last_stage)
+        modules = [SleepStage(width, costs.forward[s], w_ratio) for s in ids]
         n_stages = n_pipeline_stages(pp, v, name)
+        searched_at = costs if schedule_spec(name).searched else None  # as parallel.stage_costs
         sched = build_schedule(
-            modules, ids, n_stages, name, m, F.mse_loss, torch.device("cpu"), group
+            modules, ids, n_stages, name, m, F.mse_loss, torch.device("cpu"), group, searched_at
         )
         for cost in (stage_ms, 0.0):
-            for mod in modules:
-                mod.ms = cost / v
+            for mod, s in zip(modules, ids):
+                mod.ms = costs.forward[s] * cost / stage_ms
             times = []
             for _ in range(1 + (repeats if cost else 5 * repeats)):  # zero-cost steps are short
                 dist.barrier()  # start every rank together
@@ -155,6 +174,8 @@ def pipeline(
     stage_ms: float = 20.0,
     schedules: tuple[str, ...] = SCHEDULES,
     repeats: int = 3,
+    w_ratio: float = 1.0,
+    last_stage: float = 1.0,
 ) -> list[PipelineRow]:
     """Run each schedule on `pp` spawned gloo ranks with fixed-cost stages; one row each."""
     if stage_ms <= 0 or pp < 2 or microbatches < 1 or repeats < 1:
@@ -168,34 +189,62 @@ def pipeline(
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(
         _pipeline_rank,
-        args=(pp, port, list(schedules), microbatches, stage_ms, repeats, queue),
+        args=(
+            pp,
+            port,
+            list(schedules),
+            microbatches,
+            stage_ms,
+            repeats,
+            queue,
+            w_ratio,
+            last_stage,
+        ),
         nprocs=pp,
         join=True,
     )
-    times = queue.get()
-    ideal = microbatches * 3 * stage_ms  # F + B_input + W per microbatch, on every rank
-    return [
-        PipelineRow(
-            name,
-            times[name, stage_ms] * 1000,
-            ideal,
-            formula_bubble(name, pp, microbatches),
-            simulated_bubble(name, pp, microbatches, VIRTUAL_STAGES),
-            times[name, 0.0] * 1000,
+    times, rows = queue.get(), []
+    for name in schedules:
+        costs = stage_costs(name, pp, stage_ms, w_ratio, last_stage)
+        placement = stage_to_rank(pp, len(costs.forward), schedule_spec(name).placement == "v")
+        equal = w_ratio == 1 and last_stage == 1
+        try:
+            simulated = simulated_bubble(
+                name, pp, microbatches, VIRTUAL_STAGES, None if equal else costs
+            )
+        except ValueError:  # torch lists no order its one-stage runtime runs: nothing to replay
+            simulated = math.nan
+        rows.append(
+            PipelineRow(
+                name,
+                times[name, stage_ms] * 1000,
+                busiest_rank_work(costs, placement, microbatches),  # the busiest rank, no bubble
+                formula_bubble(name, pp, microbatches),
+                simulated,
+                times[name, 0.0] * 1000,
+            )
         )
-        for name in schedules
-    ]
+    return rows
 
 
-def format_pipeline(rows: list[PipelineRow], pp: int, m: int, stage_ms: float) -> str:
+def format_pipeline(
+    rows: list[PipelineRow],
+    pp: int,
+    m: int,
+    stage_ms: float,
+    w_ratio: float = 1.0,
+    last_stage: float = 1.0,
+) -> str:
     """The pipeline rows as a Markdown table, both bubble conventions shown."""
     lines = [
         f"machine: {machine()}",
         f"pp={pp}, microbatches={m}, per rank and microbatch F={stage_ms:g} ms, "
-        f"B_input={stage_ms:g} ms, W={stage_ms:g} ms (halved per stage when v=2)",
+        f"B_input={stage_ms:g} ms, W={w_ratio * stage_ms:g} ms (halved per stage when v=2)"
+        + (f", the last stage {last_stage:g}x" if last_stage != 1 else "")
+        + "; formula: at equal costs; ideal: the busiest rank's compute",
         "| schedule | v | step ms measured | ideal ms | measured bubble (of step / of ideal) "
         "| formula bubble (of step / of ideal) | expected ms | measured vs expected "
-        "| simulated bubble (torch's order) | runtime ms (zero-cost stages) "
+        "| simulated bubble (the order replayed at these costs) | runtime ms (zero-cost stages) "
         "| measured vs simulated + runtime |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -206,6 +255,10 @@ def format_pipeline(rows: list[PipelineRow], pp: int, m: int, stage_ms: float) -
             f"{r.ideal_ms:.1f} | {r.bubble:.3f} / {r.step_ms / r.ideal_ms - 1:.3f} | "
             f"{r.formula:.3f} / {r.formula / (1 - r.formula):.3f} | "
             f"{expected_ms:.1f} | {r.step_ms / expected_ms - 1:+.1%} | "
-            f"{r.simulated:.3f} | {r.runtime_ms:.1f} | {r.off_simulated:+.1%} |"
+            f"{_maybe(r.simulated, '.3f')} | {r.runtime_ms:.1f} | {_maybe(r.off_simulated, '+.1%')} |"
         )
     return "\n".join(lines)
+
+
+def _maybe(x: float, spec: str) -> str:
+    return "n/a" if math.isnan(x) else format(x, spec)

@@ -14,6 +14,7 @@ from models.llama import ModelArgs
 from parallel.init import InitialValues
 from parallel.mesh import build_mesh, resolve_device
 from parallel.parallelize import parallelize
+from parallel.plan.replay import StageCosts
 from parallel.plan.split import SplitChoice, choose_split
 
 
@@ -37,6 +38,14 @@ def pipeline_split(cfg: Config) -> SplitChoice | None:
         p.microbatches,
         p.layers_per_stage,
     )
+
+
+def stage_costs(rows: list[list[float]] | None, p2p_ms: float) -> StageCosts | None:
+    """parallel.stage_costs ([F, I, W] per stage) as the StageCosts a searched order reads."""
+    if rows is None:
+        return None
+    f, i, w = (tuple(float(row[k]) for row in rows) for k in range(3))
+    return StageCosts(f, i, w, p2p_ms)
 
 
 def load_data(cfg: Config) -> TokenSource:
@@ -95,6 +104,7 @@ def build_trainer(
         activation_checkpointing=cfg.model.activation_checkpointing,
         sequence_parallel=par.sequence_parallel,
         initial_values=initial_values,
+        stage_costs=stage_costs(par.stage_costs, par.p2p_ms),
     )
     sampler = DistributedBatchSampler(
         tokens.train,

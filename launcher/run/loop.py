@@ -20,6 +20,7 @@ from launcher.run.monitor import RunMonitor
 from launcher.run.preemption import StopSignal
 from launcher.run.resume import resume_changes
 from launcher.run.trainer import StepResult, Trainer
+from launcher.run.tuning import searched_order_step, tune
 from models.hf_llama import HFFormatError
 from parallel.checkpoint.format import read_manifest
 from parallel.checkpoint.state import CheckpointError
@@ -67,8 +68,11 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
     local_losses: list[torch.Tensor] = []  # this rank's, as tensors: no host sync per step
     stop = StopSignal()
     skipped = 0  # non-finite steps in a row
+    tune_step = searched_order_step(cfg, trainer)
     while trainer.step < t.steps and not summary.preempted:
-        if monitor.timeline_step == trainer.step + 1:
+        if tune_step == trainer.step + 1:
+            result = tune(cfg, trainer, monitor)  # zb_1p/zb_2p: searched at measured costs
+        elif monitor.timeline_step == trainer.step + 1:
             result = monitor.record_timeline(trainer)  # the same step, every action timed
         else:
             result = trainer.train_step()

@@ -161,6 +161,9 @@ def test_tensor_parallel_activation_estimate_matches_the_real_run(
         ("interleaved_zb", 2),
         ("zbv", 2),
         ("dualpipev", 2),
+        ("zb_h1", 1),
+        ("zb_h2", 1),
+        ("zb_2p", 1),
     ],
 )
 def test_bubble_is_the_papers(schedule: str, v: int) -> None:
@@ -186,13 +189,22 @@ def test_bubble_is_the_papers(schedule: str, v: int) -> None:
         "1f1b": (p - 1) / (m + p - 1),  # PipeDream-Flush: the same bubble
         "interleaved_1f1b": None,  # Megatron: (p-1)/(v m) of the ideal step
         "interleaved_zb": None,  # ZB-H1: (p-1)(F + B - W)
-        "zbv": 0.0,  # ZB-V: none once m >= 2p
+        # ZB-V's paper: none once m >= 2p, with optimizer post-validation; in one synchronous
+        # step the middle rank waits (p-1) chunk forwards for its first input
+        "zbv": None,
         "dualpipev": None,  # DeepSeek-V3: (p-1)(F&B + B_full - 3W), F&B = F + B_full unoverlapped
+        "zb_h1": None,  # ZB-H1: (p-1)(F + B - W)
+        "zb_h2": None,  # ZB-H2 / ZB-2p: the synchronous step's floor, (p-1) F
+        "zb_2p": None,
     }
     over_ideal = {
         "interleaved_1f1b": (p - 1) / (v * m),
         "interleaved_zb": (p - 1) * (f + b - w) / (3 * m),
         "dualpipev": (p - 1) * ((f + 2 * b) + 2 * b - 3 * w) / (3 * m),
+        "zbv": (p - 1) * f / (3 * m),
+        "zb_h1": (p - 1) * (f + b - w) / (3 * m),
+        "zb_h2": (p - 1) * f / (3 * m),
+        "zb_2p": (p - 1) * f / (3 * m),
     }
     expected = (
         papers[schedule]

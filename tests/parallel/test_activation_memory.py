@@ -22,9 +22,23 @@ def _measure(overrides: list[str], world: int) -> tuple[float, float, int, float
     return loss, in_flight, tracker.peak, tracker.total
 
 
-def _pipeline_cases(world: int) -> dict[str, list[tuple]]:
+# zero-bubble schedules: microbatches their order holds at pp=2 (parallel/schedules.py); zb_1p
+# runs zb_h1's order at equal costs
+ZERO_BUBBLE_LIMITS = {"zb_h1": 2, "zb_h2": 3, "zb_2p": 4, "zbv": 2}
+# torch 2.13 keeps part of every microbatch past its weight gradient until the step ends:
+# 2.8x the order's count at m=8 (parallel/schedules.py, ZERO_BUBBLE_TORCH_FACTOR)
+TORCH_KEEPS = 2.8
+
+
+def _pipeline_cases(world: int) -> dict[str, tuple]:
     common = ["parallel.pp=2", "parallel.microbatches=8", "train.global_batch_size=16"]
-    return {s: _measure(common + [f"parallel.schedule={s}"], world) for s in ("gpipe", "1f1b")}
+    return {
+        s: _measure(
+            common + [f"parallel.schedule={s}", f"parallel.virtual_stages={1 + (s == 'zbv')}"],
+            world,
+        )
+        for s in ("gpipe", "1f1b", *ZERO_BUBBLE_LIMITS)
+    }
 
 
 def test_1f1b_holds_at_most_pp_microbatches_gpipe_holds_all() -> None:
@@ -36,6 +50,13 @@ def test_1f1b_holds_at_most_pp_microbatches_gpipe_holds_all() -> None:
         assert results["1f1b"][1] < 2 - rank + 1, (rank, results)
         assert results["1f1b"][2] < results["gpipe"][2] / 3
     assert per_rank[1]["gpipe"][0] == per_rank[1]["1f1b"][0]  # same loss
+    first = per_rank[0]
+    for name, limit in ZERO_BUBBLE_LIMITS.items():
+        for results in per_rank:
+            assert results[name][1] <= TORCH_KEEPS * limit, (name, results[name])
+        # tridist's orders on the first stage, where 1F1B peaks: their count plus part of one
+        assert name == "zbv" or first[name][1] < limit + 1, (name, first[name])
+    assert first["zb_h1"][1] <= first["1f1b"][1] + 0.01  # ZB-H1 keeps 1F1B's peak
 
 
 def test_recompute_keeps_loss_and_cuts_saved_activations() -> None:

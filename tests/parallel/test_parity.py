@@ -33,8 +33,11 @@ BASE = [
 ]
 ONE_STAGE = ("gpipe", "1f1b")
 MULTI_STAGE = ("interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev")
+ZERO_BUBBLE = ("zb_h1", "zb_h2", "zb_1p", "zb_2p")  # tridist's orders on torch's runtime
 SP = ("parallel.sequence_parallel=true",)
 TIED = ("model.tie_embeddings=true",)  # against a tied single-process reference
+# a searched order at given unequal costs (a slower last stage, cheap weight gradients)
+COSTS = ("parallel.stage_costs=[[1.0,1.0,0.5],[1.5,1.5,0.75]]",)
 
 
 class Layout(NamedTuple):
@@ -50,6 +53,8 @@ class Layout(NamedTuple):
 LAYOUTS = {
     2: [
         Layout(1, 2, 1, 1, ONE_STAGE),
+        Layout(1, 2, 1, 1, ZERO_BUBBLE),
+        Layout(1, 2, 1, 1, ("zb_2p",), COSTS),
         Layout(1, 2, 1, 2, MULTI_STAGE),
         Layout(1, 1, 2, 1, ("1f1b",), SP),
         # tied embedding and head on two ranks (gradients summed over a pair) and on one (V)
@@ -62,11 +67,13 @@ LAYOUTS = {
     ],  # SP without dp: norm grads stay Partial into the optimizer
     4: [
         Layout(1, 4, 1, 2, MULTI_STAGE),
+        Layout(1, 4, 1, 1, ("zb_h1", "zb_2p")),
         Layout(2, 1, 2, 1, ("1f1b",), SP),  # SP under FSDP2, which reduces norm grads across tp
         Layout(1, 2, 2, 1, ("gpipe",), SP),
     ],  # sequence-sharded activations between stages
     8: [
         Layout(2, 2, 2, 1, ONE_STAGE),
+        Layout(2, 2, 2, 1, ("zb_h2", "zb_1p")),  # under FSDP2 over dp and TP
         Layout(2, 2, 2, 2, MULTI_STAGE),
         Layout(1, 2, 4, 1, ONE_STAGE),
         Layout(4, 2, 1, 1, ONE_STAGE),
@@ -128,11 +135,13 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _layout_id(layout: Layout) -> str:
-    """e.g. dp1pp2tp1v2-tie_embeddings-layers_per_stage=[0,3,5,0]"""
+    """e.g. dp1pp2tp1v2-tie_embeddings-layers_per_stage=[0,3,5,0]-interleaved_1f1b"""
     tags = []
     for override in layout.extra:
         key, value = override.split("=", 1)
         tags.append(key.split(".")[-1] + ("" if value == "true" else f"={value}"))
+    if layout.schedules not in (ONE_STAGE, MULTI_STAGE):
+        tags.append(",".join(layout.schedules))
     return "-".join([f"dp{layout.dp}pp{layout.pp}tp{layout.tp}v{layout.v}", *tags])
 
 

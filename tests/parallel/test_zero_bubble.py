@@ -1,0 +1,106 @@
+"""tridist's zero-bubble orders: complete, within their memory, at the floor of a synchronous
+step at equal costs, and the searched ones never slower than the handcrafted at other costs."""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher.config import ConfigError
+from launcher.run.compose import compose_config
+from parallel.plan.replay import StageCosts
+from parallel.zero_bubble import (
+    h1_shaped,
+    list_schedule,
+    peak_in_flight,
+    step_time,
+    zb_1p_order,
+    zb_2p_order,
+    zb_h1_order,
+    zb_h2_order,
+)
+
+ORDERS = {"zb_h1": zb_h1_order, "zb_h2": zb_h2_order, "zb_1p": zb_1p_order, "zb_2p": zb_2p_order}
+LIMITS = {"zb_h1": 1.0, "zb_h2": 2.0, "zb_1p": 1.0, "zb_2p": 2.0}  # x p, 2p-1 for zb_h2
+UNEQUAL = {
+    "W = F/2": StageCosts((1.0,) * 4, (1.0,) * 4, (0.5,) * 4),
+    "p2p = F/5": StageCosts((1.0,) * 4, (1.0,) * 4, (1.0,) * 4, 0.2),
+    "I = 1.5F, W = F/2": StageCosts((1.0,) * 4, (1.5,) * 4, (0.5,) * 4),
+    "last stage 1.5x": StageCosts((1, 1, 1, 1.5), (1, 1, 1, 1.5), (1, 1, 1, 1.5)),
+}
+
+
+@pytest.mark.parametrize("name", ORDERS)
+@pytest.mark.parametrize(("p", "m"), [(2, 4), (4, 8), (4, 16), (8, 16)])
+def test_orders_are_complete_within_memory_and_at_the_floor(name: str, p: int, m: int) -> None:
+    order = ORDERS[name](p, p, m, None)
+    for r, actions in order.items():  # each F, I and W of every microbatch once, on its rank
+        seen = sorted((a.computation_type.value, a.microbatch_index) for a in actions)
+        assert seen == sorted((k, mb) for k in "FIW" for mb in range(m)), (name, r)
+        assert {a.stage_index for a in actions} == {r}
+    limit = 2 * p - 1 if name == "zb_h2" else LIMITS[name] * p
+    assert max(peak_in_flight(order).values()) <= limit, name
+    # the floor of a synchronous step: the last rank waits (p-1) F for its first input
+    assert step_time(order, StageCosts.uniform(p, p)) == pytest.approx(3 * m + p - 1), name
+
+
+def test_zb_h1_is_the_papers_pattern() -> None:
+    order = h1_shaped(4, 8)
+    assert [f"{a.computation_type.value}{a.microbatch_index}" for a in order[3][:9]] == [
+        "F0", "I0", "F1", "I1", "F2", "I2", "F3", "I3", "W0",
+    ]  # fmt: skip
+    assert peak_in_flight(order) == {0: 4, 1: 4, 2: 4, 3: 4}  # 1F1B's first-stage peak
+
+
+@pytest.mark.parametrize("label", UNEQUAL)
+def test_searched_orders_never_lose_to_the_handcrafted(label: str) -> None:
+    costs, p, m = UNEQUAL[label], 4, 8
+    h1, h2 = (step_time(f(p, p, m, None), costs) for f in (zb_h1_order, zb_h2_order))
+    one, two = (step_time(f(p, p, m, costs), costs) for f in (zb_1p_order, zb_2p_order))
+    assert one <= h1 + 1e-9 and two <= min(h1, h2) + 1e-9, (label, h1, h2, one, two)
+
+
+def test_searched_orders_beat_zb_h1_when_weight_gradients_are_cheap() -> None:
+    costs = UNEQUAL["I = 1.5F, W = F/2"]
+    assert step_time(zb_2p_order(4, 4, 8, costs), costs) < 0.95 * step_time(
+        zb_h1_order(4, 4, 8, None), costs
+    )
+
+
+def test_list_schedule_refuses_a_limit_of_nothing() -> None:
+    with pytest.raises(ValueError, match="memory limit of 0"):
+        list_schedule(2, 4, StageCosts.uniform(2, 2), 0)
+
+
+def test_stage_costs_are_validated() -> None:
+    base = ["model=debug", "parallel.pp=2", "parallel.microbatches=4"]
+    cfg = compose_config(
+        base + ["parallel.schedule=zb_1p", "parallel.stage_costs=[[1.0,1.0,1.0],[2.0,2.0,1.0]]"], 2
+    )
+    assert cfg.parallel.stage_costs == [[1, 1, 1], [2, 2, 1]]
+    with pytest.raises(ConfigError, match=r"parallel.stage_costs=.*one \[F, I, W\].*\(2\)"):
+        compose_config(
+            base + ["parallel.schedule=zb_2p", "parallel.stage_costs=[[1.0,1.0,1.0]]"], 2
+        )
+    with pytest.raises(ConfigError, match="parallel.p2p_ms=0.5: only read with"):
+        compose_config(base + ["parallel.schedule=zb_2p", "parallel.p2p_ms=0.5"], 2)
+    with pytest.raises(ConfigError, match="only zb_1p and zb_2p search an order"):
+        compose_config(
+            base
+            + ["parallel.schedule=zb_h1", "parallel.stage_costs=[[1.0,1.0,1.0],[1.0,1.0,1.0]]"],
+            2,
+        )
+
+
+def test_measured_costs_are_each_stages_median() -> None:
+    from parallel.cost_tuning import SHORTEST_S, costs_from_events
+    from parallel.timeline import Event
+
+    def event(kind: str, stage: int, ms: float) -> Event:
+        return Event(stage, stage, kind, stage, 0, 0.0, ms / 1000)
+
+    events = [event("F", 0, 1), event("F", 0, 3), event("F", 0, 2), event("W", 0, 4)]
+    events += [event("F", 1, 2), event("B", 1, 6), event("I", 1, 2), event("wait", -1, 9)]
+    costs = costs_from_events(events, 2)
+    assert costs.forward == pytest.approx((0.002, 0.002))
+    assert costs.input_grad == pytest.approx((SHORTEST_S, 0.0025))  # torch runs no I on stage 0
+    assert costs.weight_grad == pytest.approx((0.004, 0.003))
