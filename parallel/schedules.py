@@ -51,6 +51,9 @@ class ScheduleSpec:
     order: ActionOrder | None = None  # room for a tridist-made order (none yet)
     # measured activations torch holds / the paper's in-flight count (1.0: as the paper says)
     torch_activation_factor: float = 1.0
+    # torch 2.13 runs the schedule with torch.compile'd stages (its zero-bubble schedules split
+    # backward into input and weight passes and refuse compiled stages, pytorch#161904)
+    compiled_stages: bool = True
 
     def __post_init__(self) -> None:
         if (self.torch_class is None) == (self.order is None):
@@ -165,6 +168,7 @@ _SPECS = (
         _megatron_warm_up,
         _microbatches_in_rounds_of_pp,
         torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
+        compiled_stages=False,
     ),
     # ZB-V: ~0 once m >= 2p; p on every rank, the peak of 1F1B's first stage
     ScheduleSpec(
@@ -175,6 +179,7 @@ _SPECS = (
         lambda p, v: 0.0,
         lambda p, r, m, v: p,
         torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
+        compiled_stages=False,
     ),
     # DualPipe's (p-1)(F&B+B-3W) per chunk with v=2 and no F&B overlap = p-1; its
     # activation column, p + 1
@@ -186,6 +191,7 @@ _SPECS = (
         lambda p, v: p - 1,
         lambda p, r, m, v: p + 1,
         _one_microbatch_per_stage,
+        compiled_stages=False,
     ),
 )
 SCHEDULE_SPECS: dict[str, ScheduleSpec] = {s.name: s for s in _SPECS}
