@@ -38,6 +38,14 @@ def main(argv: list[str] | None = None) -> None:
     o.add_argument("--model", default="tiny")
     o.add_argument("--seq-len", type=int, default=256)
     o.add_argument("--batch", type=int, default=8)
+    o.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for tridist's side only (e.g. train.compile=true, precision=bf16); "
+        "model.* overrides apply to both sides",
+    )
     p = sub.add_parser("pipeline", help="bubble of each schedule with fixed-cost stages")
     p.add_argument("--pp", type=int, default=4)
     p.add_argument("--microbatches", type=int, default=8)
@@ -69,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         print(machine())
         print(format_split(split_benchmark(a.model, a.pp, a.steps, a.blocks)))
     elif a.command == "overhead":
-        print(format_overhead(overhead(a.steps, a.model, a.warmup, a.seq_len, a.batch)))
+        result = overhead(a.steps, a.model, a.warmup, a.seq_len, a.batch, tuple(a.set))
+        print(format_overhead(result))
     else:
         names = tuple(a.schedules.split(","))
         rows = pipeline(a.pp, a.microbatches, a.stage_ms, names, a.repeats, a.w_ratio, a.last_stage)

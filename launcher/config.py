@@ -94,6 +94,9 @@ class TrainConfig:
     # nonfinite_max_skips skipped steps in a row
     nonfinite: str = "stop"  # stop | skip
     nonfinite_max_skips: int = 3
+    # torch.compile each transformer block (Inductor; C++ on CPU); not with the zero-bubble
+    # schedules (interleaved_zb, zbv, dualpipev), which torch 2.13 refuses compiled stages
+    compile: bool = False
 
 
 @dataclass
@@ -108,6 +111,9 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    # AdamW's kernel: auto (fused where torch has it for every parameter, else foreach) |
+    # for_loop | foreach | fused; the same update in fp32 up to rounding
+    implementation: str = "auto"
 
 
 @dataclass

@@ -18,6 +18,8 @@ from launcher.config import (
 )
 from parallel.schedules import SCHEDULE_SPECS, SCHEDULES, n_pipeline_stages, schedule_spec
 
+OPTIM_IMPLEMENTATIONS = ("auto", "for_loop", "foreach", "fused")
+
 
 def _check(ok: bool, field_name: str, value: object, fix: str) -> None:
     if not ok:
@@ -111,6 +113,12 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
         "use auto, fp32 or bf16",
     )
     _validate_ranges(cfg)
+    _check(
+        cfg.optim.implementation in OPTIM_IMPLEMENTATIONS,
+        "optim.implementation",
+        cfg.optim.implementation,
+        f"use {', '.join(OPTIM_IMPLEMENTATIONS)}",
+    )
     _check(m.dim % m.n_heads == 0, "model.n_heads", m.n_heads, f"must divide model.dim={m.dim}")
     _check(
         m.kv_heads > 0 and m.n_heads % m.kv_heads == 0,
@@ -188,7 +196,7 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
     )
     _validate_batch(t.global_batch_size, par.dp, par.microbatches)
     _validate_tensor_parallel(m, par, t, ranks_per_node)
-    _validate_pipeline(m, par, t.seq_len)
+    _validate_pipeline(m, par, t.seq_len, t.compile)
 
 
 def _validate_tensor_parallel(
@@ -228,7 +236,7 @@ def _validate_tensor_parallel(
     )
 
 
-def _validate_pipeline(m: ModelConfig, par: ParallelConfig, seq_len: int) -> None:
+def _validate_pipeline(m: ModelConfig, par: ParallelConfig, seq_len: int, compile: bool) -> None:
     from parallel.plan.split import choose_split
 
     s, v, pp = par.schedule, par.virtual_stages, par.pp
@@ -241,6 +249,14 @@ def _validate_pipeline(m: ModelConfig, par: ParallelConfig, seq_len: int) -> Non
     problem = schedule_spec(s).problem(pp, v, par.microbatches)  # the schedule's own rules
     if problem is not None:
         raise ConfigError(f"parallel.{problem.setting}", problem.value, problem.fix)
+    allowed = [n for n, spec in SCHEDULE_SPECS.items() if spec.compiled_stages]
+    _check(
+        not compile or schedule_spec(s).compiled_stages,
+        "train.compile",
+        compile,
+        f"torch 2.13 refuses compiled stages in parallel.schedule={s} (pytorch#161904); set "
+        f"train.compile=false or use one of {', '.join(allowed)}",
+    )
     try:
         choose_split(m, seq_len, pp, v, s, par.microbatches, par.layers_per_stage)
     except ValueError as err:

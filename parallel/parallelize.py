@@ -1,4 +1,5 @@
-"""Config in, parallel model out: split into pipeline chunks, then TP, init, recompute, DP."""
+"""Config in, parallel model out: split into pipeline chunks, then TP, init, recompute, compile,
+DP."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch.distributed.pipelining.schedules import _PipelineSchedule
 
 from models.llama import ModelArgs, Transformer
 from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.compile import apply_compile
 from parallel.data_parallel import apply_data_parallel
 from parallel.dtensor import full_value
 from parallel.init import InitialValues, init_parameters
@@ -68,8 +70,13 @@ def parallelize(
     sequence_parallel: bool = False,
     initial_values: InitialValues | None = None,
     stage_costs: StageCosts | None = None,
+    compile: bool = False,
+    param_dtype: torch.dtype | None = None,
 ) -> ParallelModel:
-    """Build this rank's part of the model on `mesh`, initialized identically for any layout."""
+    """Build this rank's part of the model on `mesh`, initialized identically for any layout.
+
+    compile: torch.compile each block (regional). param_dtype: under dp > 1, the dtype FSDP2 or
+    replicate all-gather and compute parameters in, gradients reduced in fp32 (None: fp32)."""
     dp, pp, tp = (mesh[d].size() for d in ("dp", "pp", "tp"))
     with torch.device("meta"):
         whole = Transformer(args)
@@ -87,8 +94,12 @@ def parallelize(
         chunk.tie_weights()  # a chunk holding embedding and head: one matrix again
         init_parameters(chunk, args, seed, initial_values)
         apply_activation_checkpointing(chunk, activation_checkpointing)
+        if compile:
+            apply_compile(chunk)
         if dp > 1:
-            apply_data_parallel(chunk, mesh["dp"], shard=dp_shard, pipelined=pp > 1)
+            apply_data_parallel(
+                chunk, mesh["dp"], shard=dp_shard, pipelined=pp > 1, param_dtype=param_dtype
+            )
     tied = None
     if pp > 1 and args.tie_embeddings:
         last_rank = next(

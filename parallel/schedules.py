@@ -56,6 +56,9 @@ class ScheduleSpec:
     searched: bool = False  # the order is searched from the run's per-stage costs
     # measured activations torch holds / the paper's in-flight count (1.0: as the paper says)
     torch_activation_factor: float = 1.0
+    # torch 2.13 runs the schedule with torch.compile'd stages (its zero-bubble schedules split
+    # backward into input and weight passes and refuse compiled stages, pytorch#161904)
+    compiled_stages: bool = True
 
     def __post_init__(self) -> None:
         if (self.torch_class is None) == (self.order is None):
@@ -170,6 +173,7 @@ _SPECS = (
         _megatron_warm_up,
         _microbatches_in_rounds_of_pp,
         torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
+        compiled_stages=False,
     ),
     # ZB-V: its paper's ~0 needs optimizer post-validation (steps overlapping); within one
     # synchronous step the middle rank waits (p-1) chunks of F/2 for its first input, which
@@ -182,6 +186,7 @@ _SPECS = (
         lambda p, v: (p - 1) / 2,
         lambda p, r, m, v: p,
         torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
+        compiled_stages=False,
     ),
     # DualPipe's (p-1)(F&B+B-3W) per chunk with v=2 and no F&B overlap = p-1; its
     # activation column, p + 1
@@ -193,6 +198,7 @@ _SPECS = (
         lambda p, v: p - 1,
         lambda p, r, m, v: p + 1,
         _one_microbatch_per_stage,
+        compiled_stages=False,
     ),
     # tridist's zero-bubble orders, one stage per rank (parallel/zero_bubble.py). In a
     # synchronous step the last rank waits (p-1) F for its first input whatever the order: ZB-H1
@@ -208,6 +214,7 @@ _SPECS = (
         _one_microbatch_per_stage,
         order=zb_h1_order,
         torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
+        compiled_stages=False,  # their I/W split needs a block backward of many nodes
     ),
     # ZB-H2: 2p-1 in flight; the same floor at F = I = W, below ZB-H1's (p-1)(F+I-W) when W < I
     ScheduleSpec(
@@ -220,6 +227,7 @@ _SPECS = (
         _one_microbatch_per_stage,
         order=zb_h2_order,
         torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
+        compiled_stages=False,  # their I/W split needs a block backward of many nodes
     ),
     # ZB-1p / ZB-2p: searched from per-stage costs under p / 2p in flight; at equal costs
     # they find the floor, (p-1)
@@ -234,6 +242,7 @@ _SPECS = (
         order=zb_1p_order,
         searched=True,
         torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
+        compiled_stages=False,  # their I/W split needs a block backward of many nodes
     ),
     ScheduleSpec(
         "zb_2p",
@@ -246,6 +255,7 @@ _SPECS = (
         order=zb_2p_order,
         searched=True,
         torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
+        compiled_stages=False,  # their I/W split needs a block backward of many nodes
     ),
 )
 SCHEDULE_SPECS: dict[str, ScheduleSpec] = {s.name: s for s in _SPECS}

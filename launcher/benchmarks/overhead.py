@@ -19,7 +19,7 @@ from launcher.benchmarks.machine import machine
 from launcher.config import Config
 from launcher.run.build import build_trainer, load_data, model_args
 from launcher.run.compose import compose_config
-from launcher.run.trainer import lr_multiplier, timed_steps
+from launcher.run.trainer import ADAMW_KERNELS, adamw_implementation, lr_multiplier, timed_steps
 from models.llama import Transformer
 
 
@@ -39,6 +39,7 @@ class BareLoop:
             lr=o.lr,
             betas=(o.beta1, o.beta2),
             eps=o.eps,
+            **ADAMW_KERNELS[adamw_implementation(o.implementation, params)],  # as the trainer's
         )
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, o.warmup_steps, t.steps, o.min_lr_ratio)

@@ -9,7 +9,7 @@ import torch
 
 from data import DistributedBatchSampler, TokenSource, build_token_source
 from launcher.config import Config, ConfigError
-from launcher.run.trainer import Trainer
+from launcher.run.trainer import Trainer, uses_bf16
 from models.llama import ModelArgs
 from parallel.init import InitialValues
 from parallel.mesh import build_mesh, resolve_device
@@ -105,6 +105,8 @@ def build_trainer(
         sequence_parallel=par.sequence_parallel,
         initial_values=initial_values,
         stage_costs=stage_costs(par.stage_costs, par.p2p_ms),
+        compile=cfg.train.compile,
+        param_dtype=torch.bfloat16 if uses_bf16(device, cfg.precision) else None,
     )
     sampler = DistributedBatchSampler(
         tokens.train,

@@ -23,6 +23,23 @@ from parallel.loss import cross_entropy, loss_context
 from parallel.parallelize import ParallelModel
 from parallel.tied_embeddings import sum_tied_gradients
 
+# AdamW's flags per optim.implementation; torch's own default on CPU is the for-loop
+ADAMW_KERNELS = {
+    "for_loop": {"foreach": False, "fused": False},
+    "foreach": {"foreach": True, "fused": False},
+    "fused": {"foreach": False, "fused": True},
+}
+FUSED_DEVICES = ("cpu", "cuda")  # torch 2.13's fused AdamW kernels
+
+
+def adamw_implementation(implementation: str, params: list[torch.nn.Parameter]) -> str:
+    """The AdamW kernel to run: `auto` is fused (fastest here, BENCHMARKS.md §4) where every
+    parameter is a floating tensor on a device torch has the fused kernel for, else foreach."""
+    if implementation != "auto":
+        return implementation
+    fused = all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
+    return "fused" if fused else "foreach"
+
 
 def build_optimizer(model: ParallelModel, cfg: Config) -> torch.optim.AdamW:
     """AdamW; no weight decay on norms (1-D parameters), as in Llama."""
@@ -38,6 +55,7 @@ def build_optimizer(model: ParallelModel, cfg: Config) -> torch.optim.AdamW:
         lr=o.lr,
         betas=(o.beta1, o.beta2),
         eps=o.eps,
+        **ADAMW_KERNELS[adamw_implementation(o.implementation, params)],
     )
 
 
@@ -113,6 +131,8 @@ class Trainer:
         multiplier = lr_multiplier(
             self.lr_scheduler.last_epoch, o.warmup_steps, self.cfg.train.steps, o.min_lr_ratio
         )
+        # the kernel too: a checkpoint's param groups carry the saving run's foreach/fused
+        kernel = ADAMW_KERNELS[adamw_implementation(o.implementation, self.model.parameters())]
         for group, weight_decay in ((decay, o.weight_decay), (no_decay, 0.0)):
             group.update(
                 lr=o.lr * multiplier,
@@ -120,6 +140,7 @@ class Trainer:
                 betas=(o.beta1, o.beta2),
                 eps=o.eps,
                 weight_decay=weight_decay,
+                **kernel,
             )
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

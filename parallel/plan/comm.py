@@ -94,8 +94,18 @@ def dp_bytes(params: int, *, dp: int, fsdp: bool, pipelined: bool, microbatches:
         return 0.0
     if not fsdp:
         return all_reduce_factor(dp) * GRAD_BYTES * params
+    gathered = fsdp_gather_bytes(params, dp=dp, pipelined=pipelined, microbatches=microbatches)
+    return gathered + gather_factor(dp) * params * GRAD_BYTES
+
+
+def fsdp_gather_bytes(
+    params: int, *, dp: int, pipelined: bool, microbatches: int, weight_bytes: int = WEIGHT_BYTES
+) -> float:
+    """FSDP2's parameter all-gathers of one GPU per step (weights in `weight_bytes`: 2 for the
+    bf16 MixedPrecisionPolicy, 4 for fp32), checked against a measurement in
+    tests/parallel/test_mixed_precision.py."""
     gathers = 1 if pipelined else 2 * microbatches
-    return gather_factor(dp) * params * (gathers * WEIGHT_BYTES + GRAD_BYTES)
+    return gather_factor(dp) * params * gathers * weight_bytes
 
 
 def link_bytes_per_s(cluster: Cluster, group_span: int) -> float:
