@@ -101,7 +101,7 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
         )
     if local_losses:  # one collective for the whole run: averaged over dp, from the last stage
         summary.losses = trainer.global_mean(torch.stack(local_losses)).tolist()
-    if t.sample_tokens > 0 and cfg.parallel.pp == 1:
+    if t.sample_tokens > 0 and cfg.parallel.pp == 1 and cfg.parallel.cp == 1:
         with console.phase(f"writing a sample of {t.sample_tokens} tokens"):
             summary.sample = sample(cfg, trainer, tokens)
         what = "" if tokens.has_text else " (token ids: set data.tokenizer to read them as text)"

@@ -1,4 +1,4 @@
-"""Every schedule on several (dp, pp, tp, v) layouts gives the single-process losses and weights.
+"""Every schedule on several (dp, pp, cp, tp, v) layouts gives the single-process losses and weights.
 
 Cases sharing a world size run one after another inside one set of spawned gloo ranks.
 """
@@ -32,6 +32,8 @@ BASE = [
 ONE_STAGE = ("gpipe", "1f1b")
 MULTI_STAGE = ("interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev")
 SP = ("parallel.sequence_parallel=true",)
+RING = ("parallel.cp_comm=ring",)
+HSDP = ("parallel.dp_replicate=2",)
 
 
 class Layout(NamedTuple):
@@ -41,6 +43,7 @@ class Layout(NamedTuple):
     v: int
     schedules: tuple[str, ...]
     extra: tuple[str, ...] = ()  # further overrides, e.g. SP
+    cp: int = 1  # context parallelism: each sequence split across cp ranks
 
 
 # pp=1 layouts name one schedule only: without a pipeline it is not used
@@ -48,13 +51,20 @@ LAYOUTS = {
     2: [
         Layout(1, 2, 1, 1, ONE_STAGE),
         Layout(1, 2, 1, 2, MULTI_STAGE),
-        Layout(1, 1, 2, 1, ("1f1b",), SP),
-    ],  # SP without dp: norm grads stay Partial into the optimizer
+        Layout(1, 1, 2, 1, ("1f1b",), SP),  # SP without dp: norm grads stay Partial
+        Layout(1, 1, 1, 1, ("1f1b",), cp=2),  # all-gather K/V
+        Layout(1, 1, 1, 1, ("1f1b",), RING, cp=2),
+    ],
     4: [
         Layout(1, 4, 1, 2, MULTI_STAGE),
         Layout(2, 1, 2, 1, ("1f1b",), SP),  # SP under FSDP2, which reduces norm grads across tp
-        Layout(1, 2, 2, 1, ("gpipe",), SP),
-    ],  # sequence-sharded activations between stages
+        Layout(1, 2, 2, 1, ("gpipe",), SP),  # sequence-sharded activations between stages
+        Layout(1, 1, 2, 1, ("1f1b",), cp=2),  # heads split over tp, sequence over cp
+        Layout(1, 1, 2, 1, ("1f1b",), SP + RING, cp=2),
+        Layout(1, 2, 1, 1, ("1f1b",), cp=2),  # stages exchange cp-sharded activations
+        Layout(1, 2, 1, 2, ("interleaved_1f1b",), RING, cp=2),
+        Layout(4, 1, 1, 1, ("1f1b",), HSDP),  # 2 replica groups x 2 FSDP2 shards
+    ],
     8: [
         Layout(2, 2, 2, 1, ONE_STAGE),
         Layout(2, 2, 2, 2, MULTI_STAGE),
@@ -63,6 +73,8 @@ LAYOUTS = {
         Layout(1, 4, 2, 2, MULTI_STAGE),
         Layout(2, 2, 2, 1, ("1f1b",), SP),
         Layout(1, 4, 2, 2, ("interleaved_1f1b",), SP),
+        Layout(2, 1, 2, 1, ("1f1b",), RING, cp=2),
+        Layout(2, 1, 2, 1, ("1f1b",), HSDP, cp=2),  # HSDP: shard over cp within a replica
     ],
 }
 
@@ -72,6 +84,7 @@ def _overrides(layout: Layout, schedule: str) -> list[str]:
         f"parallel.dp={layout.dp}",
         f"parallel.pp={layout.pp}",
         f"parallel.tp={layout.tp}",
+        f"parallel.cp={layout.cp}",
         f"parallel.virtual_stages={layout.v}",
         f"parallel.schedule={schedule}",
         "parallel.microbatches=8",
@@ -118,8 +131,9 @@ def test_schedules_and_layouts_match_single_process(world: int, reference) -> No
     per_rank = run_ranks(world, _run_cases, [_overrides(*c) for c in cases], world)
     for i, case in enumerate(cases):
         layout = case[0]
-        # the residual stream between blocks is split by sequence across tp only under SP
-        seq_between_blocks = SEQ_LEN // layout.tp if SP[0] in layout.extra else SEQ_LEN
+        # the residual stream between blocks is split by sequence across cp, and across tp
+        # only under SP
+        seq_between_blocks = SEQ_LEN // layout.cp // (layout.tp if SP[0] in layout.extra else 1)
         weights: dict[str, torch.Tensor] = {}
         for rank_results in per_rank:
             losses, rank_weights, val, lengths = rank_results[i]
