@@ -52,8 +52,7 @@ LAYOUTS = {
         Layout(1, 2, 1, 1, ONE_STAGE),
         Layout(1, 2, 1, 2, MULTI_STAGE),
         Layout(1, 1, 2, 1, ("1f1b",), SP),  # SP without dp: norm grads stay Partial
-        Layout(1, 1, 1, 1, ("1f1b",), cp=2),  # all-gather K/V
-        Layout(1, 1, 1, 1, ("1f1b",), RING, cp=2),
+        Layout(1, 1, 1, 1, ("1f1b",), cp=2),  # all-gather K/V (the ring: 4 and 8 ranks)
     ],
     4: [
         Layout(1, 4, 1, 2, MULTI_STAGE),
@@ -74,8 +73,7 @@ LAYOUTS = {
         Layout(2, 2, 2, 1, ("1f1b",), SP),
         Layout(1, 4, 2, 2, ("interleaved_1f1b",), SP),
         Layout(2, 1, 2, 1, ("1f1b",), RING, cp=2),
-        Layout(2, 1, 2, 1, ("1f1b",), HSDP, cp=2),  # HSDP: shard over cp within a replica
-    ],
+    ],  # HSDP x cp (sharded over cp inside a replica group): tests/parallel/checkpoint
 }
 
 
