@@ -155,9 +155,11 @@ def _torch_ring(
     from torch.distributed.tensor.experimental._attention import (
         _cp_options,
         _enable_context_parallel_dispatcher,
+        set_rotate_method,
     )
 
     _cp_options.enable_load_balance = True  # head-tail chunks: the layout shard_sequence makes
+    set_rotate_method("alltoall")  # K/V passed block by block (torch's default all-gathers them)
     _enable_context_parallel_dispatcher()  # process-wide: SDPA on DTensors goes to the ring
     repeats = q.shape[1] // k.shape[1]
     if repeats > 1:

@@ -52,7 +52,8 @@ LAYOUTS = {
         Layout(1, 2, 1, 1, ONE_STAGE),
         Layout(1, 2, 1, 2, MULTI_STAGE),
         Layout(1, 1, 2, 1, ("1f1b",), SP),  # SP without dp: norm grads stay Partial
-        Layout(1, 1, 1, 1, ("1f1b",), cp=2),  # all-gather K/V (the ring: 4 and 8 ranks)
+        # the ring's p2p autograd function under selective recompute (all-gather: 4 ranks)
+        Layout(1, 1, 1, 1, ("1f1b",), RING + ("model.activation_checkpointing=selective",), cp=2),
     ],
     4: [
         Layout(1, 4, 1, 2, MULTI_STAGE),
