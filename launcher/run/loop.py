@@ -106,6 +106,9 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
             summary.sample = sample(cfg, trainer, tokens)
         what = "" if tokens.has_text else " (token ids: set data.tokenizer to read them as text)"
         console.say(f"\n--- sample from the trained model{what} ---\n{summary.sample}\n---")
+    elif t.sample_tokens > 0 and cfg.parallel.cp > 1:
+        # CP attention needs full-length sequences cut into 2*cp chunks; a growing prompt is not
+        console.say("no sample at parallel.cp > 1 (train.sample_tokens ignored)")
     return summary
 
 

@@ -59,8 +59,7 @@ LAYOUTS = {
         Layout(1, 4, 1, 2, MULTI_STAGE),
         Layout(2, 1, 2, 1, ("1f1b",), SP),  # SP under FSDP2, which reduces norm grads across tp
         Layout(1, 2, 2, 1, ("gpipe",), SP),  # sequence-sharded activations between stages
-        Layout(1, 1, 2, 1, ("1f1b",), cp=2),  # heads split over tp, sequence over cp
-        Layout(1, 1, 2, 1, ("1f1b",), SP + RING, cp=2),
+        Layout(1, 1, 2, 1, ("1f1b",), SP + RING, cp=2),  # heads over tp, sequence over cp
         Layout(1, 2, 1, 1, ("1f1b",), cp=2),  # stages exchange cp-sharded activations
         Layout(1, 2, 1, 2, ("interleaved_1f1b",), RING, cp=2),
         Layout(4, 1, 1, 1, ("1f1b",), HSDP),  # 2 replica groups x 2 FSDP2 shards
@@ -73,7 +72,7 @@ LAYOUTS = {
         Layout(1, 4, 2, 2, MULTI_STAGE),
         Layout(2, 2, 2, 1, ("1f1b",), SP),
         Layout(1, 4, 2, 2, ("interleaved_1f1b",), SP),
-        Layout(2, 1, 2, 1, ("1f1b",), RING, cp=2),
+        Layout(2, 1, 2, 1, ("1f1b",), cp=2),  # all-gather K/V across cp, heads across tp
     ],  # HSDP x cp (sharded over cp inside a replica group): tests/parallel/checkpoint
 }
 
