@@ -1,5 +1,5 @@
-"""`python -m launcher.bench {overhead,pipeline,checkpoint,split}`: measure what tridist adds, pipeline
-bubbles and checkpoint I/O.
+"""`python -m launcher.bench {overhead,pipeline,checkpoint,split,cp}`: measure what tridist adds,
+pipeline bubbles, checkpoint I/O, the pipeline split and context parallelism.
 
 overhead: tridist's real training step against a bare PyTorch loop of the same model, data,
 optimizer and schedule, interleaved in one process so machine noise hits both alike.
@@ -9,6 +9,8 @@ action order for the schedule replayed at the same costs.
 checkpoint: checkpoint save/load against raw disk I/O of the same bytes.
 split: the training step with the cost model's pipeline split against the even split, A/B
 alternating on the same ranks, with the ratio the cost model predicts. Results: BENCHMARKS.md;
+cp: activation memory per rank at several cp for one long sequence, and tokens/s at cp=1 vs cp=2
+(both cp_comm variants) on 2 ranks, timed in alternation. Results: BENCHMARKS.md;
 the benchmarks themselves: launcher/benchmarks/.
 """
 
@@ -18,6 +20,7 @@ import argparse
 from pathlib import Path
 
 from launcher.benchmarks.checkpoint import checkpoint_io, drop_page_cache, format_checkpoint_io
+from launcher.benchmarks.context_parallel import cp_memory, cp_speed, format_cp
 from launcher.benchmarks.machine import machine
 from launcher.benchmarks.overhead import format_overhead, overhead
 from launcher.benchmarks.pipeline import format_pipeline, pipeline
@@ -68,8 +71,20 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--pp", type=int, default=4)
     s.add_argument("--steps", type=int, default=3, help="steps per timed block")
     s.add_argument("--blocks", type=int, default=4, help="timed blocks per split, alternating")
+    cp = sub.add_parser("cp", help="context parallelism: activation memory and tokens/s")
+    cp.add_argument("--model", default="tiny")
+    cp.add_argument("--seq-len", type=int, default=4096, help="sequence of the memory table")
+    cp.add_argument("--sizes", default="1,2,4", help="cp sizes of the memory table")
+    cp.add_argument("--speed-seq-len", type=int, default=2048)
+    cp.add_argument("--steps", type=int, default=2, help="timed steps per layout and round")
+    cp.add_argument("--rounds", type=int, default=3)
     a = parser.parse_args(argv)
-    if a.command == "checkpoint":
+    if a.command == "cp":
+        sizes = tuple(int(s) for s in a.sizes.split(","))
+        memory = cp_memory(a.model, a.seq_len, sizes)
+        speed = cp_speed(a.model, a.speed_seq_len, a.steps, a.rounds)
+        print(format_cp(memory, speed, a.seq_len, a.speed_seq_len, a.model))
+    elif a.command == "checkpoint":
         print(machine())
         cold = drop_page_cache()
         print(format_checkpoint_io(checkpoint_io(a.dir, a.model, a.tp), cold))

@@ -52,11 +52,14 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    """The device mesh (dp, pp, tp) and the pipeline schedule."""
+    """The device mesh (dp, pp, cp, tp) and the pipeline schedule."""
 
     dp: int = 1
     pp: int = 1
     tp: int = 1
+    cp: int = 1  # context parallelism: each sequence split across cp ranks (between pp and tp)
+    cp_comm: str = "all_gather"  # all_gather | ring: how attention reaches the other chunks' K/V
+    dp_replicate: int = 1  # HSDP: dp = dp_replicate groups x (dp / dp_replicate) sharded ranks
     virtual_stages: int = 1
     schedule: str = "1f1b"
     microbatches: int = 1
@@ -71,6 +74,17 @@ class ParallelConfig:
     sequence_parallel: bool = False
     allow_cross_node_tp: bool = False
     timeline: bool = False  # record one step's pipeline actions on every rank (trace + PNG)
+
+    @property
+    def world_size(self) -> int:
+        """Ranks the layout needs: dp * pp * cp * tp."""
+        return self.dp * self.pp * self.cp * self.tp
+
+    def layout_product(self) -> str:
+        """`dp*pp*tp = 2*2*2 = 8` (cp named only when used), for messages about the world size."""
+        dims = ("dp", "pp", "cp", "tp") if self.cp > 1 else ("dp", "pp", "tp")
+        names, values = "*".join(dims), "*".join(str(getattr(self, d)) for d in dims)
+        return f"{names} = {values} = {self.world_size}"
 
 
 @dataclass

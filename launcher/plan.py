@@ -31,6 +31,7 @@ from parallel.plan.split import SplitChoice, imbalance
 from parallel.schedules import SCHEDULE_SPECS
 
 MICROBATCH_SIZES = (1, 2, 4, 8)  # sequences per microbatch tried by --search
+CP_SIZES = (1, 2, 4, 8)  # context parallel sizes tried by --search (cp x tp inside a node)
 RECOMPUTE_MODES = ("none", "selective", "full")
 SEARCHED_VIRTUAL_STAGES = (2, 4)  # tried by --search for schedules that take any number
 PROGRESS_S = 5.0  # seconds between --search progress lines
@@ -57,6 +58,9 @@ def layout_of(cfg: Config) -> Layout:
         sequence_parallel=p.sequence_parallel,
         dp_shard=p.dp_shard,
         recompute=cfg.model.activation_checkpointing,
+        cp=p.cp,
+        cp_comm=p.cp_comm,
+        dp_replicate=p.dp_replicate,
     )
 
 
@@ -102,15 +106,24 @@ def schedule_candidates(pp: int) -> list[tuple[str, int]]:
 
 
 def candidates(cfg: Config) -> Iterator[Config]:
-    """Every (tp, pp, dp, v, m, schedule, recompute, sequence parallel) layout of the cluster
-    that passes `validate`; tp stays inside a node, dp_shard is kept from `cfg`."""
+    """Every (tp, cp, pp, dp, dp_replicate, v, m, schedule, recompute, sequence parallel) layout
+    of the cluster that passes `validate`; tp x cp stays inside a node, dp_shard and cp_comm are
+    kept from `cfg`; HSDP is tried with one replica group per node group when dp spans nodes."""
     world, per_node = world_of(cfg), cfg.cluster.gpus_per_node
-    for tp in (d for d in range(1, per_node + 1) if per_node % d == 0):
-        for pp in (d for d in range(1, world // tp + 1) if world // tp % d == 0):
-            dp = world // (tp * pp)
+    for tp, cp in (
+        (t, c) for t in range(1, per_node + 1) for c in CP_SIZES if per_node % (t * c) == 0
+    ):
+        for pp in (d for d in range(1, world // (tp * cp) + 1) if world // (tp * cp) % d == 0):
+            dp = world // (tp * cp * pp)
             local = cfg.train.global_batch_size // dp
-            for (schedule, v), mbs in (
-                (s, b) for s in schedule_candidates(pp) for b in MICROBATCH_SIZES
+            # HSDP: shard inside a node's worth of ranks, replicate across those groups
+            in_node = max(1, per_node // (tp * cp * pp))
+            replicas = {1} | ({dp // in_node} if dp > in_node and dp % in_node == 0 else set())
+            for (schedule, v), mbs, rep in (
+                (s, b, r)
+                for s in schedule_candidates(pp)
+                for b in MICROBATCH_SIZES
+                for r in sorted(replicas)
             ):
                 # shortcuts past validate: no split has more stages than blocks plus the two ends
                 if local % mbs or local < mbs or pp * v > cfg.model.n_layers + 2:
@@ -120,8 +133,10 @@ def candidates(cfg: Config) -> Iterator[Config]:
                         par = replace(
                             cfg.parallel,
                             tp=tp,
+                            cp=cp,
                             pp=pp,
                             dp=dp,
+                            dp_replicate=rep if cfg.parallel.dp_shard else 1,
                             virtual_stages=v,
                             schedule=schedule,
                             microbatches=local // mbs,
@@ -169,11 +184,14 @@ def describe(cfg: Config) -> str:
     """The layout in one line."""
     p, t = cfg.parallel, cfg.train
     mbs = t.global_batch_size // (p.dp * p.microbatches)
+    cp = f"cp={p.cp} ({p.cp_comm}) x " if p.cp > 1 else ""
+    hsdp = f" (HSDP: {p.dp_replicate} replica groups)" if p.dp_replicate > 1 else ""
     return (
-        f"tp={p.tp} x pp={p.pp} x dp={p.dp} ({plural(p.tp * p.pp * p.dp, 'GPU')}), {p.schedule} "
+        f"tp={p.tp} x {cp}pp={p.pp} x dp={p.dp}{hsdp} ({plural(p.world_size, 'GPU')}), {p.schedule} "
         f"v={p.virtual_stages}, {plural(p.microbatches, 'microbatch', 'microbatches')} of "
         f"{plural(mbs, 'sequence')} x {t.seq_len} tokens, recompute "
         f"{cfg.model.activation_checkpointing}, {'FSDP' if p.dp_shard else 'replicated'} over dp"
+        f"{' x cp' if p.cp > 1 else ''}"
         f"{', sequence parallel' if p.sequence_parallel else ''}"
     )
 
@@ -259,9 +277,17 @@ def report(cfg: Config, plan: PlanEstimate, counter: StageCounter) -> str:
         f"bubble: {plan.bubble:.1%} of the step, {plan.bubble / (1 - plan.bubble):.1%} of the ideal "
         f"compute time ({p.schedule}, p={p.pp}, m={p.microbatches})",
         f"communication per GPU per step (pp rank {slow.pp_rank}): TP {slow.tp_bytes / gb:.2f} GB, "
-        f"PP {slow.pp_bytes / gb:.2f} GB, DP {slow.dp_bytes / gb:.2f} GB",
+        f"PP {slow.pp_bytes / gb:.2f} GB, "
+        + (f"CP {slow.cp_bytes / gb:.2f} GB ({p.cp_comm}), " if p.cp > 1 else "")
+        + f"DP {slow.dp_bytes / gb:.2f} GB"
+        + (
+            f" ({(slow.dp_bytes - slow.dp_inter_bytes) / gb:.2f} GB inside replica groups, "
+            f"{slow.dp_inter_bytes / gb:.2f} GB across them)"
+            if p.dp_replicate > 1
+            else ""
+        ),
         f"step: {plan.step_s:.3g} s = {plan.step_s - dp_rank.dp_exposed_s:.3g} s on pp rank "
-        f"{slow.pp_rank} (compute {slow.compute_s:.3g} s + TP+PP {slow.comm_s:.3g} s{stretched}) + "
+        f"{slow.pp_rank} (compute {slow.compute_s:.3g} s + TP+PP{'+CP' if p.cp > 1 else ''} {slow.comm_s:.3g} s{stretched}) + "
         f"{dp_rank.dp_exposed_s:.3g} s exposed DP; {plan.tokens_per_s:,.0f} tokens/s; MFU {plan.mfu:.1%}",
         _dp_overlap(dp_rank),
     ]
@@ -289,7 +315,7 @@ def search_report(
         f"({c.gpu_mem_gib:g} GiB), global batch {plural(cfg.train.global_batch_size, 'sequence')} "
         f"x {cfg.train.seq_len} tokens: {plural(valid, 'valid layout')}, top {len(rows)} that fit "
         f"by estimated tokens/s ({seconds:.1f} s)",
-        f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>5} {'schedule':>16} {'v':>2} {'m':>4} {'mbs':>3} {'recompute':>9} "
+        f"{'#':>3} {'tp':>3} {'cp':>3} {'pp':>3} {'dp':>5} {'rep':>3} {'schedule':>16} {'v':>2} {'m':>4} {'mbs':>3} {'recompute':>9} "
         f"{'sp':>3} {'GiB':>6} {'headroom':>8} {'bubble':>6} {'step s':>7} {'tokens/s':>11} {'MFU':>6}",
     ]
     flagged: list[str] = []
@@ -300,7 +326,8 @@ def search_report(
         if note and note not in flagged:
             flagged.append(note)
         lines.append(
-            f"{i:>3} {q.tp:>3} {q.pp:>3} {q.dp:>5} {q.schedule + '*' * bool(note):>16} "
+            f"{i:>3} {q.tp:>3} {q.cp:>3} {q.pp:>3} {q.dp:>5} {q.dp_replicate:>3} "
+            f"{q.schedule + '*' * bool(note):>16} "
             f"{q.virtual_stages:>2} {q.microbatches:>4} {mbs:>3} {c2.model.activation_checkpointing:>9} "
             f"{'y' if q.sequence_parallel else 'n':>3} {_gib(p.worst.total):>6} {_gib(p.headroom):>8} "
             f"{p.bubble:>6.1%} {p.step_s:>7.3g} {p.tokens_per_s:>11,.0f} {p.mfu:>6.1%}"
@@ -309,7 +336,8 @@ def search_report(
         lines.append("no layout fits: use more GPUs, a smaller global batch or a shorter sequence")
         return "\n".join(lines)
     lines.append(
-        "    (v: stages per pipeline rank; m: microbatches per step; mbs: sequences per "
+        "    (cp: context parallel; rep: HSDP replica groups of dp; v: stages per pipeline rank; "
+        "m: microbatches per step; mbs: sequences per "
         "microbatch; sp: sequence parallelism; GiB: the fullest GPU's peak; bubble: of the step)"
     )
     return "\n".join(lines + [f"    * {note}" for note in flagged])

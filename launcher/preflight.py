@@ -23,11 +23,12 @@ def rank_memory_bytes(device: str, ranks_per_node: int) -> int:
 
 def state_bytes_per_rank(cfg: Config) -> float:
     """A lower bound of one rank's model state: its pp x tp share of every parameter's weight and
-    gradient, and of its optimizer state also divided by dp under FSDP (activations come on top)."""
+    gradient, and of its optimizer state also divided by FSDP's shard group, dp x cp (within a
+    replica group under HSDP) (activations come on top)."""
     par = cfg.parallel
     share = cfg.model.parameter_count / (par.pp * par.tp)
     b = BYTES_PER_PARAMETER
-    optimizer = b["optimizer"] / (par.dp if par.dp_shard else 1)
+    optimizer = b["optimizer"] / (par.dp * par.cp // par.dp_replicate if par.dp_shard else 1)
     return share * (b["weights"] + b["gradients"] + optimizer)
 
 

@@ -21,14 +21,14 @@ from launcher.validate import validate
 
 
 def check_fits_allocation(cfg: Config, nodes: int, ranks_per_node: int) -> None:
-    """dp*pp*tp must equal nodes x ranks per node, and a TP group must stay inside one node."""
+    """dp*pp*cp*tp must equal nodes x ranks per node, and a TP group must stay inside one node."""
     par = cfg.parallel
-    layout, allocated = par.dp * par.pp * par.tp, nodes * ranks_per_node
+    layout, allocated = par.world_size, nodes * ranks_per_node
     if layout != allocated:
-        other = allocated // (par.pp * par.tp)
+        other = allocated // (par.pp * par.cp * par.tp)
         fix = (
             f"set parallel.dp={other}"
-            if other >= 1 and other * par.pp * par.tp == allocated
+            if other >= 1 and other * par.pp * par.cp * par.tp == allocated
             else "change parallel.dp/pp/tp"
         )
         if layout % ranks_per_node == 0:
@@ -36,7 +36,7 @@ def check_fits_allocation(cfg: Config, nodes: int, ranks_per_node: int) -> None:
         raise ConfigError(
             "parallel.dp",
             par.dp,
-            f"dp*pp*tp = {par.dp}*{par.pp}*{par.tp} = {layout} ranks, but the allocation has "
+            f"{par.layout_product()} ranks, but the allocation has "
             f"{nodes} nodes x {ranks_per_node} ranks per node = {allocated}; {fix}",
         )
     validate(cfg, allocated, ranks_per_node)  # everything else, tp inside a node included

@@ -61,7 +61,7 @@ def _hydra_main(raw: DictConfig) -> None:
     try:
         cfg = load_config(raw)
         if own_group:
-            world_size = per_node = cfg.parallel.dp * cfg.parallel.pp * cfg.parallel.tp
+            world_size = per_node = cfg.parallel.world_size
         validate(cfg, world_size, per_node)
         check_fits_machine(cfg, per_node or world_size)
         tokens = load_data(cfg)

@@ -16,6 +16,7 @@ from launcher.config import (
     ParallelConfig,
     TrainConfig,
 )
+from parallel.context_parallel import CP_COMM
 from parallel.schedules import SCHEDULE_SPECS, SCHEDULES, n_pipeline_stages, schedule_spec
 
 OPTIM_IMPLEMENTATIONS = ("auto", "for_loop", "foreach", "fused")
@@ -83,6 +84,8 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("parallel.dp", lambda v: v > 0, "must be > 0"),
     ("parallel.pp", lambda v: v > 0, "must be > 0"),
     ("parallel.tp", lambda v: v > 0, "must be > 0"),
+    ("parallel.cp", lambda v: v > 0, "must be > 0"),
+    ("parallel.dp_replicate", lambda v: v > 0, "must be > 0 (1: no HSDP)"),
     ("parallel.virtual_stages", lambda v: v > 0, "must be > 0"),
     ("parallel.microbatches", lambda v: v > 0, "must be > 0"),
     ("parallel.p2p_ms", lambda v: _finite(v) and v >= 0, "must be finite and >= 0"),
@@ -158,13 +161,13 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
         cfg.logging.progress,
         "use auto, bar or lines",
     )
-    layout = par.dp * par.pp * par.tp
+    layout = par.world_size
     _check(
         layout == world_size,
         "parallel.dp",
         par.dp,
-        f"dp*pp*tp = {par.dp}*{par.pp}*{par.tp} = {layout} must equal the world size {world_size}; "
-        f"set parallel.dp={world_size // (par.pp * par.tp) or 1} or launch {layout} ranks",
+        f"{par.layout_product()} must equal the world size {world_size}; "
+        f"set parallel.dp={world_size // (par.pp * par.cp * par.tp) or 1} or launch {layout} ranks",
     )
     split = par.layers_per_stage
     _check(
@@ -196,6 +199,8 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
     )
     _validate_batch(t.global_batch_size, par.dp, par.microbatches)
     _validate_tensor_parallel(m, par, t, ranks_per_node)
+    _validate_context_parallel(par, t)
+    _validate_hsdp(par)
     _validate_pipeline(m, par, t.seq_len, t.compile)
 
 
@@ -233,6 +238,55 @@ def _validate_tensor_parallel(
         t.seq_len,
         f"must be divisible by parallel.tp={par.tp} with parallel.sequence_parallel=true; set "
         f"train.seq_len={max(par.tp, t.seq_len // par.tp * par.tp)} or parallel.sequence_parallel=false",
+    )
+
+
+def _validate_context_parallel(par: ParallelConfig, t: TrainConfig) -> None:
+    _check(
+        par.cp_comm in CP_COMM,
+        "parallel.cp_comm",
+        par.cp_comm,
+        f"use {' or '.join(CP_COMM)} (all-gather of K/V, or K/V blocks passed around a ring)",
+    )
+    if par.cp == 1:
+        return
+    _check(
+        not t.compile,
+        "train.compile",
+        t.compile,
+        "compiled blocks under context parallelism are not verified yet (the ring's hand-written "
+        "autograd function breaks the graph); set train.compile=false or parallel.cp=1",
+    )
+    # each sequence is cut into 2*cp load-balanced chunks; under SP a rank's s/cp tokens split by tp
+    sp = par.sequence_parallel and par.tp > 1
+    unit = math.lcm(2 * par.cp, par.cp * par.tp) if sp else 2 * par.cp
+    what = "lcm(2*cp, cp*tp)" if sp else "2*cp"
+    _check(
+        t.seq_len % unit == 0,
+        "train.seq_len",
+        t.seq_len,
+        f"must be divisible by {what} = {unit} with parallel.cp={par.cp} (each sequence is cut "
+        f"into 2*cp load-balanced chunks); set train.seq_len={max(unit, t.seq_len // unit * unit)} "
+        "or lower parallel.cp",
+    )
+
+
+def _validate_hsdp(par: ParallelConfig) -> None:
+    if par.dp_replicate == 1:
+        return
+    _check(
+        par.dp % par.dp_replicate == 0,
+        "parallel.dp_replicate",
+        par.dp_replicate,
+        f"must divide parallel.dp={par.dp} (dp = replica groups x ranks sharding within a "
+        f"group); use one of {[d for d in range(1, par.dp + 1) if par.dp % d == 0]}",
+    )
+    _check(
+        par.dp_shard,
+        "parallel.dp_replicate",
+        par.dp_replicate,
+        "parallel.dp_shard=false already replicates over all of dp; set dp_replicate=1, or "
+        "dp_shard=true for HSDP",
     )
 
 

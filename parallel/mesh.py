@@ -1,4 +1,5 @@
-"""The device mesh: dims (dp, pp, tp) with tp innermost, so a TP group is consecutive ranks."""
+"""The device mesh: dims (dp, pp, cp, tp) with tp innermost, then cp, so a TP group is consecutive
+ranks and a CP group the next closest (both prefer fast links)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-MESH_DIMS = ("dp", "pp", "tp")
+MESH_DIMS = ("dp", "pp", "cp", "tp")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -20,8 +21,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def build_mesh(device: torch.device, dp: int, pp: int, tp: int) -> DeviceMesh:
-    """Start the process group (nccl on CUDA, gloo on CPU) and build the named 3D mesh."""
+def build_mesh(device: torch.device, dp: int, pp: int, tp: int, cp: int = 1) -> DeviceMesh:
+    """Start the process group (nccl on CUDA, gloo on CPU) and build the named 4D mesh.
+
+    HSDP's replica x shard split of dp is not a dim here: parallel/data_parallel.py derives that
+    2-D mesh from dp and cp when it wraps the model."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -32,4 +36,4 @@ def build_mesh(device: torch.device, dp: int, pp: int, tp: int) -> DeviceMesh:
             dist.init_process_group(backend, store=store, rank=0, world_size=1)
         else:
             dist.init_process_group(backend)
-    return init_device_mesh(device.type, (dp, pp, tp), mesh_dim_names=MESH_DIMS)
+    return init_device_mesh(device.type, (dp, pp, cp, tp), mesh_dim_names=MESH_DIMS)

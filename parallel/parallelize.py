@@ -12,7 +12,8 @@ from torch.distributed.pipelining.schedules import _PipelineSchedule
 from models.llama import ModelArgs, Transformer
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
-from parallel.data_parallel import apply_data_parallel
+from parallel.context_parallel import apply_context_parallel, shard_sequence
+from parallel.data_parallel import apply_data_parallel, data_parallel_mesh
 from parallel.dtensor import full_value
 from parallel.init import InitialValues, init_parameters
 from parallel.loss import cross_entropy
@@ -50,6 +51,10 @@ class ParallelModel:
         """True if this rank computes the logits and the loss."""
         return self.n_stages - 1 in self.stage_ids
 
+    def local_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's load-balanced chunks of a [batch, seq] tensor (all of it at cp=1)."""
+        return shard_sequence(x, self.mesh["cp"])
+
     def parameters(self) -> list[torch.nn.Parameter]:
         """All parameters of all local chunks."""
         return [p for chunk in self.chunks for p in chunk.parameters()]
@@ -66,6 +71,8 @@ def parallelize(
     microbatches: int = 1,
     layers: list[int] | None = None,
     dp_shard: bool = True,
+    dp_replicate: int = 1,
+    cp_comm: str = "all_gather",
     activation_checkpointing: str = "none",
     sequence_parallel: bool = False,
     initial_values: InitialValues | None = None,
@@ -76,8 +83,10 @@ def parallelize(
     """Build this rank's part of the model on `mesh`, initialized identically for any layout.
 
     compile: torch.compile each block (regional). param_dtype: under dp > 1, the dtype FSDP2 or
-    replicate all-gather and compute parameters in, gradients reduced in fp32 (None: fp32)."""
-    dp, pp, tp = (mesh[d].size() for d in ("dp", "pp", "tp"))
+    replicate all-gather and compute parameters in, gradients reduced in fp32 (None: fp32).
+    dp_replicate > 1: HSDP, dp split into that many replica groups of FSDP2-sharded ranks
+    (plain replication when a group would hold one rank)."""
+    dp, pp, cp, tp = (mesh[d].size() for d in ("dp", "pp", "cp", "tp"))
     with torch.device("meta"):
         whole = Transformer(args)
     n_stages = n_pipeline_stages(pp, virtual_stages, schedule)
@@ -87,18 +96,23 @@ def parallelize(
         counts = layers_per_stage(args.n_layers, n_stages, layers)
         stage_ids = stage_ids_for_rank(mesh["pp"].get_local_rank(), pp, virtual_stages, schedule)
         chunks = [build_stage_module(whole, sid, counts) for sid in stage_ids]
+    # gradients are averaged over dp and cp: the cp ranks hold the same weights
+    shard = dp_shard and dp * cp > dp_replicate  # a shard group of one rank is plain DDP
+    dp_mesh = data_parallel_mesh(mesh, dp_replicate if shard else 1) if dp * cp > 1 else None
     for chunk in chunks:
         if tp > 1:
             apply_tensor_parallel(chunk, mesh["tp"], sequence_parallel=sequence_parallel)
+        if cp > 1:
+            apply_context_parallel(chunk, mesh["cp"], cp_comm)
         chunk.to_empty(device=device)
         chunk.tie_weights()  # a chunk holding embedding and head: one matrix again
         init_parameters(chunk, args, seed, initial_values)
         apply_activation_checkpointing(chunk, activation_checkpointing)
         if compile:
             apply_compile(chunk)
-        if dp > 1:
+        if dp_mesh is not None:
             apply_data_parallel(
-                chunk, mesh["dp"], shard=dp_shard, pipelined=pp > 1, param_dtype=param_dtype
+                chunk, dp_mesh, shard=shard, pipelined=pp > 1, param_dtype=param_dtype
             )
     tied = None
     if pp > 1 and args.tie_embeddings:

@@ -5,7 +5,7 @@ matrix, so each stage keeps its own copy, both start from the same values (paral
 draws the head's copy under the embedding's name), and once per step, before clipping, the two
 copies' gradients are summed: every rank then applies the same update to the same values. On
 V-shaped placements both stages sit on one rank and the sum is local; otherwise the ranks of
-pipeline rank 0 and of the last stage's rank with the same (dp, tp) coordinates sum over a
+pipeline rank 0 and of the last stage's rank with the same (dp, cp, tp) coordinates sum over a
 two-rank group. Written by hand: torch has no tied-parameter support across pipeline stages.
 """
 
@@ -37,14 +37,15 @@ def tie_across_stages(
     every rank: each group is created by all); None on ranks that hold neither copy."""
     group = None
     if last_stage_rank != 0:
-        ranks = mesh.mesh  # global ranks by (dp, pp, tp)
+        # global ranks, one row per coordinate of the other dims (dp, cp, tp), along pp
+        pp_dim = (mesh.mesh_dim_names or ()).index("pp")
+        rows = mesh.mesh.movedim(pp_dim, -1).reshape(-1, mesh.mesh.shape[pp_dim])
         me = dist.get_rank()
-        for d in range(ranks.shape[0]):
-            for t in range(ranks.shape[2]):
-                pair = [int(ranks[d, 0, t]), int(ranks[d, last_stage_rank, t])]
-                made = dist.new_group(pair)  # new_group: every rank must call it, in order
-                if me in pair:
-                    group = made
+        for row in rows:
+            pair = [int(row[0]), int(row[last_stage_rank])]
+            made = dist.new_group(pair)  # new_group: every rank must call it, in order
+            if me in pair:
+                group = made
     params = [
         p
         for chunk in chunks

@@ -35,16 +35,16 @@ QUIET_RANK_OVERRIDES = [
 ]
 
 
-def job_allocation(dp: int, pp: int, tp: int, ranks_per_node: int) -> tuple[int, int]:
-    """(nodes, tasks per node) for a dp*pp*tp mesh; a job smaller than a node uses part of one."""
-    world = dp * pp * tp
+def job_allocation(dp: int, pp: int, tp: int, ranks_per_node: int, cp: int = 1) -> tuple[int, int]:
+    """(nodes, tasks per node) for a dp*pp*cp*tp mesh; a job smaller than a node uses part of one."""
+    world = dp * pp * cp * tp
     if world <= ranks_per_node:
         return 1, world
     if world % ranks_per_node:
         raise ConfigError(
             "parallel.dp",
             dp,
-            f"dp*pp*tp = {world} ranks do not fill whole nodes of "
+            f"dp*pp*cp*tp = {world} ranks do not fill whole nodes of "
             f"hydra.launcher.tasks_per_node={ranks_per_node}; use a multiple of it",
         )
     return world // ranks_per_node, ranks_per_node
@@ -74,7 +74,9 @@ class MeshSlurmLauncher(SlurmLauncher):
                 self.config, list(overrides)
             )
             par = job_cfg.parallel
-            nodes, tasks = job_allocation(par.dp, par.pp, par.tp, self.params["tasks_per_node"])
+            nodes, tasks = job_allocation(
+                par.dp, par.pp, par.tp, self.params["tasks_per_node"], cp=par.get("cp", 1)
+            )
             executor = self._executor(nodes, tasks)
             print(
                 f"job {idx}: {' '.join(overrides)} -> {nodes} node(s) x {tasks} task(s)", flush=True

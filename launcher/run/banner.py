@@ -54,8 +54,13 @@ def banner_lines(
 ) -> list[str]:
     """A few lines for rank 0 to print before anything slow starts."""
     m, p, t, c = cfg.model, cfg.parallel, cfg.train, cfg.checkpoint
-    world = p.dp * p.pp * p.tp
-    layout = f"dp={p.dp} x pp={p.pp} x tp={p.tp} ({_plural(world, 'rank')})"
+    cp = f" x cp={p.cp} ({p.cp_comm})" if p.cp > 1 else ""
+    dp = f"dp={p.dp}" + (
+        f" (HSDP: {p.dp_replicate} replicas x {p.dp // p.dp_replicate})"
+        if p.dp_replicate > 1
+        else ""
+    )
+    layout = f"{dp} x pp={p.pp}{cp} x tp={p.tp} ({_plural(p.world_size, 'rank')})"
     if p.pp > 1:
         v = stages_per_rank(p.schedule, p.virtual_stages)
         bubble = bubble_fraction(p.schedule, p.pp, p.microbatches, v)

@@ -89,7 +89,7 @@ def build_trainer(
     initial_values: where the weights come from (default: drawn from train.seed)."""
     par = cfg.parallel
     device = resolve_device(cfg.device)
-    mesh = build_mesh(device, par.dp, par.pp, par.tp)
+    mesh = build_mesh(device, par.dp, par.pp, par.tp, cp=par.cp)
     torch.manual_seed(cfg.train.seed)
     model = parallelize(
         model_args(cfg),
@@ -101,6 +101,8 @@ def build_trainer(
         microbatches=par.microbatches,
         layers=split.counts if (split := pipeline_split(cfg)) else None,
         dp_shard=par.dp_shard,
+        dp_replicate=par.dp_replicate,
+        cp_comm=par.cp_comm,
         activation_checkpointing=cfg.model.activation_checkpointing,
         sequence_parallel=par.sequence_parallel,
         initial_values=initial_values,
@@ -108,6 +110,7 @@ def build_trainer(
         compile=cfg.train.compile,
         param_dtype=torch.bfloat16 if uses_bf16(device, cfg.precision) else None,
     )
+    # every cp rank of a dp rank reads the same sequences, then keeps its chunks of them
     sampler = DistributedBatchSampler(
         tokens.train,
         cfg.train.seq_len,

@@ -42,11 +42,14 @@ def checkpoint_root(cfg: Config, run_dir: Path | None) -> Path | None:
 
 
 def checkpoint_layout(cfg: Config) -> dict[str, Any]:
-    """The (dp, pp, tp, v, schedule) a run uses, as the manifest records it."""
+    """The (dp, pp, tp, v, schedule) a run uses, as the manifest records it (cp and
+    dp_replicate too, where not 1)."""
     par = cfg.parallel
     # a load compares this with the saved one (per-rank RNG only in the same layout): keep the
-    # keys as format 1 wrote them, or every old checkpoint reads as another layout
-    return {
+    # keys as format 1 wrote them, or every old checkpoint reads as another layout; keys added
+    # since appear only when used
+    later = {k: getattr(par, k) for k in ("cp", "dp_replicate") if getattr(par, k) != 1}
+    return later | {
         "world_size": dist.get_world_size(),
         "dp": par.dp,
         "pp": par.pp,

@@ -105,11 +105,14 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
         )
     if local_losses:  # one collective for the whole run: averaged over dp, from the last stage
         summary.losses = trainer.global_mean(torch.stack(local_losses)).tolist()
-    if t.sample_tokens > 0 and cfg.parallel.pp == 1:
+    if t.sample_tokens > 0 and cfg.parallel.pp == 1 and cfg.parallel.cp == 1:
         with console.phase(f"writing a sample of {t.sample_tokens} tokens"):
             summary.sample = sample(cfg, trainer, tokens)
         what = "" if tokens.has_text else " (token ids: set data.tokenizer to read them as text)"
         console.say(f"\n--- sample from the trained model{what} ---\n{summary.sample}\n---")
+    elif t.sample_tokens > 0 and cfg.parallel.cp > 1:
+        # CP attention needs full-length sequences cut into 2*cp chunks; a growing prompt is not
+        console.say("no sample at parallel.cp > 1 (train.sample_tokens ignored)")
     return summary
 
 

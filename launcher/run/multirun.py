@@ -18,8 +18,8 @@ from launcher.run.ports import free_port
 
 
 def run_worker_group(cfg: Config, run_dir: Path) -> float | None:
-    """Train `cfg` on dp*pp*tp local ranks; returns the last step's loss (None if no step ran)."""
-    world = cfg.parallel.dp * cfg.parallel.pp * cfg.parallel.tp
+    """Train `cfg` on dp*pp*cp*tp local ranks; returns the last step's loss (None if no step ran)."""
+    world = cfg.parallel.world_size
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,

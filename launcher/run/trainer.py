@@ -146,7 +146,7 @@ class Trainer:
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Accumulate gradients over the microbatches of this rank's batch; return its mean loss."""
         m = self.cfg.parallel.microbatches
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        inputs, targets = (self.model.local_sequence(t.to(self.device)) for t in (inputs, targets))
         with autocast(self.device, self.cfg.precision), loss_context(self._tp):
             if self.model.schedule is not None:
                 losses: list[torch.Tensor] = []
@@ -195,7 +195,9 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         with autocast(self.device, self.cfg.precision), loss_context(self._tp):
             for inputs, targets in batches:
-                inputs, targets = inputs.to(self.device), targets.to(self.device)
+                inputs, targets = (
+                    self.model.local_sequence(t.to(self.device)) for t in (inputs, targets)
+                )
                 if self.model.schedule is None:
                     total += local_part(cross_entropy(self.model.chunks[0](inputs), targets))
                     continue
@@ -209,13 +211,14 @@ class Trainer:
         return total / len(batches)
 
     def global_mean(self, value: torch.Tensor) -> torch.Tensor:
-        """Average per-rank losses (a scalar or a stack of steps) over dp, taken from the last
-        pipeline stage; a collective over all ranks, no host sync."""
+        """Average per-rank losses (a scalar or a stack of steps) over dp and cp, taken from the
+        last pipeline stage; a collective over all ranks, no host sync."""
         value = value.detach().clone()
         if dist.get_world_size() > 1:
-            # ranks without the last stage hold 0; every tp rank of it holds the same value
+            # ranks without the last stage hold 0; every tp rank of it holds the same value; cp
+            # ranks hold the means of equally many tokens, so their mean is the sequence's
             dist.all_reduce(value)
-            value /= self.model.mesh["dp"].size() * self._tp
+            value /= dist.get_world_size() // self.model.mesh["pp"].size()
         return value
 
 

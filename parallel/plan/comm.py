@@ -83,6 +83,51 @@ def pp_bytes(
     return microbatches * sends * hidden
 
 
+def cp_bytes(
+    args: ModelArgs,
+    *,
+    tp: int,
+    cp: int,
+    comm: str,
+    layers: int,
+    tokens: int,
+    microbatches: int,
+    recompute: str,
+    dtype_bytes: int = ACTIVATION_BYTES,
+) -> float:
+    """CP traffic one GPU sends per step: per block and microbatch of `tokens` local tokens,
+    its K/V block (this TP rank's K/V heads, un-repeated: GQA keeps it small) reaches the other
+    cp-1 ranks. all_gather: an all-gather in forward, a reduce-scatter of its gradient in
+    backward. ring: cp-1 sends of the block forward, cp-1 again in backward plus cp sends of
+    its fp32 gradient, which follows it around the ring. Recompute repeats the forward."""
+    if cp == 1:
+        return 0.0
+    elements = 2 * args.kv_heads / tp * args.head_dim * tokens
+    block = elements * dtype_bytes
+    forward = (cp - 1) * block
+    if comm == "all_gather":
+        backward = (cp - 1) * block
+    else:
+        backward = (cp - 1) * block + cp * elements * GRAD_BYTES
+    per_block = forward * (1 + (recompute != "none")) + backward
+    return microbatches * layers * per_block
+
+
+def hsdp_bytes(
+    params: int, *, shard_group: int, replicas: int, pipelined: bool, microbatches: int
+) -> tuple[float, float]:
+    """(intra-group, inter-group) DP bytes of one GPU per step under HSDP: FSDP's all-gathers
+    and reduce-scatter inside a shard group, then an all-reduce of the sharded gradient across
+    the replica groups (plain DDP across them when a group holds one GPU)."""
+    if shard_group == 1:
+        return 0.0, dp_bytes(params, dp=replicas, fsdp=False, pipelined=pipelined, microbatches=1)
+    intra = dp_bytes(
+        params, dp=shard_group, fsdp=True, pipelined=pipelined, microbatches=microbatches
+    )
+    inter = all_reduce_factor(replicas) * GRAD_BYTES * params / shard_group if replicas > 1 else 0
+    return intra, inter
+
+
 def dp_bytes(params: int, *, dp: int, fsdp: bool, pipelined: bool, microbatches: int) -> float:
     """DP traffic of one GPU per step for `params` elements (this rank's, before sharding).
 
@@ -110,7 +155,7 @@ def fsdp_gather_bytes(
 
 def link_bytes_per_s(cluster: Cluster, group_span: int) -> float:
     """Bandwidth per GPU of a group spanning `group_span` consecutive ranks (mesh order dp, pp,
-    tp with tp innermost): NVLink inside a node, the network once it crosses one."""
+    cp, tp with tp innermost): NVLink inside a node, the network once it crosses one."""
     gbps = (
         cluster.intra_node_gbps if group_span <= cluster.gpus_per_node else cluster.inter_node_gbps
     )

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from models.llama import ModelArgs
 from parallel.pipeline import layers_per_stage
-from parallel.plan.comm import dp_bytes, link_bytes_per_s, pp_bytes, tp_bytes
+from parallel.plan.comm import cp_bytes, hsdp_bytes, link_bytes_per_s, pp_bytes, tp_bytes
 from parallel.plan.flops import forward_flops_per_token, training_flops_per_token
 from parallel.plan.layout import Cluster, Layout
 from parallel.plan.memory import RUNTIME_RESERVED_BYTES, activation_bytes, state_bytes
@@ -53,11 +53,13 @@ class RankEstimate:
     hardware_flops: float  # with recompute
     tp_bytes: float
     pp_bytes: float
-    dp_bytes: float
+    dp_bytes: float  # intra + inter
     compute_s: float
-    comm_s: float  # exposed TP + PP time
+    comm_s: float  # exposed TP + PP + CP time
     dp_s: float  # DP traffic time, before overlap
     dp_exposed_s: float  # the part of it compute does not hide
+    cp_bytes: float = 0.0  # K/V traffic of context parallelism
+    dp_inter_bytes: float = 0.0  # of dp_bytes: HSDP's all-reduce across replica groups
 
     @property
     def total(self) -> float:
@@ -107,25 +109,28 @@ def estimate(
     """Estimate `layout` (already validated) of the model `args` on `cluster`, for steps of
     `global_batch_size` sequences of `seq_len` tokens; `counter` counts `args`' parameters."""
     dp, pp, tp, m = layout.dp, layout.pp, layout.tp, layout.microbatches
+    cp, shard = layout.cp, layout.shard_group
     v = stages_per_rank(layout.schedule, layout.virtual_stages)
     n_stages = n_pipeline_stages(pp, layout.virtual_stages, layout.schedule)
     explicit = (
         list(layout.layers_per_stage) if layout.layers_per_stage is not None and pp > 1 else None
     )
     counts = layers_per_stage(args.n_layers, n_stages, explicit)
-    tokens_mb = global_batch_size // (dp * m) * seq_len  # tokens of one microbatch
-    tokens_rank = tokens_mb * m  # tokens one dp rank processes per step
+    tokens_mb = global_batch_size // (dp * m) * seq_len // cp  # one GPU's tokens of a microbatch
+    tokens_rank = tokens_mb * m  # tokens one GPU processes per step
     sp, rc = layout.sequence_parallel and tp > 1, layout.recompute
-    fsdp, pipelined = layout.dp_shard and dp > 1, pp > 1
+    fsdp, pipelined = shard > 1, pp > 1
     peak = cluster.peak_tflops * 1e12
-    tp_bw, pp_bw, dp_bw = (link_bytes_per_s(cluster, span) for span in (tp, tp * pp, tp * pp * dp))
+    # group spans in the mesh (dp, pp, cp, tp); an HSDP shard group is dp/dp_replicate x cp
+    spans = (tp, tp * cp * pp, tp * cp, tp * cp * pp * dp // layout.dp_replicate, layout.gpus)
+    tp_bw, pp_bw, cp_bw, dp_bw, inter_bw = (link_bytes_per_s(cluster, s) for s in spans)
     width = args.n_heads * args.head_dim / tp  # attention's width on one TP rank
     ranks = []
     for r in range(pp):
         sids = stage_ids_for_rank(r, pp, v, layout.schedule) if pp > 1 else [0]
         stages = [counter.stage(s, counts, tp) for s in sids]
         params = sum(s.total for s in stages)
-        local = sum(s.sharded(dp) for s in stages) if fsdp else params
+        local = sum(s.sharded(shard) for s in stages) if fsdp else params
         layers = sum(s.layers for s in stages)
         block = max(s.largest_block for s in stages)
         weights, grads, optimizer = state_bytes(
@@ -142,6 +147,8 @@ def estimate(
             sequence_parallel=sp,
             recompute=rc,
             pipelined=pipelined,
+            cp=cp,
+            cp_comm=layout.cp_comm,
         )
         matmul = params - sum(s.embedding for s in stages)
         model_flops = tokens_rank * training_flops_per_token(matmul, layers, width, seq_len)
@@ -174,11 +181,27 @@ def estimate(
             if pipelined
             else 0.0
         )
-        dp_b = dp_bytes(params, dp=dp, fsdp=fsdp, pipelined=pipelined, microbatches=m)
+        cp_b = cp_bytes(
+            args,
+            tp=tp,
+            cp=cp,
+            comm=layout.cp_comm,
+            layers=layers,
+            tokens=tokens_mb,
+            microbatches=m,
+            recompute=rc,
+        )
+        intra, inter = hsdp_bytes(
+            params,
+            shard_group=shard,
+            replicas=dp * cp // shard,
+            pipelined=pipelined,
+            microbatches=m,
+        )
         hardware = model_flops + recompute_flops
         compute_s = hardware / (peak * MATMUL_EFFICIENCY)
         # FSDP hides its traffic behind compute: one microbatch's worth under pipelining
-        dp_s = dp_b / dp_bw
+        dp_s = intra / dp_bw + inter / inter_bw
         dp_exposed_s = max(0.0, dp_s - compute_s / (m if pipelined else 1))
         ranks.append(
             RankEstimate(
@@ -196,17 +219,20 @@ def estimate(
                 hardware,
                 tp_b,
                 pp_b,
-                dp_b,
+                intra + inter,
                 compute_s,
-                tp_b / tp_bw + pp_b / pp_bw,
+                # CP's K/V exchange waits before attention (the ring's overlap is not counted)
+                tp_b / tp_bw + pp_b / pp_bw + cp_b / cp_bw,
                 dp_s,
                 dp_exposed_s,
+                cp_b,
+                inter,
             )
         )
     bubble = bubble_over_ideal(layout.schedule, pp, m, v)
     pipeline_s = max(r.compute_s + r.comm_s for r in ranks) * (1 + bubble)
     step = pipeline_s + max(r.dp_exposed_s for r in ranks)
-    flops = dp * tp * sum(r.model_flops for r in ranks)
+    flops = dp * cp * tp * sum(r.model_flops for r in ranks)
     return PlanEstimate(
         ranks,
         layout.gpus,

@@ -19,11 +19,19 @@ class Layout:
     sequence_parallel: bool = False
     dp_shard: bool = True  # FSDP over dp; False replicates
     recompute: str = "none"  # activation checkpointing: none | selective | full
+    cp: int = 1  # context parallelism: each sequence split across cp GPUs
+    cp_comm: str = "all_gather"  # all_gather | ring
+    dp_replicate: int = 1  # HSDP: replica groups of dp (1: FSDP over all of dp)
 
     @property
     def gpus(self) -> int:
-        """GPUs the layout occupies: dp * pp * tp."""
-        return self.dp * self.pp * self.tp
+        """GPUs the layout occupies: dp * pp * cp * tp."""
+        return self.dp * self.pp * self.cp * self.tp
+
+    @property
+    def shard_group(self) -> int:
+        """GPUs FSDP shards over: dp / dp_replicate groups times cp (1: nothing sharded)."""
+        return self.dp * self.cp // self.dp_replicate if self.dp_shard else 1
 
 
 @dataclass(frozen=True)

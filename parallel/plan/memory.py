@@ -14,6 +14,9 @@ Assumptions (mixed precision as in ZeRO and Megatron, bf16 compute on GPUs):
   heads by GQA's repeat, and SDPA's output: flash attention keeps no s x s matrix), SwiGLU 4f
   (w1 and w3 outputs, silu, their product). Korthikanti et al.'s GPT block is the same
   accounting with LayerNorm/GeLU/dropout instead (sbh(34 + 5as/h) bytes in fp16);
+- CP divides every activation by cp (each GPU holds seq_len / cp tokens); all-gather CP also
+  keeps the whole sequence's K/V, expanded to all heads by GQA's repeat, for SDPA's backward
+  (`cp_kv_buffer_elements`); the ring keeps only its own K/V and the log-sum-exp;
 - TP divides what lies between a column-wise and a row-wise linear; sequence parallelism also
   divides the norms, but DTensor keeps the all-gathered norm output (h) for the linears;
 - recompute `full` keeps each block's input, `selective` (parallel/activation_checkpoint.py)
@@ -72,6 +75,15 @@ def block_activation_elements(
     return 2 * (3 * h / sp + gathered) + (4 * h + 4 * f) / tp
 
 
+def cp_kv_buffer_elements(args: ModelArgs, tp: int, cp: int, comm: str, recompute: str) -> float:
+    """Elements one block keeps per local token under CP beyond block_activation_elements: the
+    all-gathered K/V of the other cp-1 ranks' tokens, expanded to this TP rank's query heads
+    (recompute drops them with the rest of the block; the ring never holds them)."""
+    if cp == 1 or comm == "ring" or recompute != "none":
+        return 0.0
+    return 2 * args.n_heads * args.head_dim / tp * (cp - 1)
+
+
 def head_activation_bytes(
     args: ModelArgs,
     tp: int,
@@ -100,13 +112,15 @@ def activation_bytes(
     recompute: str,
     pipelined: bool,
     dtype_bytes: int = ACTIVATION_BYTES,
+    cp: int = 1,
+    cp_comm: str = "all_gather",
 ) -> float:
     """Peak activation bytes of one pipeline rank: `in_flight` microbatches of `tokens` tokens
-    through its `layers` blocks (and the head if it has the last stage), plus the block being
-    recomputed in backward."""
-    per_token = (
-        dtype_bytes * layers * block_activation_elements(args, tp, sequence_parallel, recompute)
-    )
+    (this GPU's: a 1/cp slice of each sequence) through its `layers` blocks (and the head if it
+    has the last stage), plus the block being recomputed in backward."""
+    per_block = block_activation_elements(args, tp, sequence_parallel, recompute)
+    per_block += cp_kv_buffer_elements(args, tp, cp, cp_comm, recompute)
+    per_token = dtype_bytes * layers * per_block
     if last_stage:
         per_token += head_activation_bytes(args, tp, sequence_parallel, pipelined, dtype_bytes)
     return tokens * in_flight * per_token + rebuilt_block_bytes(

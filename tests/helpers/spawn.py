@@ -1,8 +1,8 @@
 """Run a function on N real gloo ranks (spawned processes) and collect each rank's return value.
 
 `run_ranks(world, fn, *args)` gives fn a started environment (RANK, WORLD_SIZE, MASTER_PORT);
-`run_on_mesh((dp, pp, tp), fn, *args)` also starts the process group and hands fn the real
-named DeviceMesh, so TP, DP or clipping can be unit-tested on a bare mesh (nanotron's
+`run_on_mesh((dp, pp, tp), fn, *args, cp=1)` also starts the process group and hands fn the real
+named (dp, pp, cp, tp) DeviceMesh, so TP, CP, DP or clipping can be unit-tested on a bare mesh (nanotron's
 `init_distributed(tp=, dp=, pp=)(fn)()` is the model).
 """
 
@@ -94,18 +94,22 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 6
     raise AssertionError("unreachable")
 
 
-def _on_mesh(shape: tuple[int, int, int], fn: Callable[..., Any], args: tuple) -> Any:
+def _on_mesh(shape: tuple[int, int, int], cp: int, fn: Callable[..., Any], args: tuple) -> Any:
     import torch
 
     from parallel.mesh import build_mesh
 
-    mesh = build_mesh(torch.device("cpu"), *shape)
+    mesh = build_mesh(torch.device("cpu"), *shape, cp=cp)
     return fn(mesh, *args)
 
 
 def run_on_mesh(
-    shape: tuple[int, int, int], fn: Callable[..., Any], *args: Any, timeout: float = 600
+    shape: tuple[int, int, int],
+    fn: Callable[..., Any],
+    *args: Any,
+    cp: int = 1,
+    timeout: float = 600,
 ) -> list[Any]:
-    """fn(mesh, *args) on dp*pp*tp ranks, `mesh` the real (dp, pp, tp) gloo DeviceMesh."""
+    """fn(mesh, *args) on dp*pp*cp*tp ranks, `mesh` the real (dp, pp, cp, tp) gloo DeviceMesh."""
     dp, pp, tp = shape
-    return run_ranks(dp * pp * tp, _on_mesh, shape, fn, args, timeout=timeout)
+    return run_ranks(dp * pp * cp * tp, _on_mesh, shape, cp, fn, args, timeout=timeout)

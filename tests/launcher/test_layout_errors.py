@@ -81,6 +81,20 @@ CASES = [  # overrides, world size, field named in the error
         2,
         "train.seq_len",
     ),
+    (["parallel.cp=2", "train.seq_len=126"], 2, "train.seq_len"),  # 2*cp chunks
+    (  # under SP each rank's seq_len/cp tokens split by tp: lcm(2*cp, cp*tp) = 8
+        ["parallel.cp=2", "parallel.tp=4", "parallel.sequence_parallel=true", "train.seq_len=124"],
+        8,
+        "train.seq_len",
+    ),
+    (["parallel.cp=2", "parallel.cp_comm=a2a"], 2, "parallel.cp_comm"),
+    (["parallel.cp=2", "parallel.tp=2"], 2, "parallel.dp"),  # dp*pp*cp*tp = 4 ranks, not 2
+    (["parallel.dp=4", "parallel.dp_replicate=3"], 4, "parallel.dp_replicate"),
+    (
+        ["parallel.dp=4", "parallel.dp_replicate=2", "parallel.dp_shard=false"],
+        4,
+        "parallel.dp_replicate",
+    ),
 ]
 
 
@@ -99,6 +113,16 @@ def test_sequence_parallel_accepted_when_the_sequence_splits() -> None:
     make_config(
         ["parallel.sequence_parallel=true", "train.seq_len=127"], 1
     )  # tp=1: nothing to split
+
+
+def test_cp_and_hsdp_layouts_and_their_messages() -> None:
+    with pytest.raises(ConfigError, match=r"dp\*pp\*cp\*tp = 1\*1\*2\*2 = 4 must equal the world"):
+        make_config(["parallel.cp=2", "parallel.tp=2"], 2)
+    with pytest.raises(ConfigError, match=r"train.seq_len=124 or lower parallel.cp"):
+        make_config(["parallel.cp=2", "train.seq_len=126"], 2)
+    cfg = make_config(["parallel.dp=4", "parallel.dp_replicate=2", "parallel.cp=2"], 8)
+    assert cfg.parallel.world_size == 8
+    make_config(["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"], 4)
 
 
 def test_tp_may_not_cross_a_node() -> None:

@@ -57,8 +57,8 @@ def _count_collectives() -> torch.utils._python_dispatch.TorchDispatchMode:
 def _real_run(world: int) -> dict[str, object]:
     """On each of 4 gloo ranks (dp=1, pp=2, tp=2): parameters held, microbatches in flight and
     TP collectives per step, and the activation bytes a forward of the first chunk keeps."""
+    from launcher.benchmarks.activation_memory import SavedActivationTracker
     from launcher.run.build import build_trainer, load_data
-    from tests.helpers.activation_memory import SavedActivationTracker
     from tests.helpers.run_training import make_config
 
     out: dict[str, object] = {}

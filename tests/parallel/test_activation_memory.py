@@ -3,8 +3,8 @@ lowers memory without changing the numbers."""
 
 import torch
 
+from launcher.benchmarks.activation_memory import SavedActivationTracker
 from launcher.run.build import build_trainer, load_data
-from tests.helpers.activation_memory import SavedActivationTracker
 from tests.helpers.run_training import make_config
 from tests.helpers.spawn import run_ranks
 

@@ -1,4 +1,4 @@
-"""Every schedule on several (dp, pp, tp, v) layouts gives the single-process losses and weights.
+"""Every schedule on several (dp, pp, cp, tp, v) layouts gives the single-process losses and weights.
 
 Each layout is one test: its schedules run one after another inside one set of spawned gloo
 ranks (forked from a server that imported torch once, so a spawn costs little).
@@ -38,6 +38,8 @@ SP = ("parallel.sequence_parallel=true",)
 TIED = ("model.tie_embeddings=true",)  # against a tied single-process reference
 # a searched order at given unequal costs (a slower last stage, cheap weight gradients)
 COSTS = ("parallel.stage_costs=[[1.0,1.0,0.5],[1.5,1.5,0.75]]",)
+RING = ("parallel.cp_comm=ring",)
+HSDP = ("parallel.dp_replicate=2",)
 
 
 class Layout(NamedTuple):
@@ -47,6 +49,7 @@ class Layout(NamedTuple):
     v: int
     schedules: tuple[str, ...]
     extra: tuple[str, ...] = ()  # further overrides, e.g. SP
+    cp: int = 1  # context parallelism: each sequence split across cp ranks
 
 
 # pp=1 layouts name one schedule only: without a pipeline it is not used
@@ -56,7 +59,7 @@ LAYOUTS = {
         Layout(1, 2, 1, 1, ZERO_BUBBLE),
         Layout(1, 2, 1, 1, ("zb_2p",), COSTS),
         Layout(1, 2, 1, 2, MULTI_STAGE),
-        Layout(1, 1, 2, 1, ("1f1b",), SP),
+        Layout(1, 1, 2, 1, ("1f1b",), SP),  # SP without dp: norm grads stay Partial
         # tied embedding and head on two ranks (gradients summed over a pair) and on one (V)
         Layout(1, 2, 1, 1, ("1f1b",), TIED),
         Layout(1, 2, 1, 2, ("zbv",), TIED),
@@ -64,13 +67,19 @@ LAYOUTS = {
         Layout(1, 2, 1, 2, ("interleaved_1f1b",), TIED + ("parallel.layers_per_stage=[0,3,5,0]",)),
         # 8 blocks into 6 stages: no even split, the cost model's
         Layout(1, 2, 1, 3, ("interleaved_1f1b",), ("parallel.layers_per_stage=auto",)),
-    ],  # SP without dp: norm grads stay Partial into the optimizer
+        # the ring's p2p autograd function under selective recompute (all-gather: 4 ranks)
+        Layout(1, 1, 1, 1, ("1f1b",), RING + ("model.activation_checkpointing=selective",), cp=2),
+    ],
     4: [
         Layout(1, 4, 1, 2, MULTI_STAGE),
         Layout(1, 4, 1, 1, ("zb_h1", "zb_2p")),
         Layout(2, 1, 2, 1, ("1f1b",), SP),  # SP under FSDP2, which reduces norm grads across tp
-        Layout(1, 2, 2, 1, ("gpipe",), SP),
-    ],  # sequence-sharded activations between stages
+        Layout(1, 2, 2, 1, ("gpipe",), SP),  # sequence-sharded activations between stages
+        Layout(1, 1, 2, 1, ("1f1b",), SP + RING, cp=2),  # heads over tp, sequence over cp
+        Layout(1, 2, 1, 1, ("1f1b",), cp=2),  # stages exchange cp-sharded activations
+        Layout(1, 2, 1, 2, ("interleaved_1f1b",), RING, cp=2),
+        Layout(4, 1, 1, 1, ("1f1b",), HSDP),  # 2 replica groups x 2 FSDP2 shards
+    ],
     8: [
         Layout(2, 2, 2, 1, ONE_STAGE),
         Layout(2, 2, 2, 1, ("zb_h2", "zb_1p")),  # under FSDP2 over dp and TP
@@ -81,7 +90,8 @@ LAYOUTS = {
         Layout(2, 2, 2, 1, ("1f1b",), SP),
         Layout(1, 4, 2, 2, ("interleaved_1f1b",), SP),
         Layout(2, 2, 2, 1, ("1f1b",), TIED),  # the tied pairs of every (dp, tp) coordinate
-    ],
+        Layout(2, 1, 2, 1, ("1f1b",), cp=2),  # all-gather K/V across cp, heads across tp
+    ],  # HSDP x cp (sharded over cp inside a replica group): tests/parallel/checkpoint
 }
 
 
@@ -90,6 +100,7 @@ def _overrides(layout: Layout, schedule: str) -> list[str]:
         f"parallel.dp={layout.dp}",
         f"parallel.pp={layout.pp}",
         f"parallel.tp={layout.tp}",
+        f"parallel.cp={layout.cp}",
         f"parallel.virtual_stages={layout.v}",
         f"parallel.schedule={schedule}",
         "parallel.microbatches=8",
@@ -142,7 +153,8 @@ def _layout_id(layout: Layout) -> str:
         tags.append(key.split(".")[-1] + ("" if value == "true" else f"={value}"))
     if layout.schedules not in (ONE_STAGE, MULTI_STAGE):
         tags.append(",".join(layout.schedules))
-    return "-".join([f"dp{layout.dp}pp{layout.pp}tp{layout.tp}v{layout.v}", *tags])
+    cp = f"cp{layout.cp}" if layout.cp > 1 else ""
+    return "-".join([f"dp{layout.dp}pp{layout.pp}{cp}tp{layout.tp}v{layout.v}", *tags])
 
 
 @pytest.mark.long(40)
@@ -161,8 +173,9 @@ def test_schedules_and_layouts_match_single_process(
     cases = [(layout, s) for s in layout.schedules]
     per_rank = run_ranks(world, _run_cases, [_overrides(*c) for c in cases], world)
     for i, case in enumerate(cases):
-        # the residual stream between blocks is split by sequence across tp only under SP
-        seq_between_blocks = SEQ_LEN // layout.tp if SP[0] in layout.extra else SEQ_LEN
+        # the residual stream between blocks is split by sequence across cp, and across tp
+        # only under SP
+        seq_between_blocks = SEQ_LEN // layout.cp // (layout.tp if SP[0] in layout.extra else 1)
         weights: dict[str, torch.Tensor] = {}
         for rank_results in per_rank:
             losses, rank_weights, val, lengths = rank_results[i]

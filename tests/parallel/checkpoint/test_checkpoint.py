@@ -3,7 +3,8 @@
 Multi-layout scenarios run inside spawned gloo ranks (tests/helpers/spawn.py). The checkpoints live in
 one module-wide directory, so a later spawn loads what an earlier one saved in another layout:
   single (1 rank)  saves a/ at (1,1,1)          eight (8 ranks) saves b/ at (2,2,2,v2), loads a/
-  four (4 ranks)   saves c/ at (1,4,1,v2), loads it at (1,4,1,v2) and (2,1,2)
+  four (4 ranks)   saves c/ at (1,4,1,v2), loads it at (1,4,1,v2), (2,1,2), cp=2 x tp=2 and HSDP
+                   2x2; saves d/ at HSDP dp=2 (2 replicas) x cp=2, loads it at dp=4
   reloads (1 rank) loads b/, resumes what a killed save left, tries corrupted copies of a/
 """
 
@@ -57,6 +58,11 @@ SINGLE: Layout = (1, 1, 1, 1, "1f1b")
 DP2_PP2_TP2_V2: Layout = (2, 2, 2, 2, "interleaved_1f1b")
 PP4_V2: Layout = (1, 4, 1, 2, "interleaved_1f1b")
 DP2_TP2: Layout = (2, 1, 2, 1, "1f1b")
+DP2: Layout = (2, 1, 1, 1, "1f1b")
+DP4: Layout = (4, 1, 1, 1, "1f1b")
+TP2: Layout = (1, 1, 2, 1, "1f1b")
+CP2 = ("parallel.cp=2",)
+HSDP = ("parallel.dp_replicate=2",)
 
 
 # ---- run inside the ranks -----------------------------------------------------------------
@@ -74,7 +80,7 @@ def _trainer(layout: Layout, overrides: tuple[str, ...] = ()) -> Trainer:
             f"parallel.schedule={schedule}",
             *overrides,
         ],
-        dp * pp * tp,
+        int(os.environ.get("WORLD_SIZE", "1")),  # the spawned ranks: dp*pp*tp, times cp if set
     )
     return build_trainer(cfg, load_data(cfg))
 
@@ -93,19 +99,25 @@ def _load(path: Path, trainer: Trainer, verify: bool = True) -> dict[str, Any]:
     return load_trainer(path, trainer, verify)
 
 
-def _save_and_continue(layout: Layout, root: str, save_at: int, total: int) -> list[float]:
+def _save_and_continue(
+    layout: Layout, root: str, save_at: int, total: int, overrides: tuple[str, ...] = ()
+) -> list[float]:
     """Losses of an uninterrupted run that saves a checkpoint after `save_at` steps."""
-    trainer = _trainer(layout)
+    trainer = _trainer(layout, overrides)
     losses = _steps(trainer, save_at)
     _save(Path(root), trainer)
     return losses + _steps(trainer, total - save_at)
 
 
 def _load_and_continue(
-    layout: Layout, path: str, n: int, fresh_optimizer: bool = False
+    layout: Layout,
+    path: str,
+    n: int,
+    fresh_optimizer: bool = False,
+    overrides: tuple[str, ...] = (),
 ) -> list[float]:
     """Losses of n steps after loading `path` into a new trainer."""
-    trainer = _trainer(layout)
+    trainer = _trainer(layout, overrides)
     manifest = _load(Path(path), trainer)
     assert trainer.step == manifest["step"] and manifest["extra"] == {"note": "test"}
     if fresh_optimizer:  # what a run that restored only the weights would do
@@ -198,8 +210,9 @@ def eight(root: Path, single: list[list[float]]) -> list[list[float]]:
 
 @pytest.fixture(scope="module")
 def four(root: Path) -> list[list[float]]:
-    """(1,4,1,v2): 4 steps saving c/ at 2; 2 steps resumed from c/ there and at (2,1,2)."""
-    c2 = _step_dir(root, "c", 2)
+    """(1,4,1,v2): 4 steps saving c/ at 2; 2 steps resumed from c/ there, at (2,1,2), at
+    cp=2 x tp=2 and at HSDP 2x2. HSDP dp=2 x cp=2: 4 steps saving d/ at 2; 2 resumed at dp=4."""
+    c2, d2 = _step_dir(root, "c", 2), _step_dir(root, "d", 2)
     return run_ranks(
         4,
         _each,
@@ -207,6 +220,10 @@ def four(root: Path) -> list[list[float]]:
             (_save_and_continue, (PP4_V2, str(root / "c"), 2, 4)),
             (_load_and_continue, (PP4_V2, c2, 2)),
             (_load_and_continue, (DP2_TP2, c2, 2)),
+            (_load_and_continue, (TP2, c2, 2, False, CP2)),
+            (_load_and_continue, (DP4, c2, 2, False, HSDP)),
+            (_save_and_continue, (DP2, str(root / "d"), 2, 4, CP2 + HSDP)),
+            (_load_and_continue, (DP4, d2, 2)),
         ],
     )[0]
 
@@ -396,7 +413,7 @@ def test_exact_resume_single_process(single: list[list[float]]) -> None:
 
 
 def test_exact_resume_on_pipeline_ranks(four: list[list[float]]) -> None:
-    straight, resumed, _ = four
+    straight, resumed = four[:2]
     assert resumed == straight[2:]  # bitwise, (1,4,1) interleaved on 4 ranks
 
 
@@ -411,8 +428,16 @@ def test_resharding_dp2_pp2_tp2_to_single(eight: list[list[float]], reloads: lis
 
 
 def test_resharding_pp4_interleaved_to_dp2_tp2(four: list[list[float]]) -> None:
-    straight, _, resharded = four
+    straight, _, resharded = four[:3]
     assert _rel(resharded, straight[2:]) <= 1e-5
+
+
+def test_resharding_into_and_out_of_cp_and_hsdp(four: list[list[float]]) -> None:
+    straight, into_cp, into_hsdp, cp_hsdp, out_of_both = four[0], *four[3:]
+    assert _rel(into_cp, straight[2:]) <= 1e-5  # cp 1 -> 2 (with tp=2)
+    assert _rel(into_hsdp, straight[2:]) <= 1e-5  # dp_replicate 1 -> 2
+    assert _rel(cp_hsdp, straight) <= 1e-5  # HSDP over cp trains as one process does
+    assert _rel(out_of_both, cp_hsdp[2:]) <= 1e-5  # cp 2 -> 1 and dp_replicate 2 -> 1
 
 
 def test_optimizer_state_is_restored(eight: list[list[float]], reloads: list[Any]) -> None:

@@ -1,0 +1,187 @@
+"""Ring attention over the cp group: K/V blocks travel point-to-point around the ring while each
+rank attends to the block it holds, and the partial results are merged by their log-sum-exp
+(online softmax). Memory holds two K/V blocks, never the whole sequence's.
+
+Chunks are load-balanced (parallel/context_parallel.py: rank r holds chunks r and 2·cp−1−r),
+so with the block of rank s in hand rank r computes: its own block causally (s = r); all its
+queries against the first half of the block (s < r); or its second half of queries against the
+whole block (s > r) — the same work on every rank at every step.
+
+Written by hand on CPU: torch 2.13's own ring attention is reached only through DTensor
+dispatch of SDPA, which has no CPU sharding strategy. Forward and backward call the fused CPU
+flash-attention kernels, which return and take the log-sum-exp. On CUDA torch's own ring is used
+(`_torch_ring`), with the same head-tail chunk layout; that path is not verified here (no GPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class _Ring:
+    """The cp group's neighbours: blocks go to rank+1 and come from rank−1."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
+
+    def shift(self, t: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
+        """Start sending t to the next rank and receiving the previous rank's; wait on the works."""
+        received = torch.empty_like(t)
+        ops = [
+            dist.P2POp(dist.isend, t, self.next, self.group),
+            dist.P2POp(dist.irecv, received, self.prev, self.group),
+        ]
+        return received, dist.batch_isend_irecv(ops)
+
+
+def _wait(works: list[Any]) -> None:
+    for work in works:
+        work.wait()
+
+
+def _expand(kv: torch.Tensor, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed [b, 2·h_kv, s, d] K/V -> K, V with each K/V head repeated for its query group."""
+    k, v = kv.chunk(2, dim=1)
+    if repeats > 1:
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+    return k, v
+
+
+def _fold(dk: torch.Tensor, dv: torch.Tensor, repeats: int) -> torch.Tensor:
+    """Gradients of repeated K/V summed back onto the K/V heads, packed like the K/V."""
+    if repeats > 1:
+        dk, dv = (g.unflatten(1, (-1, repeats)).sum(2) for g in (dk, dv))
+    return torch.cat([dk, dv], dim=1).float()
+
+
+def _merge(
+    out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two softmax-normalized partial attentions by their log-sum-exps (fp32)."""
+    new_lse = torch.logaddexp(lse, block_lse)
+    out = out * (lse - new_lse).exp().unsqueeze(-1) + block_out.float() * (
+        block_lse - new_lse
+    ).exp().unsqueeze(-1)
+    return out, new_lse
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: _Ring
+    ) -> torch.Tensor:
+        repeats, c = q.shape[1] // k.shape[1], q.shape[2] // 2
+        kv = torch.cat([k, v], dim=1).contiguous()
+        out = lse = torch.empty(0)
+        for i in range(ring.size):
+            # the next block is on its way while this one is computed
+            incoming = ring.shift(kv) if i < ring.size - 1 else None
+            source = (ring.rank - i) % ring.size
+            kb, vb = _expand(kv, repeats)
+            if i == 0:
+                o, lse = _flash(q, kb, vb, is_causal=True)
+                out = o.float()
+            elif source < ring.rank:  # every query sees the block's first chunk, none its second
+                o, block_lse = _flash(q, kb[:, :, :c], vb[:, :, :c])
+                out, lse = _merge(out, lse, o, block_lse)
+            else:  # only the local second chunk of queries sees the block, all of it
+                o, block_lse = _flash(q[:, :, c:], kb, vb)
+                tail, tail_lse = _merge(out[:, :, c:], lse[..., c:], o, block_lse)
+                out = torch.cat([out[:, :, :c], tail], dim=2)
+                lse = torch.cat([lse[..., :c], tail_lse], dim=-1)
+            if incoming is not None:
+                _wait(incoming[1])
+                kv = incoming[0]
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring = ring
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        ring: _Ring = ctx.ring
+        grad_out = grad_out.contiguous()
+        repeats, c = q.shape[1] // k.shape[1], q.shape[2] // 2
+        kv = torch.cat([k, v], dim=1).contiguous()
+        dq = torch.zeros_like(q, dtype=torch.float32)
+        dkv = torch.zeros_like(kv, dtype=torch.float32)  # travels with its block
+        for i in range(ring.size):
+            incoming = ring.shift(kv) if i < ring.size - 1 else None
+            source = (ring.rank - i) % ring.size
+            kb, vb = _expand(kv, repeats)
+            # the merged out and lse make each block's gradient exact (flash backward's rule)
+            if i == 0:
+                g = _flash_backward(grad_out, q, kb, vb, out, lse, 0.0, True)
+                dq += g[0]
+                dkv += _fold(g[1], g[2], repeats)
+            elif source < ring.rank:
+                g = _flash_backward(grad_out, q, kb[:, :, :c], vb[:, :, :c], out, lse, 0.0, False)
+                dq += g[0]
+                dkv[:, :, :c] += _fold(g[1], g[2], repeats)
+            else:
+                g = _flash_backward(
+                    grad_out[:, :, c:], q[:, :, c:], kb, vb, out[:, :, c:], lse[..., c:], 0.0, False
+                )
+                dq[:, :, c:] += g[0]
+                dkv += _fold(g[1], g[2], repeats)
+            # the block's gradient follows it; after cp shifts it is back with its owner
+            dkv, works = ring.shift(dkv)
+            _wait(works)
+            if incoming is not None:
+                _wait(incoming[1])
+                kv = incoming[0]
+        dk, dv = dkv.to(k.dtype).chunk(2, dim=1)
+        return dq.to(q.dtype), dk, dv, None
+
+
+def _torch_ring(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh: DeviceMesh
+) -> torch.Tensor:
+    """CUDA: torch's own ring attention, through DTensor dispatch of SDPA (not verified here)."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.experimental._attention import (
+        _cp_options,
+        _enable_context_parallel_dispatcher,
+        set_rotate_method,
+    )
+
+    _cp_options.enable_load_balance = True  # head-tail chunks: the layout shard_sequence makes
+    set_rotate_method("alltoall")  # K/V passed block by block (torch's default all-gathers them)
+    _enable_context_parallel_dispatcher()  # process-wide: SDPA on DTensors goes to the ring
+    repeats = q.shape[1] // k.shape[1]
+    if repeats > 1:
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+    q, k, v = (DTensor.from_local(t, mesh, [Shard(2)], run_check=False) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert isinstance(out, DTensor)
+    return out.to_local()
+
+
+class RingCausalCore(nn.Module):
+    """Causal GQA attention over the cp group's sequence, K/V passed around a ring."""
+
+    def __init__(self, cp_mesh: DeviceMesh) -> None:
+        super().__init__()
+        self.cp_mesh = cp_mesh
+        self._ring: _Ring | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [b, h, s/cp, d], k/v [b, h_kv, s/cp, d] (this rank's chunks) -> [b, h, s/cp, d]."""
+        if q.is_cuda:
+            return _torch_ring(q, k, v, self.cp_mesh)
+        if self._ring is None:
+            self._ring = _Ring(self.cp_mesh.get_group())
+        return _RingAttention.apply(q, k, v, self._ring)
