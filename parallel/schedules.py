@@ -131,6 +131,29 @@ def _megatron_warm_up(p: int, r: int, m: int, v: int) -> float:
     return min(m * v, 2 * (p - r - 1) + (v - 1) * p + 1) / v
 
 
+def _tridist_zero_bubble(
+    name: str,
+    in_flight: Callable[[int, int, int, int], float],
+    order: ActionOrder,
+    searched: bool = False,
+) -> ScheduleSpec:
+    """A one-stage-per-rank zero-bubble order made by tridist: the floor bubble (p-1) F, and
+    no compiled stages (the I/W split needs a block backward of many autograd nodes)."""
+    return ScheduleSpec(
+        name,
+        None,
+        "one",
+        1,
+        lambda p, v: p - 1,
+        in_flight,
+        _one_microbatch_per_stage,
+        order=order,
+        searched=searched,
+        torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
+        compiled_stages=False,
+    )
+
+
 _SPECS = (
     # GPipe: (p-1)(F+B) = 3(p-1); every forward before any backward holds all m
     ScheduleSpec("gpipe", "GPipe", "one", 1, lambda p, v: 3 * (p - 1), lambda p, r, m, v: m),
@@ -204,59 +227,13 @@ _SPECS = (
     # synchronous step the last rank waits (p-1) F for its first input whatever the order: ZB-H1
     # reaches that floor, (p-1)(F+I-W), at F = I = W; ZB-H2's paper zero needs post-validation
     # ZB-H1: p in flight on every rank (W r microbatches late on rank r), 1F1B's peak
-    ScheduleSpec(
-        "zb_h1",
-        None,
-        "one",
-        1,
-        lambda p, v: p - 1,
-        lambda p, r, m, v: p,
-        _one_microbatch_per_stage,
-        order=zb_h1_order,
-        torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
-        compiled_stages=False,  # their I/W split needs a block backward of many nodes
-    ),
+    _tridist_zero_bubble("zb_h1", lambda p, r, m, v: p, zb_h1_order),
     # ZB-H2: 2p-1 in flight; the same floor at F = I = W, below ZB-H1's (p-1)(F+I-W) when W < I
-    ScheduleSpec(
-        "zb_h2",
-        None,
-        "one",
-        1,
-        lambda p, v: p - 1,
-        lambda p, r, m, v: 2 * p - 1,
-        _one_microbatch_per_stage,
-        order=zb_h2_order,
-        torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
-        compiled_stages=False,  # their I/W split needs a block backward of many nodes
-    ),
+    _tridist_zero_bubble("zb_h2", lambda p, r, m, v: 2 * p - 1, zb_h2_order),
     # ZB-1p / ZB-2p: searched from per-stage costs under p / 2p in flight; at equal costs
     # they find the floor, (p-1)
-    ScheduleSpec(
-        "zb_1p",
-        None,
-        "one",
-        1,
-        lambda p, v: p - 1,
-        lambda p, r, m, v: p,
-        _one_microbatch_per_stage,
-        order=zb_1p_order,
-        searched=True,
-        torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
-        compiled_stages=False,  # their I/W split needs a block backward of many nodes
-    ),
-    ScheduleSpec(
-        "zb_2p",
-        None,
-        "one",
-        1,
-        lambda p, v: p - 1,
-        lambda p, r, m, v: 2 * p,
-        _one_microbatch_per_stage,
-        order=zb_2p_order,
-        searched=True,
-        torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
-        compiled_stages=False,  # their I/W split needs a block backward of many nodes
-    ),
+    _tridist_zero_bubble("zb_1p", lambda p, r, m, v: p, zb_1p_order, searched=True),
+    _tridist_zero_bubble("zb_2p", lambda p, r, m, v: 2 * p, zb_2p_order, searched=True),
 )
 SCHEDULE_SPECS: dict[str, ScheduleSpec] = {s.name: s for s in _SPECS}
 SCHEDULES: tuple[str, ...] = tuple(SCHEDULE_SPECS)
