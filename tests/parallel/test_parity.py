@@ -83,16 +83,23 @@ LAYOUTS = {
     8: [
         Layout(2, 2, 2, 1, ONE_STAGE),
         Layout(2, 2, 2, 1, ("zb_h2", "zb_1p")),  # under FSDP2 over dp and TP
-        Layout(2, 2, 2, 2, MULTI_STAGE),
+        Layout(2, 2, 2, 2, MULTI_STAGE),  # with (1, 4, 1, 2): pp=4 and dp x tp for each
         Layout(1, 2, 4, 1, ONE_STAGE),
         Layout(4, 2, 1, 1, ONE_STAGE),
-        Layout(1, 4, 2, 2, MULTI_STAGE),
         Layout(2, 2, 2, 1, ("1f1b",), SP),
-        Layout(1, 4, 2, 2, ("interleaved_1f1b",), SP),
         Layout(2, 2, 2, 1, ("1f1b",), TIED),  # the tied pairs of every (dp, tp) coordinate
         Layout(2, 1, 2, 1, ("1f1b",), cp=2),  # all-gather K/V across cp, heads across tp
     ],  # HSDP x cp (sharded over cp inside a replica group): tests/parallel/checkpoint
 }
+
+
+def _microbatches(layout: Layout) -> int:
+    """The fewest that still give every schedule a steady state: 2 per pipeline rank and at least
+    one per stage, rounded up to a power of 2 that splits the batch (each microbatch costs every
+    rank an action, and 8 ranks share 2 cores here); 2 without a pipeline, so gradients still
+    accumulate over microbatches."""
+    least = max(2, 2 * layout.pp, layout.pp * layout.v)
+    return 1 << (least - 1).bit_length()
 
 
 def _overrides(layout: Layout, schedule: str) -> list[str]:
@@ -103,7 +110,7 @@ def _overrides(layout: Layout, schedule: str) -> list[str]:
         f"parallel.cp={layout.cp}",
         f"parallel.virtual_stages={layout.v}",
         f"parallel.schedule={schedule}",
-        "parallel.microbatches=8",
+        f"parallel.microbatches={_microbatches(layout)}",
         *layout.extra,
     ]
 

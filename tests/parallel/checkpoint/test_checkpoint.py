@@ -412,11 +412,13 @@ def test_exact_resume_single_process(single: list[list[float]]) -> None:
     assert resumed == straight[3:]  # bitwise
 
 
+@pytest.mark.long(120)  # the `four` fixture: 7 trainings on 4 ranks
 def test_exact_resume_on_pipeline_ranks(four: list[list[float]]) -> None:
     straight, resumed = four[:2]
     assert resumed == straight[2:]  # bitwise, (1,4,1) interleaved on 4 ranks
 
 
+@pytest.mark.long(100)  # the `eight` fixture: 2 trainings on 8 ranks
 def test_resharding_single_to_dp2_pp2_tp2(
     single: list[list[float]], eight: list[list[float]]
 ) -> None:
