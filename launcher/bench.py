@@ -1,5 +1,5 @@
-"""`python -m launcher.bench {overhead,pipeline,checkpoint,split,cp}`: measure what tridist adds,
-pipeline bubbles, checkpoint I/O, the pipeline split and context parallelism.
+"""`python -m launcher.bench {overhead,pipeline,checkpoint,split,cp,ab}`: measure what tridist
+adds, pipeline bubbles, checkpoint I/O, the pipeline split, context parallelism and any lever.
 
 overhead: tridist's real training step against a bare PyTorch loop of the same model, data,
 optimizer and schedule, interleaved in one process so machine noise hits both alike.
@@ -8,10 +8,11 @@ bubble can be compared, even on 2 cores, with the literature's formula and with 
 action order for the schedule replayed at the same costs.
 checkpoint: checkpoint save/load against raw disk I/O of the same bytes.
 split: the training step with the cost model's pipeline split against the even split, A/B
-alternating on the same ranks, with the ratio the cost model predicts. Results: BENCHMARKS.md;
+alternating on the same ranks, with the ratio the cost model predicts.
 cp: activation memory per rank at several cp for one long sequence, and tokens/s at cp=1 vs cp=2
-(both cp_comm variants) on 2 ranks, timed in alternation. Results: BENCHMARKS.md;
-the benchmarks themselves: launcher/benchmarks/.
+(both cp_comm variants) on 2 ranks, timed in alternation.
+ab: two configs' training steps on the same ranks, timed in alternation (e.g. compile on/off).
+Results: BENCHMARKS.md; the benchmarks themselves: launcher/benchmarks/.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from launcher.benchmarks.ab import ab_benchmark, format_ab
 from launcher.benchmarks.checkpoint import checkpoint_io, drop_page_cache, format_checkpoint_io
 from launcher.benchmarks.context_parallel import cp_memory, cp_speed, format_cp
 from launcher.benchmarks.machine import machine
@@ -78,8 +80,18 @@ def main(argv: list[str] | None = None) -> None:
     cp.add_argument("--speed-seq-len", type=int, default=2048)
     cp.add_argument("--steps", type=int, default=2, help="timed steps per layout and round")
     cp.add_argument("--rounds", type=int, default=3)
+    ab = sub.add_parser("ab", help="two configs' training steps, alternating on the same ranks")
+    ab.add_argument("--world", type=int, default=1, help="gloo ranks (dp*pp*cp*tp of the configs)")
+    ab.add_argument("--base", nargs="*", default=["model=tiny"], help="overrides of both sides")
+    ab.add_argument("--a", nargs="*", default=[], help="side a's own overrides")
+    ab.add_argument("--b", nargs="*", default=["train.compile=true"], help="side b's own")
+    ab.add_argument("--steps", type=int, default=3, help="steps per timed block")
+    ab.add_argument("--blocks", type=int, default=4, help="timed blocks per side, alternating")
     a = parser.parse_args(argv)
-    if a.command == "cp":
+    if a.command == "ab":
+        print(machine())
+        print(format_ab(ab_benchmark(a.base, a.a, a.b, a.world, a.steps, a.blocks)))
+    elif a.command == "cp":
         sizes = tuple(int(s) for s in a.sizes.split(","))
         memory = cp_memory(a.model, a.seq_len, sizes)
         speed = cp_speed(a.model, a.speed_seq_len, a.steps, a.rounds)

@@ -1,10 +1,11 @@
-"""launcher.bench: the overhead comparison runs end to end; pipeline bubbles follow the formulas."""
+"""launcher.bench: the overhead and A/B comparisons run end to end; pipeline bubbles follow the formulas."""
 
 import re
 
 import pytest
 
 from launcher.bench import main
+from launcher.benchmarks.ab import ab_benchmark, format_ab
 from launcher.benchmarks.pipeline import VIRTUAL_STAGES, formula_bubble, pipeline
 from parallel.plan.simulate import simulated_bubble
 from parallel.schedules import SCHEDULES
@@ -73,3 +74,17 @@ def test_pipeline_bubbles_follow_their_formulas() -> None:
 def test_pipeline_refuses_unknown_schedules() -> None:
     with pytest.raises(ValueError, match="unknown schedules"):
         pipeline(pp=2, schedules=("pipedream",))
+
+
+def test_ab_times_both_sides_and_compares_their_losses() -> None:
+    result = ab_benchmark(
+        ["model=debug", "train.seq_len=16", "train.global_batch_size=4", "device=cpu"],
+        [],
+        ["optim.implementation=foreach"],
+        world=1,
+        steps=1,
+        blocks=2,
+    )
+    assert len(result.ms["a"]) == len(result.ms["b"]) == 2 and min(result.ms["a"]) > 0
+    assert len(result.losses["a"]) == 3 and result.loss_difference() < 1e-5  # same numerics
+    assert "| b | `optim.implementation=foreach` |" in format_ab(result)
