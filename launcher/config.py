@@ -66,7 +66,7 @@ class ParallelConfig:
     # blocks per pipeline stage: null (the even split unless the cost model's is faster), even,
     # auto (parallel/plan/split.py), or a list of pp*virtual_stages counts
     layers_per_stage: Any = None
-    # zb_1p / zb_2p search their order at these per-stage costs: one [F, I, W] (ms, or any unit)
+    # zbv, zb_1p and zb_2p search their order at these per-stage costs: one [F, I, W] (ms, or any unit)
     # per pipeline stage, and p2p_ms per transfer; null: equal stages
     stage_costs: list[list[float]] | None = None
     p2p_ms: float = 0.0
@@ -109,7 +109,8 @@ class TrainConfig:
     nonfinite: str = "stop"  # stop | skip
     nonfinite_max_skips: int = 3
     # torch.compile each transformer block (Inductor; C++ on CPU); not with the zero-bubble
-    # schedules (interleaved_zb, zbv, dualpipev), which torch 2.13 refuses compiled stages
+    # schedules (interleaved_zb, zbv, zbv_torch, dualpipev, zb_*), whose I/W split torch 2.13
+    # runs only with eager stages
     compile: bool = False
 
 

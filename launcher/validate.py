@@ -327,7 +327,8 @@ def _validate_stage_costs(par: ParallelConfig, n_stages: int) -> None:
         schedule_spec(par.schedule).searched,
         "parallel.stage_costs",
         costs,
-        f"only {' and '.join(searched)} search an order from costs; remove it or use one of them",
+        f"only {', '.join(searched[:-1])} and {searched[-1]} search an order from costs; "
+        "remove it or use one of them",
     )
     _check(
         len(costs) == n_stages

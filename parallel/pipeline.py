@@ -88,7 +88,7 @@ def build_schedule(
 
     The loss function returns the mean over a microbatch's tokens and scale_grads divides the
     summed gradients by the number of microbatches: the gradient of the batch mean. `costs`
-    (per stage) are what a searched order (zb_1p, zb_2p) is searched at; None: equal stages.
+    (per stage) are what a searched order (zbv, zb_1p, zb_2p) is searched at; None: equal stages.
     """
     stages = [
         PipelineStage(module, sid, n_stages, device, group=pp_group)

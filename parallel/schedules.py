@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from parallel.plan.replay import StageCosts
-from parallel.zero_bubble import zb_1p_order, zb_2p_order, zb_h1_order, zb_h2_order
+from parallel.zero_bubble import zb_1p_order, zb_2p_order, zb_h1_order, zb_h2_order, zbv_order
 
 Placement = Literal["one", "looped", "v"]
 # (pp, n_stages, microbatches, per-stage costs or None) -> per pipeline rank, its torch _Actions
@@ -200,9 +200,25 @@ _SPECS = (
     ),
     # ZB-V: its paper's ~0 needs optimizer post-validation (steps overlapping); within one
     # synchronous step the middle rank waits (p-1) chunks of F/2 for its first input, which
-    # torch's order reaches at F = I = W: (p-1)/2. p on every rank, 1F1B's first-stage peak
+    # tridist's ZB-V order (parallel/zero_bubble.py, searched at the run's costs) reaches at
+    # F = I = W when m >= 2p: (p-1)/2. 2p chunk-microbatches = p microbatches on every rank,
+    # 1F1B's first-stage peak
     ScheduleSpec(
         "zbv",
+        None,
+        "v",
+        2,
+        lambda p, v: (p - 1) / 2,
+        lambda p, r, m, v: p,
+        order=zbv_order,
+        searched=True,
+        torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
+        compiled_stages=False,
+    ),
+    # torch's ScheduleZBVZeroBubble order, kept to compare: the same floor at F = I = W when
+    # m >= 2p (above it at smaller m), p on every rank
+    ScheduleSpec(
+        "zbv_torch",
         "ZBVZeroBubble",
         "v",
         2,

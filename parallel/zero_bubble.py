@@ -1,45 +1,52 @@
-"""tridist-made zero-bubble action orders, one stage per rank (Qi et al., "Zero Bubble Pipeline
-Parallelism", ICLR 2024): the handcrafted ZB-H1 and ZB-H2 and the searched ZB-1p and ZB-2p, as
-per-rank lists of torch _Actions (F, I = input gradient, W = weight gradient) that torch's
-`_PipelineScheduleRuntime` runs, adding the sends and receives (parallel/pipeline.py).
+"""tridist-made zero-bubble action orders (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR
+2024): one stage per rank the handcrafted ZB-H1 and ZB-H2 and the searched ZB-1p and ZB-2p, and
+ZB-V on the V placement, as per-rank lists of torch _Actions (F, I = input gradient, W = weight
+gradient) that torch's `_PipelineScheduleRuntime` runs, adding the sends and receives
+(parallel/pipeline.py).
 
 Written by hand: torch 2.13 has no one-stage-per-rank zero-bubble order and searches none from
 costs. A microbatch counts against a rank's memory from its F to its W (torch frees the last of
 its saved tensors there).
 - zb_h1: the paper's pattern: rank r runs 1F1B's p-1-r warm-up forwards, then F, I and, r
   microbatches late, W: every rank holds p microbatches, 1F1B's first-stage peak.
-- zb_h2: 2p-1 in flight, ordered by the list scheduler below at the paper's costs F = I = W.
+- zb_h2: 2p-1 in flight, ordered by the list scheduler (parallel/list_schedule.py) at the
+  paper's costs F = I = W.
 - zb_1p / zb_2p: searched at the run's costs under p / 2p: every ZB-H1-shaped order (more
   warm-up forwards, later weight gradients) and the list scheduler at every memory limit are
   replayed (parallel/plan/replay.py) and the shortest wins, so they never lose to zb_h1 / zb_h2.
-The list scheduler is the paper's heuristic: it plays the step forward in time and, whenever a
-rank is free, starts an I whose gradient has arrived, else an F while the rank has room, else
-its oldest pending W (filling what would be a bubble), else waits.
+- zbv: ZB-V's heuristic, the list scheduler on the V under the paper's 2p chunk-microbatches
+  (1F1B's first-stage peak, p whole microbatches), at F = I = W: the shortest of its variants
+  (I or F first when both can start; a pending W whenever the rank would idle, or only when it
+  ends before the next F or I could start), and torch's handcrafted
+  ZBV order kept as a candidate, so zbv never loses to it (torch's wins at p = 8, m = 16 or
+  32, by 1 to 1.5 F; the list scheduler wins at m < 2p and ties elsewhere, at the floor).
 
 Under torch's runtime every step ends on every rank before the optimizer runs, so the last rank
 idles (p-1) F before its first input arrives, whatever the order: (p-1) F of bubble per rank is
-the floor, which ZB-H1 already reaches at F = I = W. The papers' zero bubble for ZB-H2 (and
-ZB-V) also needs their optimizer post-validation, which lets one step's warm-up fill the previous
-step's cool-down; torch's step() does not overlap steps.
+the floor (the V's chunks are F/2: (p-1) F/2), which ZB-H1 and ZB-V already reach at F = I = W.
+The papers' zero bubble for ZB-H2 and ZB-V also needs their optimizer post-validation, which lets
+one step's warm-up fill the previous step's cool-down; torch's step() does not overlap steps.
 """
 
 from __future__ import annotations
 
 import itertools
+import statistics
+from dataclasses import replace
 from functools import lru_cache
 
+from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops  # private API
 from torch.distributed.pipelining.schedules import (
     BACKWARD_INPUT,
     BACKWARD_WEIGHT,
     FORWARD,
     _Action,
-    _ComputationType,
 )
 
-from parallel.plan.replay import Done, StageCosts, replay, stage_to_rank
+from parallel.list_schedule import VARIANTS, Order, list_schedule, peak_in_flight, step_time
+from parallel.plan.replay import StageCosts
 
-KINDS: dict[str, _ComputationType] = {"F": FORWARD, "I": BACKWARD_INPUT, "W": BACKWARD_WEIGHT}
-Order = dict[int, list[_Action]]  # pipeline rank -> its compute actions, in order
+TIE_BREAK_P2P = 0.02  # of a mean stage forward: the transfer time ties are broken at
 
 
 def h1_shaped(pp: int, microbatches: int, extra_warmup: int = 0, extra_lag: int = 0) -> Order:
@@ -60,64 +67,6 @@ def h1_shaped(pp: int, microbatches: int, extra_warmup: int = 0, extra_lag: int 
                 n_w += 1
         order[r] = acts + [_Action(r, BACKWARD_WEIGHT, k) for k in range(n_w, m)]
     return order
-
-
-def list_schedule(pp: int, microbatches: int, costs: StageCosts, limit: int) -> Order:
-    """The paper's greedy list schedule at `costs`, each rank holding at most `limit`
-    microbatches between a forward and its weight gradient (one stage per rank)."""
-    m, n, to_rank = microbatches, pp, stage_to_rank(pp, pp, False)
-    nxt = {(k, s): 0 for k in KINDS for s in range(n)}  # next microbatch per kind and stage
-    done: dict[Done, float] = {}  # ("F" | "B" | "W", stage, microbatch) -> finish time
-    clock, order = [0.0] * pp, {r: list[_Action]() for r in range(pp)}
-
-    def arrival(d: Done, s: int) -> float | None:
-        return None if d not in done else done[d] + costs.p2p * (to_rank[d[1]] != s)
-
-    def pick(s: int) -> tuple[float, str] | None:
-        """(start, kind) of stage s's next action: I, then F (with room), then W, else wait."""
-        now, timed = clock[s], []
-        mb_i, mb_f = nxt["I", s], nxt["F", s]
-        if mb_i < mb_f:  # its forward ran; the gradient from the next stage may have arrived
-            t = 0.0 if s == n - 1 else arrival(("B", s + 1, mb_i), s)
-            timed += [] if t is None else [(max(t, now, done["F", s, mb_i]), "I")]
-        if mb_f < m and mb_f - nxt["W", s] < limit:
-            t = 0.0 if s == 0 else arrival(("F", s - 1, mb_f), s)
-            timed += [] if t is None else [(max(t, now), "F")]
-        if any(t <= now for t, _ in timed):
-            return now, "I" if any(k == "I" and t <= now for t, k in timed) else "F"
-        if nxt["W", s] < mb_i:  # nothing else can start now: fill with a weight gradient
-            return now, "W"
-        return min(timed, key=lambda c: (c[0], c[1] != "I")) if timed else None
-
-    while len(done) < 3 * n * m:
-        choices = [(c[0], s, c[1]) for s in range(n) if (c := pick(s)) is not None]
-        if not choices:
-            raise ValueError(f"no order fits a memory limit of {limit} microbatches")
-        start, s, kind = min(choices, key=lambda c: c[:2])  # the earliest start, then stage
-        mb = nxt[kind, s]
-        clock[s] = start + costs.cost(kind, s)
-        done["B" if kind == "I" else kind, s, mb] = clock[s]
-        nxt[kind, s] += 1
-        order[s].append(_Action(s, KINDS[kind], mb))
-    return order
-
-
-def step_time(order: Order, costs: StageCosts) -> float:
-    """The order's step time at `costs` (one stage per rank), replayed."""
-    ops = [[[a] for a in order[r]] for r in range(len(order))]
-    return max(replay(ops, len(order), costs, stage_to_rank(len(order), len(order), False)))
-
-
-def peak_in_flight(order: Order) -> dict[int, int]:
-    """Per rank, the most microbatches held between a forward and its weight gradient."""
-    peaks = {}
-    for r, actions in order.items():
-        held = peak = 0
-        for a in actions:
-            held += {"F": 1, "W": -1}.get(a.computation_type.value, 0)
-            peak = max(peak, held)
-        peaks[r] = peak
-    return peaks
 
 
 @lru_cache(maxsize=64)
@@ -164,3 +113,27 @@ def zb_1p_order(pp: int, n_stages: int, microbatches: int, costs: StageCosts | N
 def zb_2p_order(pp: int, n_stages: int, microbatches: int, costs: StageCosts | None) -> Order:
     """ZB-2p: searched at `costs` (equal when None) under twice 1F1B's peak, 2p microbatches."""
     return _copy(searched_order(pp, microbatches, costs or StageCosts.uniform(pp, pp), 2 * pp))
+
+
+@lru_cache(maxsize=64)
+def searched_v_order(pp: int, microbatches: int, costs: StageCosts) -> Order:
+    """ZB-V: the shortest V order at `costs` holding at most 2p chunk-microbatches per rank, of
+    torch's handcrafted ZB-V order and the list scheduler's (cached: callers copy it)."""
+    limit = 2 * pp
+    torch_ops = get_schedule_ops("ZBVZeroBubble", pp, microbatches, 2)
+    candidates = [{r: [a for a in acts if a is not None] for r, acts in enumerate(torch_ops)}]
+    # at F = I = W a smaller memory limit never gave a shorter order (p <= 8, m <= 32), and each
+    # list schedule costs ~0.2 s at p = 8, m = 32: only the paper's limit is tried
+    candidates += [
+        list_schedule(pp, microbatches, costs, limit, True, fill, first) for first, fill in VARIANTS
+    ]
+    # of equally short orders, the one that loses least when each transfer takes a little time
+    # (a real one does: ~1 ms here, FACTS.md); the list scheduler's lose more than torch's
+    late = replace(costs, p2p=costs.p2p + TIE_BREAK_P2P * statistics.mean(costs.forward))
+    return min(candidates, key=lambda o: (step_time(o, costs), step_time(o, late)))
+
+
+def zbv_order(pp: int, n_stages: int, microbatches: int, costs: StageCosts | None) -> Order:
+    """ZB-V: searched at `costs` (equal when None) under 2p chunk-microbatches, p microbatches."""
+    uniform = StageCosts.uniform(2 * pp, pp)
+    return _copy(searched_v_order(pp, microbatches, costs or uniform))

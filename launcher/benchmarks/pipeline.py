@@ -2,7 +2,7 @@
 fixed time, so the measured bubble can be compared, even on 2 cores, with the literature's
 formula (parallel/schedules.py) and with the schedule's action order (torch's, or tridist's)
 replayed at the same costs (parallel/plan/simulate.py). Unequal costs (cheaper weight gradients,
-a slower last stage) show what the searched orders (zb_1p, zb_2p), given those costs, gain.
+a slower last stage) show what the searched orders (zbv, zb_1p, zb_2p), given those costs, gain.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
     tune_step = searched_order_step(cfg, trainer)
     while trainer.step < t.steps and not summary.preempted:
         if tune_step == trainer.step + 1:
-            result = tune(cfg, trainer, monitor)  # zb_1p/zb_2p: searched at measured costs
+            result = tune(cfg, trainer, monitor)  # zbv, zb_1p, zb_2p: searched at measured costs
         elif monitor.timeline_step == trainer.step + 1:
             result = monitor.record_timeline(trainer)  # the same step, every action timed
         else:

@@ -1,4 +1,4 @@
-"""zb_1p / zb_2p without parallel.stage_costs: search their order at the costs measured on the
+"""zbv, zb_1p and zb_2p without parallel.stage_costs: search their order at the costs measured on the
 run's second step (the first infers shapes), log it with its predicted bubble, and run it from
 the third step on (whose timeline, with parallel.timeline=true, shows it)."""
 

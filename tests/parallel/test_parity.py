@@ -62,7 +62,7 @@ LAYOUTS = {
         Layout(1, 1, 2, 1, ("1f1b",), SP),  # SP without dp: norm grads stay Partial
         # tied embedding and head on two ranks (gradients summed over a pair) and on one (V)
         Layout(1, 2, 1, 1, ("1f1b",), TIED),
-        Layout(1, 2, 1, 2, ("zbv",), TIED),
+        Layout(1, 2, 1, 2, ("zbv", "zbv_torch"), TIED),  # tridist's ZB-V order and torch's
         # stages holding only the embedding, or only the norm and head
         Layout(1, 2, 1, 2, ("interleaved_1f1b",), TIED + ("parallel.layers_per_stage=[0,3,5,0]",)),
         # 8 blocks into 6 stages: no even split, the cost model's

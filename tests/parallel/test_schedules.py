@@ -44,8 +44,9 @@ PARITY = {
     "interleaved_1f1b": (3 / 19, [5.5, 4.5, 3.5, 2.5], 3 / 19),
     "looped_bfs": (3 / 19, [8, 8, 8, 8], 3 / 19),
     "interleaved_zb": (1 / 17, [5.5, 4.5, 3.5, 2.5], 1 / 17),
-    # torch's ZBV order reaches the floor of a synchronous step, (p-1) chunks of F/2
+    # tridist's ZB-V order and torch's reach the floor of a synchronous step, (p-1) chunks of F/2
     "zbv": (1 / 17, [4, 4, 4, 4], 1 / 17),
+    "zbv_torch": (1 / 17, [4, 4, 4, 4], 1 / 17),
     "dualpipev": (1 / 9, [5, 5, 5, 5], 1 / 9),
     # one stage per rank: the last rank's (p-1) F wait for its first input, any order
     "zb_h1": (1 / 9, [4, 4, 4, 4], 1 / 9),
@@ -125,7 +126,8 @@ def test_validity_checks_name_the_setting_and_the_fix(
 def test_the_builder_resolves_every_torch_class() -> None:
     for spec in SCHEDULE_SPECS.values():
         if spec.order is not None:  # tridist's order, run by torch's _PipelineScheduleRuntime
-            assert spec.torch_class is None and spec.stages_per_rank == 1, spec.name
+            assert spec.torch_class is None, spec.name
+            assert spec.stages_per_rank == (2 if spec.placement == "v" else 1), spec.name
             continue
         cls = get_schedule_class(spec.torch_class)
         # torch's single-stage classes are exactly the schedules with one stage per rank
@@ -184,7 +186,7 @@ def test_microbatches_in_flight_follow_the_schedules() -> None:
 
 def test_activations_in_flight_apply_the_factor_torch_was_measured_to_hold() -> None:
     p, m = 4, 16
-    zero_bubble = ("interleaved_zb", "zbv", "zb_h1", "zb_h2", "zb_1p", "zb_2p")
+    zero_bubble = ("interleaved_zb", "zbv", "zbv_torch", "zb_h1", "zb_h2", "zb_1p", "zb_2p")
     measured = dict.fromkeys(zero_bubble, 2.0)  # torch 2.13, parallel/schedules.py
     for name, spec in SCHEDULE_SPECS.items():
         v = stages_per_rank(name, V)

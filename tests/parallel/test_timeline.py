@@ -15,7 +15,13 @@ from typing import Any
 import pytest
 from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops  # private API
 
-from parallel.schedules import SCHEDULES, bubble_fraction, schedule_spec, stages_per_rank
+from parallel.schedules import (
+    SCHEDULES,
+    bubble_fraction,
+    schedule_spec,
+    stage_ids_for_rank,
+    stages_per_rank,
+)
 from parallel.timeline import COMPUTE_KINDS, WAIT, Event, TimelineInfo, measured_bubbles
 from tests.helpers.spawn import run_ranks
 
@@ -23,7 +29,13 @@ PP = 2
 V = 2  # stages per rank of the looped schedules (the others have their own)
 BUBBLE_SCHEDULES = ("gpipe", "interleaved_1f1b", "interleaved_zb")  # at m = p
 STAGE_MS = 25.0  # per rank and microbatch: F, and B = 2F
-COVERAGE_ONLY = {"1f1b": 2, "looped_bfs": 2, "zbv": 2, "dualpipev": 4}  # schedule -> microbatches
+COVERAGE_ONLY = {
+    "1f1b": 2,
+    "looped_bfs": 2,
+    "zbv": 2,
+    "zbv_torch": 2,
+    "dualpipev": 4,
+}  # schedule -> microbatches
 COVERAGE_ONLY |= {s: 2 for s in ("zb_h1", "zb_h2", "zb_1p", "zb_2p")}  # tridist's orders
 TRAINED = {"interleaved_zb": 2}  # through launcher.train with parallel.timeline=true
 RECORDED_STEPS = 5  # the median step is taken: a busy machine delays some wake-ups
@@ -52,7 +64,6 @@ def _sleep_stage_timelines(
 
     from launcher.benchmarks.pipeline import SleepStage
     from parallel.pipeline import build_schedule
-    from parallel.schedules import stage_ids_for_rank
     from parallel.timeline import _stages, record_step
 
     rank, out = dist.get_rank(), {}
@@ -113,14 +124,22 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
 def _expected_actions(schedule: str, m: int) -> dict[int, collections.Counter]:
     """The schedule's actions: per pp rank, the (kind, stage, microbatch)s it must run.
 
-    Multi-stage schedules: torch's own action lists. Single-stage ones: F and B (tridist's
-    zero-bubble orders: F, I and W) of every microbatch on the rank's stage (torch lists their order with bubbles folded in, and not the
-    microbatches their runtime runs).
+    tridist's orders: F, I and W of every microbatch on each of the rank's stages. torch's
+    single-stage schedules: F and B of every microbatch (torch lists their order with bubbles
+    folded in, and not the microbatches their runtime runs). torch's multi-stage ones: its own
+    action lists.
     """
-    if stages_per_rank(schedule, V) == 1:
-        kinds = "FIW" if schedule_spec(schedule).order is not None else "FB"  # tridist's: I, W
+    v, spec = stages_per_rank(schedule, V), schedule_spec(schedule)
+    if spec.order is not None or v == 1:
+        kinds = "FIW" if spec.order is not None else "FB"
         return {
-            r: collections.Counter((k, r, i) for k in kinds for i in range(m)) for r in range(PP)
+            r: collections.Counter(
+                (k, s, i)
+                for s in stage_ids_for_rank(r, PP, v, schedule)
+                for k in kinds
+                for i in range(m)
+            )
+            for r in range(PP)
         }
     ops = get_schedule_ops(schedule_spec(schedule).torch_class, PP, m, stages_per_rank(schedule, V))
     expected = {}

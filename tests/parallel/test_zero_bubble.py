@@ -1,5 +1,6 @@
 """tridist's zero-bubble orders: complete, within their memory, at the floor of a synchronous
-step at equal costs, and the searched ones never slower than the handcrafted at other costs."""
+step at equal costs, and the searched ones (zbv against torch's ZB-V order too) never slower
+than the handcrafted at other costs."""
 
 from __future__ import annotations
 
@@ -7,16 +8,16 @@ import pytest
 
 from launcher.config import ConfigError
 from launcher.run.compose import compose_config
+from parallel.list_schedule import Order, peak_in_flight, step_time
 from parallel.plan.replay import StageCosts
+from parallel.plan.simulate import schedule_ops
 from parallel.zero_bubble import (
     h1_shaped,
-    list_schedule,
-    peak_in_flight,
-    step_time,
     zb_1p_order,
     zb_2p_order,
     zb_h1_order,
     zb_h2_order,
+    zbv_order,
 )
 
 ORDERS = {"zb_h1": zb_h1_order, "zb_h2": zb_h2_order, "zb_1p": zb_1p_order, "zb_2p": zb_2p_order}
@@ -66,9 +67,61 @@ def test_searched_orders_beat_zb_h1_when_weight_gradients_are_cheap() -> None:
     )
 
 
-def test_list_schedule_refuses_a_limit_of_nothing() -> None:
-    with pytest.raises(ValueError, match="memory limit of 0"):
-        list_schedule(2, 4, StageCosts.uniform(2, 2), 0)
+def _torch_zbv(p: int, m: int) -> Order:
+    ops = schedule_ops("zbv_torch", p, m, 2)
+    return {r: [a for (a,) in ops[r]] for r in range(p)}
+
+
+def _v_costs(f: float, i: float, w: float, last: float = 1.0, p2p: float = 0.0) -> StageCosts:
+    """p = 4 on the V: 8 chunks of half a rank's costs, the last stage `last` times slower."""
+    scale = [0.5] * 7 + [0.5 * last]
+    return StageCosts(
+        tuple(f * x for x in scale), tuple(i * x for x in scale), tuple(w * x for x in scale), p2p
+    )
+
+
+V_COSTS = {
+    "W = F/2": _v_costs(1, 1, 0.5),
+    "p2p = F/5": _v_costs(1, 1, 1, p2p=0.2),
+    "last stage 1.5x": _v_costs(1, 1, 1, last=1.5),
+    "last 1.5x, W = F/2": _v_costs(1, 1, 0.5, last=1.5),
+}
+
+
+@pytest.mark.parametrize(("p", "m"), [(2, 2), (2, 4), (4, 4), (4, 8), (4, 16), (8, 16)])
+def test_zbv_is_complete_on_the_v_within_2p_and_never_slower_than_torchs(p: int, m: int) -> None:
+    order, costs = zbv_order(p, 2 * p, m, None), StageCosts.uniform(2 * p, p)
+    for r, actions in order.items():
+        seen = sorted(
+            (a.stage_index, a.computation_type.value, a.microbatch_index) for a in actions
+        )
+        assert seen == sorted(
+            (s, k, mb) for s in (r, 2 * p - 1 - r) for k in "FIW" for mb in range(m)
+        )
+    assert max(peak_in_flight(order).values()) <= 2 * p  # ZB-V's: p whole microbatches
+    assert step_time(order, costs) <= step_time(_torch_zbv(p, m), costs) + 1e-9
+    if (
+        m >= 2 * p
+    ):  # the floor of a synchronous step: (p-1) chunks of F/2 before the last rank starts
+        assert step_time(order, costs) == pytest.approx(3 * m + (p - 1) / 2)
+
+
+def test_zbv_beats_torchs_order_where_the_list_scheduler_finds_a_shorter_one() -> None:
+    costs = StageCosts.uniform(8, 4)
+    assert step_time(zbv_order(4, 8, 4, None), costs) == 13.5  # the floor; torch's order: 15
+    assert step_time(_torch_zbv(4, 4), costs) == 15
+    slow_last = V_COSTS["last stage 1.5x"]
+    assert step_time(zbv_order(4, 8, 16, slow_last), slow_last) < 0.99 * step_time(
+        _torch_zbv(4, 16), slow_last
+    )
+
+
+@pytest.mark.parametrize("label", V_COSTS)
+def test_zbv_searched_at_other_costs_never_loses_to_torchs(label: str) -> None:
+    costs = V_COSTS[label]
+    for m in (4, 8):
+        searched = step_time(zbv_order(4, 8, m, costs), costs)
+        assert searched <= step_time(_torch_zbv(4, m), costs) + 1e-9, (label, m)
 
 
 def test_stage_costs_are_validated() -> None:
@@ -83,7 +136,7 @@ def test_stage_costs_are_validated() -> None:
         )
     with pytest.raises(ConfigError, match="parallel.p2p_ms=0.5: only read with"):
         compose_config(base + ["parallel.schedule=zb_2p", "parallel.p2p_ms=0.5"], 2)
-    with pytest.raises(ConfigError, match="only zb_1p and zb_2p search an order"):
+    with pytest.raises(ConfigError, match="only zbv, zb_1p and zb_2p search an order"):
         compose_config(
             base
             + ["parallel.schedule=zb_h1", "parallel.stage_costs=[[1.0,1.0,1.0],[1.0,1.0,1.0]]"],
