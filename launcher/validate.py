@@ -250,13 +250,6 @@ def _validate_context_parallel(par: ParallelConfig, t: TrainConfig) -> None:
     )
     if par.cp == 1:
         return
-    _check(
-        not t.compile,
-        "train.compile",
-        t.compile,
-        "compiled blocks under context parallelism are not verified yet (the ring's hand-written "
-        "autograd function breaks the graph); set train.compile=false or parallel.cp=1",
-    )
     # each sequence is cut into 2*cp load-balanced chunks; under SP a rank's s/cp tokens split by tp
     sp = par.sequence_parallel and par.tp > 1
     unit = math.lcm(2 * par.cp, par.cp * par.tp) if sp else 2 * par.cp

@@ -9,6 +9,8 @@ from torch.distributed._composable import checkpoint
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from models.llama import Transformer
+from parallel.context_parallel import GATHERED_OP
+from parallel.ring_attention import RING_OP
 
 # selective: keep the results of the expensive ops, recompute the cheap elementwise ones
 _SAVE = {
@@ -18,6 +20,8 @@ _SAVE = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    GATHERED_OP,  # CP's attention, all-gathered K/V
+    RING_OP,  # recomputing it would pass every K/V block around the ring again
 }
 
 

@@ -9,7 +9,8 @@ the local chunks unchanged.
 
 Written by hand: torch's `context_parallel()` does not train on CPU in torch 2.13 (no sharding
 strategy for the CPU flash-attention op, MATH fails on mixed Tensor/DTensor, flex attention has
-no CPU backward). On CUDA the ring uses torch's own ring attention (see ring_attention.py).
+no CPU backward). On CUDA the ring uses torch's own ring attention (see ring_attention.py) and
+the all-gather torch's bottom-right causal bias; neither CUDA path has run here (no GPU).
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from torch.distributed._functional_collectives import all_gather_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
 from models.llama import Attention, Transformer
-from parallel.ring_attention import RingCausalCore
+from parallel.ring_attention import (
+    RingCausalCore,
+    _expand,
+    _flash,
+    _flash_backward,
+    _fold,
+    _merge,
+)
 
 CP_COMM = ("all_gather", "ring")
 
@@ -54,6 +62,110 @@ def gathered_order(cp: int) -> list[int]:
     return [2 * g if g < cp else 2 * (2 * cp - 1 - g) + 1 for g in range(2 * cp)]
 
 
+def _pieces(rank: int, cp: int, c: int) -> list[tuple[int, slice, slice, bool]]:
+    """(local chunk, query rows, key columns, causal) of each attention piece of rank's queries:
+    every query chunk sees its own chunk causally and all keys before it in full."""
+    pieces = []
+    for t, chunk in enumerate((rank, 2 * cp - 1 - rank)):
+        rows = slice(t * c, (t + 1) * c)
+        pieces.append((t, rows, slice(chunk * c, (chunk + 1) * c), True))
+        if chunk > 0:
+            pieces.append((t, rows, slice(0, chunk * c), False))
+    return pieces
+
+
+def gathered_forward(
+    q: torch.Tensor, kv: torch.Tensor, rank: int, cp: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local q [b, h, s/cp, d] over the whole sequence's packed K/V [b, 2·h_kv, s, d] -> (out, lse).
+
+    No s x s mask: each piece is plain or square-causal flash attention, merged by log-sum-exp
+    (a boolean mask would be kept for backward as a float matrix, quadratic in s)."""
+    repeats, c = q.shape[1] // (kv.shape[1] // 2), q.shape[2] // 2
+    outs: list[torch.Tensor | None] = [None, None]
+    lses: list[torch.Tensor | None] = [None, None]
+    for t, rows, cols, causal in _pieces(rank, cp, c):
+        kb, vb = _expand(kv[:, :, cols], repeats)
+        o, lse = _flash(q[:, :, rows], kb, vb, is_causal=causal)
+        prev_o, prev_lse = outs[t], lses[t]
+        if prev_o is None or prev_lse is None:
+            outs[t], lses[t] = o.float(), lse
+        else:
+            outs[t], lses[t] = _merge(prev_o, prev_lse, o, lse)
+    out = torch.cat([o for o in outs if o is not None], dim=2).to(q.dtype)
+    return out.contiguous(), torch.cat([x for x in lses if x is not None], dim=-1).contiguous()
+
+
+def gathered_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    rank: int,
+    cp: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of gathered_forward: dq and the whole sequence's packed [dk, dv]."""
+    grad_out = grad_out.contiguous()
+    repeats, c = q.shape[1] // (kv.shape[1] // 2), q.shape[2] // 2
+    dq = torch.zeros_like(q, dtype=torch.float32)
+    dkv = torch.zeros_like(kv, dtype=torch.float32)
+    for _, rows, cols, causal in _pieces(rank, cp, c):
+        kb, vb = _expand(kv[:, :, cols], repeats)
+        # the merged out and lse make each piece's gradient exact (flash backward's rule)
+        g = _flash_backward(
+            grad_out[:, :, rows],
+            q[:, :, rows],
+            kb,
+            vb,
+            out[:, :, rows],
+            lse[..., rows],
+            0.0,
+            causal,
+        )
+        dq[:, :, rows] += g[0]
+        dkv[:, :, cols] += _fold(g[1], g[2], repeats)
+    return dq.to(q.dtype).contiguous(), dkv.to(kv.dtype).contiguous()
+
+
+# Custom ops, as the ring's (parallel/ring_attention.py): one compiled graph, the same code eager.
+gathered_attention = torch.library.custom_op(
+    "tridist::gathered_attention", gathered_forward, mutates_args=()
+)
+gathered_attention_backward = torch.library.custom_op(
+    "tridist::gathered_attention_backward", gathered_backward, mutates_args=()
+)
+
+
+@gathered_attention.register_fake
+def _(q: torch.Tensor, kv: torch.Tensor, rank: int, cp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@gathered_attention_backward.register_fake
+def _(
+    grad_out: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, *_: Any
+) -> tuple[torch.Tensor, ...]:
+    return q.new_empty(q.shape), kv.new_empty(kv.shape)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    q, kv, ctx.rank, ctx.cp = inputs
+    ctx.save_for_backward(q, kv, *output)  # K/V un-repeated: GQA's copies are made again
+
+
+def _backward(
+    ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
+    q, kv, out, lse = ctx.saved_tensors
+    dq, dkv = gathered_attention_backward(grad_out, q, kv, out, lse, ctx.rank, ctx.cp)
+    return dq, dkv, None, None
+
+
+gathered_attention.register_autograd(_backward, setup_context=_setup_context)
+GATHERED_OP = torch.ops.tridist.gathered_attention.default  # as selective recompute sees it
+
+
 class AllGatherCausalCore(nn.Module):
     """Causal GQA attention of the local queries over the whole sequence's K/V, all-gathered
     across cp (un-repeated: traffic scales with the K/V heads). Each local query chunk attends
@@ -62,15 +174,6 @@ class AllGatherCausalCore(nn.Module):
     def __init__(self, cp_mesh: DeviceMesh) -> None:
         super().__init__()
         self.cp_mesh = cp_mesh
-        self._masks: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-
-    def _mask(self, c: int, chunk: int, device: torch.device) -> torch.Tensor:
-        """Bottom-right causal mask of query chunk `chunk` over keys [0, (chunk+1)·c)."""
-        key = (c, chunk, device)
-        if key not in self._masks:
-            ones = torch.ones(c, (chunk + 1) * c, dtype=torch.bool, device=device)
-            self._masks[key] = ones.tril(diagonal=chunk * c)
-        return self._masks[key]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [b, h, s/cp, d], k/v [b, h_kv, s/cp, d] (this rank's chunks) -> [b, h, s/cp, d]."""
@@ -79,22 +182,27 @@ class AllGatherCausalCore(nn.Module):
         # rank order; backward reduce-scatters their gradients back
         kv = torch.cat([k, v], 1).movedim(2, 0).contiguous()
         pieces = all_gather_single_autograd(kv, 0, self.cp_mesh).movedim(0, 2).chunk(2 * cp, 2)
-        k_all, v_all = torch.cat([pieces[i] for i in gathered_order(cp)], 2).chunk(2, dim=1)
-        repeats = q.shape[1] // k_all.shape[1]
-        if repeats > 1:
-            k_all = k_all.repeat_interleave(repeats, dim=1)
-            v_all = v_all.repeat_interleave(repeats, dim=1)
-        c = q.shape[2] // 2
-        outs = []
-        for q_chunk, chunk in zip(q.chunk(2, dim=2), (rank, 2 * cp - 1 - rank)):
-            end = (chunk + 1) * c
-            keys, values = k_all[:, :, :end], v_all[:, :, :end]
-            if chunk == 0:  # square: the plain causal mask
-                outs.append(F.scaled_dot_product_attention(q_chunk, keys, values, is_causal=True))
-            else:
-                mask = self._mask(c, chunk, q.device)
-                outs.append(F.scaled_dot_product_attention(q_chunk, keys, values, attn_mask=mask))
-        return torch.cat(outs, dim=2)
+        kv_all = torch.cat([pieces[i] for i in gathered_order(cp)], 2)
+        if q.is_cuda:
+            return _lower_right_sdpa(q, kv_all, rank, cp)
+        return gathered_attention(q, kv_all, rank, cp)[0]
+
+
+def _lower_right_sdpa(q: torch.Tensor, kv: torch.Tensor, rank: int, cp: int) -> torch.Tensor:
+    """CUDA: each local query chunk over the keys up to its end with torch's bottom-right causal
+    bias, which its memory-efficient kernel applies without a mask (not verified here: no GPU)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    repeats, c = q.shape[1] // (kv.shape[1] // 2), q.shape[2] // 2
+    k_all, v_all = _expand(kv, repeats)
+    outs = []
+    for q_chunk, chunk in zip(q.chunk(2, dim=2), (rank, 2 * cp - 1 - rank)):
+        end = (chunk + 1) * c
+        bias = causal_lower_right(c, end)
+        outs.append(
+            F.scaled_dot_product_attention(q_chunk, k_all[:, :, :end], v_all[:, :, :end], bias)
+        )
+    return torch.cat(outs, dim=2)
 
 
 def _rope_rows_hook(cp_mesh: DeviceMesh) -> Any:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.distributed_c10d import GroupName, _resolve_process_group
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -77,74 +78,122 @@ def _merge(
     return out, new_lse
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: _Ring
-    ) -> torch.Tensor:
-        repeats, c = q.shape[1] // k.shape[1], q.shape[2] // 2
-        kv = torch.cat([k, v], dim=1).contiguous()
-        out = lse = torch.empty(0)
-        for i in range(ring.size):
-            # the next block is on its way while this one is computed
-            incoming = ring.shift(kv) if i < ring.size - 1 else None
-            source = (ring.rank - i) % ring.size
-            kb, vb = _expand(kv, repeats)
-            if i == 0:
-                o, lse = _flash(q, kb, vb, is_causal=True)
-                out = o.float()
-            elif source < ring.rank:  # every query sees the block's first chunk, none its second
-                o, block_lse = _flash(q, kb[:, :, :c], vb[:, :, :c])
-                out, lse = _merge(out, lse, o, block_lse)
-            else:  # only the local second chunk of queries sees the block, all of it
-                o, block_lse = _flash(q[:, :, c:], kb, vb)
-                tail, tail_lse = _merge(out[:, :, c:], lse[..., c:], o, block_lse)
-                out = torch.cat([out[:, :, :c], tail], dim=2)
-                lse = torch.cat([lse[..., :c], tail_lse], dim=-1)
-            if incoming is not None:
-                _wait(incoming[1])
-                kv = incoming[0]
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring = ring
-        return out
+# A custom op, not an autograd.Function: its point-to-point exchanges cannot be traced, and an
+# opaque op with a registered backward keeps a compiled block one graph (fullgraph) and is the
+# same code eager. The group travels by name (an op's arguments are tensors and plain values).
+def ring_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of the local q over the cp group's K/V, passed around the ring -> (out, lse)."""
+    ring = _Ring(_resolve_process_group(GroupName(group_name)))
+    repeats, c = q.shape[1] // k.shape[1], q.shape[2] // 2
+    kv = torch.cat([k, v], dim=1).contiguous()
+    out = lse = torch.empty(0)
+    for i in range(ring.size):
+        # the next block is on its way while this one is computed
+        incoming = ring.shift(kv) if i < ring.size - 1 else None
+        source = (ring.rank - i) % ring.size
+        kb, vb = _expand(kv, repeats)
+        if i == 0:
+            o, lse = _flash(q, kb, vb, is_causal=True)
+            out = o.float()
+        elif source < ring.rank:  # every query sees the block's first chunk, none its second
+            o, block_lse = _flash(q, kb[:, :, :c], vb[:, :, :c])
+            out, lse = _merge(out, lse, o, block_lse)
+        else:  # only the local second chunk of queries sees the block, all of it
+            o, block_lse = _flash(q[:, :, c:], kb, vb)
+            tail, tail_lse = _merge(out[:, :, c:], lse[..., c:], o, block_lse)
+            out = torch.cat([out[:, :, :c], tail], dim=2)
+            lse = torch.cat([lse[..., :c], tail_lse], dim=-1)
+        if incoming is not None:
+            _wait(incoming[1])
+            kv = incoming[0]
+    # contiguous, as the fake kernel below says (a compiled graph checks the strides)
+    return out.to(q.dtype).contiguous(), lse.contiguous()
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, out, lse = ctx.saved_tensors
-        ring: _Ring = ctx.ring
-        grad_out = grad_out.contiguous()
-        repeats, c = q.shape[1] // k.shape[1], q.shape[2] // 2
-        kv = torch.cat([k, v], dim=1).contiguous()
-        dq = torch.zeros_like(q, dtype=torch.float32)
-        dkv = torch.zeros_like(kv, dtype=torch.float32)  # travels with its block
-        for i in range(ring.size):
-            incoming = ring.shift(kv) if i < ring.size - 1 else None
-            source = (ring.rank - i) % ring.size
-            kb, vb = _expand(kv, repeats)
-            # the merged out and lse make each block's gradient exact (flash backward's rule)
-            if i == 0:
-                g = _flash_backward(grad_out, q, kb, vb, out, lse, 0.0, True)
-                dq += g[0]
-                dkv += _fold(g[1], g[2], repeats)
-            elif source < ring.rank:
-                g = _flash_backward(grad_out, q, kb[:, :, :c], vb[:, :, :c], out, lse, 0.0, False)
-                dq += g[0]
-                dkv[:, :, :c] += _fold(g[1], g[2], repeats)
-            else:
-                g = _flash_backward(
-                    grad_out[:, :, c:], q[:, :, c:], kb, vb, out[:, :, c:], lse[..., c:], 0.0, False
-                )
-                dq[:, :, c:] += g[0]
-                dkv += _fold(g[1], g[2], repeats)
-            # the block's gradient follows it; after cp shifts it is back with its owner
-            dkv, works = ring.shift(dkv)
-            _wait(works)
-            if incoming is not None:
-                _wait(incoming[1])
-                kv = incoming[0]
-        dk, dv = dkv.to(k.dtype).chunk(2, dim=1)
-        return dq.to(q.dtype), dk, dv, None
+
+def _forward_fake(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def ring_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    group_name: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ring_attention: dq and the packed [dk, dv], each K/V block's travelling with it."""
+    ring = _Ring(_resolve_process_group(GroupName(group_name)))
+    grad_out = grad_out.contiguous()
+    repeats, c = q.shape[1] // k.shape[1], q.shape[2] // 2
+    kv = torch.cat([k, v], dim=1).contiguous()
+    dq = torch.zeros_like(q, dtype=torch.float32)
+    dkv = torch.zeros_like(kv, dtype=torch.float32)  # travels with its block
+    for i in range(ring.size):
+        incoming = ring.shift(kv) if i < ring.size - 1 else None
+        source = (ring.rank - i) % ring.size
+        kb, vb = _expand(kv, repeats)
+        # the merged out and lse make each block's gradient exact (flash backward's rule)
+        if i == 0:
+            g = _flash_backward(grad_out, q, kb, vb, out, lse, 0.0, True)
+            dq += g[0]
+            dkv += _fold(g[1], g[2], repeats)
+        elif source < ring.rank:
+            g = _flash_backward(grad_out, q, kb[:, :, :c], vb[:, :, :c], out, lse, 0.0, False)
+            dq += g[0]
+            dkv[:, :, :c] += _fold(g[1], g[2], repeats)
+        else:
+            g = _flash_backward(
+                grad_out[:, :, c:], q[:, :, c:], kb, vb, out[:, :, c:], lse[..., c:], 0.0, False
+            )
+            dq[:, :, c:] += g[0]
+            dkv += _fold(g[1], g[2], repeats)
+        # the block's gradient follows it; after cp shifts it is back with its owner
+        dkv, works = ring.shift(dkv)
+        _wait(works)
+        if incoming is not None:
+            _wait(incoming[1])
+            kv = incoming[0]
+    return dq.to(q.dtype).contiguous(), dkv.to(k.dtype).contiguous()
+
+
+def _backward_fake(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, *_: Any
+) -> tuple[torch.Tensor, ...]:
+    return q.new_empty(q.shape), k.new_empty((k.shape[0], 2 * k.shape[1], *k.shape[2:]))
+
+
+# The ops' bodies are the two functions above (a test runs them itself to count their sends).
+ring_attention = torch.library.custom_op("tridist::ring_attention", ring_forward, mutates_args=())
+ring_attention_backward = torch.library.custom_op(
+    "tridist::ring_attention_backward", ring_backward, mutates_args=()
+)
+ring_attention.register_fake(_forward_fake)
+ring_attention_backward.register_fake(_backward_fake)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    q, k, v, group_name = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.group_name = group_name
+
+
+def _backward(
+    ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dkv = ring_attention_backward(grad_out, q, k, v, out, lse, ctx.group_name)
+    dk, dv = dkv.chunk(2, dim=1)
+    return dq, dk, dv, None
+
+
+ring_attention.register_autograd(_backward, setup_context=_setup_context)
+RING_OP = torch.ops.tridist.ring_attention.default  # as selective recompute's policy sees it
 
 
 def _torch_ring(
@@ -176,12 +225,10 @@ class RingCausalCore(nn.Module):
     def __init__(self, cp_mesh: DeviceMesh) -> None:
         super().__init__()
         self.cp_mesh = cp_mesh
-        self._ring: _Ring | None = None
+        self._group_name = cp_mesh.get_group().group_name
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [b, h, s/cp, d], k/v [b, h_kv, s/cp, d] (this rank's chunks) -> [b, h, s/cp, d]."""
         if q.is_cuda:
             return _torch_ring(q, k, v, self.cp_mesh)
-        if self._ring is None:
-            self._ring = _Ring(self.cp_mesh.get_group())
-        return _RingAttention.apply(q, k, v, self._ring)
+        return ring_attention(q, k, v, self._group_name)[0]

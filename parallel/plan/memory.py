@@ -14,9 +14,10 @@ Assumptions (mixed precision as in ZeRO and Megatron, bf16 compute on GPUs):
   heads by GQA's repeat, and SDPA's output: flash attention keeps no s x s matrix), SwiGLU 4f
   (w1 and w3 outputs, silu, their product). Korthikanti et al.'s GPT block is the same
   accounting with LayerNorm/GeLU/dropout instead (sbh(34 + 5as/h) bytes in fp16);
-- CP divides every activation by cp (each GPU holds seq_len / cp tokens); all-gather CP also
-  keeps the whole sequence's K/V, expanded to all heads by GQA's repeat, for SDPA's backward
-  (`cp_kv_buffer_elements`); the ring keeps only its own K/V and the log-sum-exp;
+- CP divides every activation by cp (each GPU holds seq_len / cp tokens); all-gather CP keeps
+  the whole sequence's K/V un-repeated (its attention op repeats GQA's heads again in backward)
+  in place of the local expanded K/V (`cp_kv_buffer_elements`); the ring keeps only its own K/V
+  and the log-sum-exp;
 - TP divides what lies between a column-wise and a row-wise linear; sequence parallelism also
   divides the norms, but DTensor keeps the all-gathered norm output (h) for the linears;
 - recompute `full` keeps each block's input, `selective` (parallel/activation_checkpoint.py)
@@ -77,11 +78,13 @@ def block_activation_elements(
 
 def cp_kv_buffer_elements(args: ModelArgs, tp: int, cp: int, comm: str, recompute: str) -> float:
     """Elements one block keeps per local token under CP beyond block_activation_elements: the
-    all-gathered K/V of the other cp-1 ranks' tokens, expanded to this TP rank's query heads
-    (recompute drops them with the rest of the block; the ring never holds them)."""
+    all-gather keeps the whole sequence's K/V un-repeated (cp·2·kv per local token) in place of
+    the local K/V expanded to the query heads (2h) that block_activation_elements counts; the
+    ring keeps its own K/V un-repeated and is counted as plain attention (an over-count of
+    2·(h − kv)). Recompute drops them with the rest of the block."""
     if cp == 1 or comm == "ring" or recompute != "none":
         return 0.0
-    return 2 * args.n_heads * args.head_dim / tp * (cp - 1)
+    return 2 * (cp * args.kv_heads * args.head_dim - args.n_heads * args.head_dim) / tp
 
 
 def head_activation_bytes(

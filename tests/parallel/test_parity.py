@@ -40,6 +40,7 @@ TIED = ("model.tie_embeddings=true",)  # against a tied single-process reference
 COSTS = ("parallel.stage_costs=[[1.0,1.0,0.5],[1.5,1.5,0.75]]",)
 RING = ("parallel.cp_comm=ring",)
 HSDP = ("parallel.dp_replicate=2",)
+DDP = ("parallel.dp_shard=false",)  # replicate over dp (and cp) instead of FSDP2
 
 
 class Layout(NamedTuple):
@@ -67,8 +68,11 @@ LAYOUTS = {
         Layout(1, 2, 1, 2, ("interleaved_1f1b",), TIED + ("parallel.layers_per_stage=[0,3,5,0]",)),
         # 8 blocks into 6 stages: no even split, the cost model's
         Layout(1, 2, 1, 3, ("interleaved_1f1b",), ("parallel.layers_per_stage=auto",)),
-        # the ring's p2p autograd function under selective recompute (all-gather: 4 ranks)
-        Layout(1, 1, 1, 1, ("1f1b",), RING + ("model.activation_checkpointing=selective",), cp=2),
+        # the ring's custom op under selective recompute (all-gather: 4 ranks), its gradients
+        # all-reduced over cp by replication (DDP-style), not FSDP2
+        Layout(
+            1, 1, 1, 1, ("1f1b",), RING + DDP + ("model.activation_checkpointing=selective",), cp=2
+        ),
     ],
     4: [
         Layout(1, 4, 1, 2, MULTI_STAGE),
@@ -85,7 +89,7 @@ LAYOUTS = {
         Layout(2, 2, 2, 1, ("zb_h2", "zb_1p")),  # under FSDP2 over dp and TP
         Layout(2, 2, 2, 2, MULTI_STAGE),  # with (1, 4, 1, 2): pp=4 and dp x tp for each
         Layout(1, 2, 4, 1, ONE_STAGE),
-        Layout(4, 2, 1, 1, ONE_STAGE),
+        Layout(4, 2, 1, 1, ONE_STAGE, HSDP),  # HSDP under a pipeline: 2 replicas x 2 shards
         Layout(2, 2, 2, 1, ("1f1b",), SP),
         Layout(2, 2, 2, 1, ("1f1b",), TIED),  # the tied pairs of every (dp, tp) coordinate
         Layout(2, 1, 2, 1, ("1f1b",), cp=2),  # all-gather K/V across cp, heads across tp
