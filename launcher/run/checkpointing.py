@@ -129,7 +129,11 @@ class RunCheckpoints:
         self.cfg = cfg
         self.root = checkpoint_root(cfg, run_dir)
         self._async: AsyncCheckpointer | None = None  # made at the first save: it needs the group
-        self.blocked_s = 0.0  # how long the step loop has waited for saves
+
+    @property
+    def blocked_s(self) -> float:
+        """How long the step loop has waited for background saves (in save and for the copies)."""
+        return self._async.blocked_s if self._async is not None else 0.0
 
     def resume_from(self) -> Path | None:
         """The checkpoint `train.resume` names (auto: the newest under the root), or None."""
@@ -215,7 +219,7 @@ class RunCheckpoints:
         keep = self.cfg.checkpoint.keep
         if self.cfg.checkpoint.async_save:
             self._async = self._async or AsyncCheckpointer()
-            self.blocked_s += save_trainer_async(self._async, self.root, trainer, keep=keep)
+            save_trainer_async(self._async, self.root, trainer, keep=keep)
             return f"writing step {trainer.step} in the background to {self.root}"
         path = save_trainer(self.root, trainer, keep=keep)
         size = sum(info["bytes"] for info in read_manifest(path)["files"].values())

@@ -1,10 +1,11 @@
-"""Distributed checkpoint I/O: per-rank safetensors through torch.distributed.checkpoint, an
+"""Distributed checkpoint I/O: per-rank safetensors in torch.distributed.checkpoint's layout, an
 atomic commit with a CRC-checked manifest, loading into any layout, and Hugging Face export.
 
     format.py      names on disk, finding checkpoints, the manifest and its versions
     state.py       model/optimizer tensors by full-model name, RNG; CheckpointError
     save.py        save_checkpoint (and the snapshot/write steps async saving reuses)
-    shards.py      one DCP part written, each file checked whole (DCP's threads lose errors)
+    shards.py      one part written: DCP's plan of who writes what, each file checked whole
+    stream.py      one safetensors file streamed from the tensors' memory, CRC32 on the way
     commit.py      rank 0's manifest, rename, `latest` and rotation, in that order
     preflight.py   before training: every rank can write the root; room for checkpoints
     async_save.py  AsyncCheckpointer

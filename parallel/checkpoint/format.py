@@ -1,7 +1,7 @@
 """What a checkpoint is on disk: its names, finding the newest, checksums, and the manifest.
 
     root/step-00000100/
-        model/shard-0000R-model-00001-of-00001.safetensors   one file per writing rank (DCP)
+        model/shard-0000R-model-00001-of-00001.safetensors   one file per writing rank, R = rank + 1
         optim/shard-0000R-model-00001-of-00001.safetensors   optimizer tensors (<name>.exp_avg, ...)
         manifest.json     written LAST; see below
     root/latest           "step-00000100": moved only after a complete save (for people and tools)
@@ -40,7 +40,7 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
-PARTS = ("model", "optim")  # one DCP save each, into a subdirectory of that name
+PARTS = ("model", "optim")  # written one after the other, each into a subdirectory of that name
 
 
 def checkpoint_name(step: int) -> str:

@@ -1,4 +1,4 @@
-"""Saving a checkpoint: per-shard safetensors via torch.distributed.checkpoint, an atomic commit.
+"""Saving a checkpoint: per-rank safetensors files DCP's reader loads, an atomic commit.
 
 A save writes into root/.tmp-step-XXXXXXXX and rank 0 renames it once every shard and the
 manifest are on disk, so a directory named step-* with a manifest.json is always complete
@@ -6,8 +6,9 @@ manifest are on disk, so a directory named step-* with a manifest.json is always
 
 Written by hand, because DCP's safetensors storage does not do it: the manifest (that storage
 holds only tensors; a non-tensor entry would be written raw in front of the safetensors data),
-the CRC32s (DCP keeps no checksums; shards.py), the check that every file was written whole
-(shards.py), the ranks' agreement on the outcome, and the tmp-dir commit (commit.py).
+the CRC32s (DCP keeps no checksums; stream.py), the check that every file was written whole
+(shards.py), the ranks' agreement on the outcome, and the tmp-dir commit (commit.py). The
+files themselves are streamed by stream.py in the layout DCP's HF writer uses (why: shards.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
-from torch.distributed.tensor import DTensor
 
 from models.llama import ModelArgs
 from parallel.checkpoint.commit import UNTOUCHED, clear_tmp, write_and_commit
@@ -34,7 +34,7 @@ from parallel.checkpoint.format import (
     model_entry,
     shard_files,
 )
-from parallel.checkpoint.shards import FileRecord, write_part
+from parallel.checkpoint.shards import Part, plan_part, write_part
 from parallel.checkpoint.state import (
     CheckpointError,
     ModelParts,
@@ -43,7 +43,7 @@ from parallel.checkpoint.state import (
     param_group_settings,
     rng_state,
 )
-from parallel.dtensor import local_part
+from parallel.checkpoint.stream import FileRecord
 
 __all__ = ["CheckpointMeta", "save_checkpoint"]
 
@@ -66,29 +66,9 @@ class Snapshot:
     root: Path
     step: int
     manifest: dict[str, Any]
-    model: dict[str, torch.Tensor]
-    optim: dict[str, torch.Tensor]
+    model: Part  # the tensors to write: live ones, or copies an async save staged
+    optim: Part
     rng: dict[str, Any]
-
-
-def _staged(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU copies that training may not touch (DTensors keep their mesh and placements)."""
-    out = {}
-    for name, t in tensors.items():
-        local = local_part(t).detach().to("cpu", copy=True)
-        out[name] = (
-            DTensor.from_local(
-                local,
-                t.device_mesh,
-                t.placements,
-                run_check=False,
-                shape=t.shape,
-                stride=t.stride(),
-            )
-            if isinstance(t, DTensor)
-            else local
-        )
-    return out
 
 
 def take_snapshot(
@@ -98,9 +78,8 @@ def take_snapshot(
     optimizer: torch.optim.Optimizer,
     states: Mapping[str, Stateful],
     meta: CheckpointMeta,
-    copy: bool = False,
 ) -> Snapshot:
-    """The checkpoint of the current step; copy=True stages CPU copies (for async saves)."""
+    """The checkpoint of the current step: the manifest, and the live tensors (not copies)."""
     root = Path(root)
     # built (and JSON-checked) on every rank, before any collective, so a bad value fails everywhere
     manifest = {
@@ -122,11 +101,9 @@ def take_snapshot(
         raise CheckpointError(
             f"{root / checkpoint_name(step)}: manifest entry is not JSON-serializable: {err}"
         ) from None
-    model_tensors = model_state(model).stored
-    optim_tensors = optimizer_state(model, optimizer).stored
-    if copy:
-        model_tensors, optim_tensors = _staged(model_tensors), _staged(optim_tensors)
-    return Snapshot(root, step, manifest, model_tensors, optim_tensors, rng_state())
+    model_part = plan_part(model_state(model).stored)
+    optim_part = plan_part(optimizer_state(model, optimizer).stored)
+    return Snapshot(root, step, manifest, model_part, optim_part, rng_state())
 
 
 def write_snapshot(
@@ -148,9 +125,9 @@ def write_snapshot(
         raise CheckpointError(f"{failed}: {problem}")
     written: dict[str, FileRecord] = {}  # file (relative to tmp) -> what this rank wrote to it
     try:
-        for part, tensors in (("model", snap.model), ("optim", snap.optim)):
-            records = write_part(tmp / part, tensors, group)  # fails on all ranks alike
-            written.update({f"{part}/{n}": r for n, r in records.items()})
+        for kind, part in (("model", snap.model), ("optim", snap.optim)):
+            records = write_part(tmp / kind, part, group)  # fails on all ranks alike
+            written.update({f"{kind}/{n}": r for n, r in records.items()})
     except CheckpointError as err:
         problem = str(err)
     dist.barrier(group)  # every shard is on disk before anyone lists the directory
@@ -216,7 +193,8 @@ def _file_entries(
     tmp: Path, written: dict[str, FileRecord], rank: int, world: int
 ) -> dict[str, dict[str, int]]:
     """Bytes and CRC32 of the files this rank wrote (and its share of any no rank claims)."""
-    # CRCs as written; a file no rank wrote through the writer (none in torch 2.13) is read back
+    # CRCs as written; a file no rank claims (none is expected: the writers made every file in
+    # tmp) is read back, so the manifest never lists a file without its checksum
     unclaimed = [f for f in shard_files(tmp) if f not in written]
     entries = {f: {"bytes": r.meant, "crc32": r.crc} for f, r in written.items()}
     for f in unclaimed[rank::world]:

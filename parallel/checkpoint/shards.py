@@ -1,171 +1,92 @@
-"""Writing one DCP part (model or optim) and proving that every file of it reached the disk whole.
+"""Writing one part (model or optim): which rank writes which chunk, each rank's file streamed to
+disk, and every rank's agreement that every file of the part reached the disk whole.
 
-Written by hand because torch 2.13 does not: errors raised in DCP's extra writer threads
-(`thread_count > 1`) are printed by the thread and lost, so `dcp.save` returns normally after a
-failed write (a disk full, a file-size limit). Here every written file's stream records the bytes
-it was meant to write, the bytes the file took and any error; `write_data` checks them once its
-threads have joined and raises, and DCP's own all-reduce of the write results then fails the save
-on every rank together.
+Which rank writes what is decided as dcp.save decides it, with DCP's own helpers:
+`_create_write_items` gives each tensor's chunk (a DTensor shard's offsets in the full tensor) and
+`dedup_save_plans` hands each chunk that several ranks hold (a replicated tensor) to one of them.
+The rest of dcp.save is replaced, because it was most of a save's time (BENCHMARKS.md §3): its
+per-item staging and in-memory file (stream.py writes from the tensors' memory instead), and its
+writer threads, whose errors torch 2.13 loses (here each rank checks its file and the ranks
+agree). Files are named as DCP's HuggingFaceStorageWriter names them (save_distributed=True).
 """
 
 from __future__ import annotations
 
-import io
-import os
-import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageWriter
-from torch.distributed.checkpoint.filesystem import FileSystem
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
-from torch.futures import Future
+from torch.distributed.checkpoint._dedup_save_plans import dedup_save_plans
+from torch.distributed.checkpoint._hf_utils import _gen_file_name
+from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import _create_write_items
 
 from parallel.checkpoint.state import CheckpointError
+from parallel.checkpoint.stream import Entry, FileRecord, incomplete, write_safetensors
+from parallel.dtensor import local_part
 
-__all__ = ["FileRecord", "write_part"]
-
-WRITER_THREADS = 2  # files written in parallel per rank: serializing a file is CPU-bound
+__all__ = ["Part", "plan_part", "write_part"]
 
 
 @dataclass
-class FileRecord:
-    """What one writer stream saw of its file: the bytes meant and written, CRC32, any error."""
+class Part:
+    """One part's tensors on this rank: DCP's write items and each name's local tensor."""
 
-    path: Path
-    meant: int = 0  # bytes handed to write()
-    wrote: int = 0  # bytes the file object accepted
-    crc: int = 0  # CRC32 of the bytes meant
-    error: str | None = None  # the exception that stopped the write, if any
+    items: list[WriteItem]  # one per chunk held here (a DTensor's shard, or a whole tensor)
+    local: dict[str, torch.Tensor]  # name -> this rank's values (a DTensor's local shard)
 
 
-class _CountingStream(io.RawIOBase):
-    """A write-only file that counts and checksums the bytes on their way to disk (no read-back)."""
-
-    def __init__(self, raw: io.IOBase, record: FileRecord) -> None:
-        super().__init__()
-        self.raw, self.record = raw, record
-
-    def write(self, data: Any) -> int:
-        """Count and checksum, then write through."""
-        view = memoryview(data)
-        self.record.meant += view.nbytes
-        self.record.crc = zlib.crc32(view, self.record.crc)  # releases the GIL for large buffers
-        written = self.raw.write(view)
-        self.record.wrote += view.nbytes if written is None else written
-        return written if written is not None else view.nbytes
-
-    def writable(self) -> bool:
-        """Yes."""
-        return True
-
-    def tell(self) -> int:
-        """Position in the underlying file."""
-        return self.raw.tell()
-
-    def fileno(self) -> int:
-        """The underlying descriptor (DCP fsyncs it)."""
-        return self.raw.fileno()
-
-    def flush(self) -> None:
-        """Flush the underlying file."""
-        self.raw.flush()
+def plan_part(tensors: dict[str, torch.Tensor]) -> Part:
+    """The write items of `tensors` (DTensors or plain) and their local values; no collective."""
+    items = [item for name, t in tensors.items() for item in _create_write_items(name, t)]
+    return Part(items, {name: local_part(t) for name, t in tensors.items()})
 
 
-class _RecordingFileSystem(FileSystem):
-    """DCP's local file system, keeping a FileRecord of every file opened for writing.
-
-    DCP's safetensors writer sends each file as one sequential stream (no seeks), so the CRC of
-    what passed through equals the file's; loading re-checks it against the bytes on disk.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[FileRecord] = []  # appended from writer threads: GIL-atomic
-
-    @contextmanager
-    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[io.IOBase]:
-        """Wrap write streams; reads pass through."""
-        if "w" not in mode:
-            with super().create_stream(path, mode) as raw:
-                yield raw
-            return
-        record = FileRecord(Path(path))
-        self.records.append(record)
-        try:
-            with super().create_stream(path, mode) as raw:
-                yield _CountingStream(raw, record)
-                raw.flush()
-        except Exception as err:
-            # swallowed here, in whichever thread writes: a writer thread would only print it
-            # (a traceback, then dcp.save returns normally); write_data raises it for all ranks
-            record.error = str(err) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
-
-
-class _CheckedWriter(HuggingFaceStorageWriter):
-    """HuggingFaceStorageWriter whose write_data fails unless every file it wrote is complete."""
-
-    def __init__(self, directory: Path) -> None:
-        super().__init__(str(directory), save_distributed=True, thread_count=WRITER_THREADS)
-        self.fs: _RecordingFileSystem = _RecordingFileSystem()
-
-    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[Any]:
-        """Write this rank's files (DCP's threads have joined on return), then check each."""
-        done = super().write_data(plan, planner)
-        done.wait()
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        if problems := [p for r in self.fs.records if (p := incomplete(r)) is not None]:
-            raise CheckpointError(f"rank {rank} could not write " + "; ".join(problems))
-        if plan.items and not self.fs.records:  # e.g. a thread that failed before opening it
+def _entries(part: Part, items: list[WriteItem]) -> list[Entry]:
+    """The file entries of this rank's items, each checked against its local tensor."""
+    entries = []
+    for item in items:
+        chunk = item.tensor_data.chunk if item.tensor_data is not None else None
+        local = part.local[item.index.fqn]
+        if item.type == WriteItemType.BYTE_IO or chunk is None:
+            raise CheckpointError(f"{item.index.fqn!r} is not a tensor")
+        if tuple(chunk.sizes) != tuple(local.shape):
             raise CheckpointError(
-                f"rank {rank} wrote no file for its {len(plan.items)} tensors into {self.path}"
+                f"{item.index.fqn!r}: local shard {list(local.shape)}, DCP's chunk {chunk}"
             )
-        return done
-
-
-def incomplete(record: FileRecord) -> str | None:
-    """Why a written file is not whole (its path first), or None when it is."""
-    if record.error is not None:
-        return f"{record.path}: {record.error}"
-    if record.wrote != record.meant:
-        return f"{record.path}: {record.wrote} of {record.meant} bytes written"
-    try:
-        size = record.path.stat().st_size
-    except OSError as err:
-        return f"{record.path}: {err.strerror}"
-    if size != record.meant:
-        return f"{record.path}: {size} bytes on disk, {record.meant} written"
-    return None
-
-
-def _message(err: CheckpointException) -> str:
-    """DCP's per-rank failures as one line (CheckpointException's own text has tracebacks)."""
-    lines = []
-    for rank, (exc, _) in sorted(err.failures.items()):
-        lines.append(
-            str(exc)
-            if isinstance(exc, CheckpointError)
-            else f"rank {rank}: {type(exc).__name__}: {exc}"
-        )
-    return "; ".join(sorted(set(lines)))
+        entries.append(Entry(item.index.fqn, local, tuple(chunk.offsets)))
+    return entries
 
 
 def write_part(
-    directory: Path, tensors: dict[str, torch.Tensor], group: dist.ProcessGroup | None = None
+    directory: Path, part: Part, group: dist.ProcessGroup | None = None
 ) -> dict[str, FileRecord]:
-    """dcp.save `tensors` into `directory`; this rank's files by name, each checked complete.
+    """Write this rank's share of `part` into `directory`; its files by name, each checked whole.
 
     A collective over `group`; raises CheckpointError on every rank when any rank's write failed.
     """
-    writer = _CheckedWriter(directory)
-    try:
-        dcp.save(tensors, storage_writer=writer, process_group=group)
-    except CheckpointException as err:  # raised on every rank: DCP gathers the failures
-        raise CheckpointError(_message(err)) from None
-    return {r.path.name: r for r in writer.fs.records}
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    plans: list[Any] = [None] * world
+    # every rank's chunks, so that each chunk several ranks hold is written once (as dcp.save)
+    dist.all_gather_object(plans, SavePlan(part.items), group=group)
+    mine = dedup_save_plans(plans)[rank].items
+    records: dict[str, FileRecord] = {}
+    problems = []
+    if mine:  # a rank left nothing writes no file, as DCP's writer
+        name = _gen_file_name(1, 1, rank + 1)  # shard index = group rank + 1, as DCP's
+        try:
+            records[name] = write_safetensors(directory / name, _entries(part, mine))
+        except CheckpointError as err:
+            problems.append(f"rank {dist.get_rank()}: {err}")
+    problems += [
+        f"rank {dist.get_rank()} could not write {p}"
+        for r in records.values()
+        if (p := incomplete(r)) is not None
+    ]
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, problems, group=group)  # every rank fails together or none
+    if failed := sorted({p for rank_problems in everyone for p in rank_problems}):
+        raise CheckpointError("; ".join(failed))
+    return records

@@ -109,9 +109,9 @@ RELEASE = threading.Event()  # set by the test body (in the rank) to let a held 
 def _fail_writes(rank: int, part: str, step: int, hold: bool = False) -> None:
     """From now on, `rank`'s writes into `part` of a save of `step` raise ENOSPC (after RELEASE
     when hold); a save of another step still in flight is left alone."""
-    import parallel.checkpoint.shards as shards
+    import parallel.checkpoint.stream as stream
 
-    original = shards._CountingStream.write
+    original = stream._CountingStream.write
 
     def write(self: Any, data: Any) -> int:
         path = self.record.path
@@ -121,8 +121,8 @@ def _fail_writes(rank: int, part: str, step: int, hold: bool = False) -> None:
             raise ENOSPC
         return original(self, data)
 
-    shards._CountingStream.write = write
-    _restore.append(lambda: setattr(shards._CountingStream, "write", original))
+    stream._CountingStream.write = write
+    _restore.append(lambda: setattr(stream._CountingStream, "write", original))
 
 
 _restore: list[Any] = []

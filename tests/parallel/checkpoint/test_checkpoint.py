@@ -150,22 +150,22 @@ def _each(calls: list[tuple[Callable[..., Any], tuple]]) -> list[Any]:
 
 def _save_until_killed(root: str, signal_file: str) -> None:
     """Child process: three saves (keep=2), one more step, then a save that stalls mid-way."""
-    import parallel.checkpoint.shards as shards
+    import parallel.checkpoint.save as save
 
     trainer = _trainer(SINGLE)
     for _ in range(3):
         print(json.dumps(_steps(trainer, 1)), flush=True)
         _save(Path(root), trainer, keep=2)
     print(json.dumps(_steps(trainer, 1)), flush=True)
+    write_part = save.write_part
 
-    class StallingWriter(shards._CheckedWriter):
-        def write_data(self, *args: Any) -> Any:
-            written = super().write_data(*args)
-            Path(signal_file).write_text(str(self.path))  # the model shard is on disk
-            time.sleep(300)  # wait here for SIGKILL, before the optimizer part and the manifest
-            return written
+    def stalling(directory: Path, *args: Any) -> Any:
+        written = write_part(directory, *args)
+        Path(signal_file).write_text(str(directory))  # the model shard is on disk
+        time.sleep(300)  # wait here for SIGKILL, before the optimizer part and the manifest
+        return written
 
-    shards._CheckedWriter = StallingWriter
+    save.write_part = stalling
     _save(Path(root), trainer, keep=2)
 
 
