@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from data import TokenSource
 from launcher.config import Config
 from launcher.run.build import pipeline_split
@@ -12,16 +14,32 @@ from parallel.mesh import resolve_device
 from parallel.plan.split import SplitChoice
 from parallel.schedules import bubble_fraction, stages_per_rank
 
+# torch.cpu's private probes (what Inductor uses); a torch without them counts as no bf16
+BF16_CPU_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
 
 def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), as Inductor asks torch."""
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in BF16_CPU_CHECKS)
+
+
 def compute_dtype(cfg: Config) -> str:
-    """Where and in what the matmuls run, by the trainer's own rule."""
+    """Where and in what the matmuls run, by the trainer's own rule (and a warning where bf16
+    would run emulated)."""
     device = resolve_device(cfg.device)
     bf16 = uses_bf16(device, cfg.precision)
-    return f"{device.type}, {'bf16 autocast (fp32 weights)' if bf16 else 'fp32'}"
+    line = f"{device.type}, {'bf16 autocast (fp32 weights)' if bf16 else 'fp32'}"
+    if bf16 and device.type == "cpu" and not cpu_has_bf16():
+        line += (
+            " -- this CPU has no bf16 instructions (AVX512-BF16, AMX): bf16 runs emulated, "
+            "12x slower than fp32 on an AVX2 EPYC (BENCHMARKS.md section 5); precision=fp32"
+        )
+    return line
 
 
 def split_line(split: SplitChoice, n_layers: int) -> str:

@@ -100,3 +100,18 @@ def test_the_banner_says_when_the_cost_model_chose_the_pipeline_split() -> None:
     assert "parallel.layers_per_stage=even keeps" in lines["null"]
     assert lines["even"].startswith("  pipeline split [2, 2, 2, 2] blocks per stage (even")
     assert lines["[1,3,4,0]"].endswith("[1, 3, 4, 0] blocks per stage (parallel.layers_per_stage)")
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_flagged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from launcher.run import banner
+
+    cfg = compose_config(["model=debug", "device=cpu", "precision=bf16"])
+    for has_bf16, flagged in ((True, False), (False, True)):
+        monkeypatch.setattr(banner, "cpu_has_bf16", lambda has=has_bf16: has)
+        line = banner.compute_dtype(cfg)
+        assert line.startswith("cpu, bf16 autocast (fp32 weights)"), line
+        assert ("runs emulated" in line) == flagged, line
+    fp32 = compose_config(["model=debug", "device=cpu", "precision=fp32"])
+    assert banner.compute_dtype(fp32) == "cpu, fp32"
