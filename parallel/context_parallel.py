@@ -26,11 +26,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from models.llama import Attention, Transformer
 from parallel.ring_attention import (
     RingCausalCore,
-    _expand,
-    _flash,
-    _flash_backward,
-    _fold,
-    _merge,
+    cpu_flash_attention,
+    cpu_flash_attention_backward,
+    expand_kv,
+    fold_kv_grads,
+    merge_attention,
 )
 
 CP_COMM = ("all_gather", "ring")
@@ -85,13 +85,13 @@ def gathered_forward(
     outs: list[torch.Tensor | None] = [None, None]
     lses: list[torch.Tensor | None] = [None, None]
     for t, rows, cols, causal in _pieces(rank, cp, c):
-        kb, vb = _expand(kv[:, :, cols], repeats)
-        o, lse = _flash(q[:, :, rows], kb, vb, is_causal=causal)
+        kb, vb = expand_kv(kv[:, :, cols], repeats)
+        o, lse = cpu_flash_attention(q[:, :, rows], kb, vb, is_causal=causal)
         prev_o, prev_lse = outs[t], lses[t]
         if prev_o is None or prev_lse is None:
             outs[t], lses[t] = o.float(), lse
         else:
-            outs[t], lses[t] = _merge(prev_o, prev_lse, o, lse)
+            outs[t], lses[t] = merge_attention(prev_o, prev_lse, o, lse)
     out = torch.cat([o for o in outs if o is not None], dim=2).to(q.dtype)
     return out.contiguous(), torch.cat([x for x in lses if x is not None], dim=-1).contiguous()
 
@@ -111,9 +111,9 @@ def gathered_backward(
     dq = torch.zeros_like(q, dtype=torch.float32)
     dkv = torch.zeros_like(kv, dtype=torch.float32)
     for _, rows, cols, causal in _pieces(rank, cp, c):
-        kb, vb = _expand(kv[:, :, cols], repeats)
+        kb, vb = expand_kv(kv[:, :, cols], repeats)
         # the merged out and lse make each piece's gradient exact (flash backward's rule)
-        g = _flash_backward(
+        g = cpu_flash_attention_backward(
             grad_out[:, :, rows],
             q[:, :, rows],
             kb,
@@ -124,7 +124,7 @@ def gathered_backward(
             causal,
         )
         dq[:, :, rows] += g[0]
-        dkv[:, :, cols] += _fold(g[1], g[2], repeats)
+        dkv[:, :, cols] += fold_kv_grads(g[1], g[2], repeats)
     return dq.to(q.dtype).contiguous(), dkv.to(kv.dtype).contiguous()
 
 
@@ -194,7 +194,7 @@ def _lower_right_sdpa(q: torch.Tensor, kv: torch.Tensor, rank: int, cp: int) -> 
     from torch.nn.attention.bias import causal_lower_right
 
     repeats, c = q.shape[1] // (kv.shape[1] // 2), q.shape[2] // 2
-    k_all, v_all = _expand(kv, repeats)
+    k_all, v_all = expand_kv(kv, repeats)
     outs = []
     for q_chunk, chunk in zip(q.chunk(2, dim=2), (rank, 2 * cp - 1 - rank)):
         end = (chunk + 1) * c

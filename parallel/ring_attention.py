@@ -24,8 +24,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.distributed_c10d import GroupName, _resolve_process_group
 
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# the CPU flash-attention kernels SDPA dispatches to, called directly for their log-sum-exp
+cpu_flash_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+cpu_flash_attention_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 class _Ring:
@@ -52,7 +53,7 @@ def _wait(works: list[Any]) -> None:
         work.wait()
 
 
-def _expand(kv: torch.Tensor, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
+def expand_kv(kv: torch.Tensor, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed [b, 2·h_kv, s, d] K/V -> K, V with each K/V head repeated for its query group."""
     k, v = kv.chunk(2, dim=1)
     if repeats > 1:
@@ -60,14 +61,14 @@ def _expand(kv: torch.Tensor, repeats: int) -> tuple[torch.Tensor, torch.Tensor]
     return k, v
 
 
-def _fold(dk: torch.Tensor, dv: torch.Tensor, repeats: int) -> torch.Tensor:
+def fold_kv_grads(dk: torch.Tensor, dv: torch.Tensor, repeats: int) -> torch.Tensor:
     """Gradients of repeated K/V summed back onto the K/V heads, packed like the K/V."""
     if repeats > 1:
         dk, dv = (g.unflatten(1, (-1, repeats)).sum(2) for g in (dk, dv))
     return torch.cat([dk, dv], dim=1).float()
 
 
-def _merge(
+def merge_attention(
     out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine two softmax-normalized partial attentions by their log-sum-exps (fp32)."""
@@ -93,16 +94,16 @@ def ring_forward(
         # the next block is on its way while this one is computed
         incoming = ring.shift(kv) if i < ring.size - 1 else None
         source = (ring.rank - i) % ring.size
-        kb, vb = _expand(kv, repeats)
+        kb, vb = expand_kv(kv, repeats)
         if i == 0:
-            o, lse = _flash(q, kb, vb, is_causal=True)
+            o, lse = cpu_flash_attention(q, kb, vb, is_causal=True)
             out = o.float()
         elif source < ring.rank:  # every query sees the block's first chunk, none its second
-            o, block_lse = _flash(q, kb[:, :, :c], vb[:, :, :c])
-            out, lse = _merge(out, lse, o, block_lse)
+            o, block_lse = cpu_flash_attention(q, kb[:, :, :c], vb[:, :, :c])
+            out, lse = merge_attention(out, lse, o, block_lse)
         else:  # only the local second chunk of queries sees the block, all of it
-            o, block_lse = _flash(q[:, :, c:], kb, vb)
-            tail, tail_lse = _merge(out[:, :, c:], lse[..., c:], o, block_lse)
+            o, block_lse = cpu_flash_attention(q[:, :, c:], kb, vb)
+            tail, tail_lse = merge_attention(out[:, :, c:], lse[..., c:], o, block_lse)
             out = torch.cat([out[:, :, :c], tail], dim=2)
             lse = torch.cat([lse[..., :c], tail_lse], dim=-1)
         if incoming is not None:
@@ -137,22 +138,24 @@ def ring_backward(
     for i in range(ring.size):
         incoming = ring.shift(kv) if i < ring.size - 1 else None
         source = (ring.rank - i) % ring.size
-        kb, vb = _expand(kv, repeats)
+        kb, vb = expand_kv(kv, repeats)
         # the merged out and lse make each block's gradient exact (flash backward's rule)
         if i == 0:
-            g = _flash_backward(grad_out, q, kb, vb, out, lse, 0.0, True)
+            g = cpu_flash_attention_backward(grad_out, q, kb, vb, out, lse, 0.0, True)
             dq += g[0]
-            dkv += _fold(g[1], g[2], repeats)
+            dkv += fold_kv_grads(g[1], g[2], repeats)
         elif source < ring.rank:
-            g = _flash_backward(grad_out, q, kb[:, :, :c], vb[:, :, :c], out, lse, 0.0, False)
+            g = cpu_flash_attention_backward(
+                grad_out, q, kb[:, :, :c], vb[:, :, :c], out, lse, 0.0, False
+            )
             dq += g[0]
-            dkv[:, :, :c] += _fold(g[1], g[2], repeats)
+            dkv[:, :, :c] += fold_kv_grads(g[1], g[2], repeats)
         else:
-            g = _flash_backward(
+            g = cpu_flash_attention_backward(
                 grad_out[:, :, c:], q[:, :, c:], kb, vb, out[:, :, c:], lse[..., c:], 0.0, False
             )
             dq[:, :, c:] += g[0]
-            dkv += _fold(g[1], g[2], repeats)
+            dkv += fold_kv_grads(g[1], g[2], repeats)
         # the block's gradient follows it; after cp shifts it is back with its owner
         dkv, works = ring.shift(dkv)
         _wait(works)
