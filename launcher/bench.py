@@ -1,11 +1,14 @@
-"""`python -m launcher.bench {overhead,pipeline,checkpoint,split,cp,ab}`: measure what tridist
-adds, pipeline bubbles, checkpoint I/O, the pipeline split, context parallelism and any lever.
+"""`python -m launcher.bench {overhead,pipeline,memory,checkpoint,split,cp,ab}`: measure what
+tridist adds, pipeline bubbles and memory, checkpoint I/O, the pipeline split, context
+parallelism and any lever.
 
 overhead: tridist's real training step against a bare PyTorch loop of the same model, data,
 optimizer and schedule, interleaved in one process so machine noise hits both alike.
 pipeline: every schedule on real gloo ranks whose stages sleep a fixed time, so the measured
 bubble can be compared, even on 2 cores, with the literature's formula and with torch's own
 action order for the schedule replayed at the same costs.
+memory: the microbatches' activations each schedule holds per rank, measured on real ranks,
+beside the count the planner uses.
 checkpoint: checkpoint save/load against raw disk I/O of the same bytes.
 split: the training step with the cost model's pipeline split against the even split, A/B
 alternating on the same ranks, with the ratio the cost model predicts.
@@ -26,6 +29,7 @@ from launcher.benchmarks.context_parallel import cp_memory, cp_speed, format_cp
 from launcher.benchmarks.machine import machine
 from launcher.benchmarks.overhead import format_overhead, overhead
 from launcher.benchmarks.pipeline import format_pipeline, pipeline
+from launcher.benchmarks.schedule_memory import format_schedule_memory, schedule_memory
 from launcher.benchmarks.split import HEAD_HEAVY, format_split, split_benchmark
 from parallel.schedules import SCHEDULES
 
@@ -59,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--schedules", default=",".join(SCHEDULES))
     p.add_argument("--w-ratio", type=float, default=1.0, help="weight gradient / forward")
     p.add_argument("--last-stage", type=float, default=1.0, help="the last stage's cost factor")
+    mem = sub.add_parser("memory", help="activations each schedule holds, measured vs counted")
+    mem.add_argument("--pp", type=int, default=2)
+    mem.add_argument("--microbatches", type=int, default=8)
+    mem.add_argument("--schedules", default=",".join(SCHEDULES))
     c = sub.add_parser("checkpoint", help="checkpoint save/load vs raw disk I/O (>= 1 GB)")
     c.add_argument(
         "--dir",
@@ -96,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         memory = cp_memory(a.model, a.seq_len, sizes)
         speed = cp_speed(a.model, a.speed_seq_len, a.steps, a.rounds)
         print(format_cp(memory, speed, a.seq_len, a.speed_seq_len, a.model))
+    elif a.command == "memory":
+        held = schedule_memory(a.pp, a.microbatches, tuple(a.schedules.split(",")))
+        print(format_schedule_memory(held, a.pp, a.microbatches))
     elif a.command == "checkpoint":
         print(machine())
         cold = drop_page_cache()

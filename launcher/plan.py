@@ -265,8 +265,6 @@ def report(cfg: Config, plan: PlanEstimate, counter: StageCounter) -> str:
         "sharded: after; weights..activ: GiB; in flight: microbatches whose activations it "
         "holds at its peak; total: with 3 GiB runtime reserve)"
     )
-    note = SCHEDULE_SPECS[p.schedule].activation_note if p.pp > 1 else None
-    lines += [f"    ({note})"] if note else []
     split = pipeline_split(cfg)
     lines += split_lines(cfg, split) if split is not None else []
     slow = max(plan.ranks, key=lambda r: r.compute_s + r.comm_s)
@@ -318,16 +316,12 @@ def search_report(
         f"{'#':>3} {'tp':>3} {'cp':>3} {'pp':>3} {'dp':>5} {'rep':>3} {'schedule':>16} {'v':>2} {'m':>4} {'mbs':>3} {'recompute':>9} "
         f"{'sp':>3} {'GiB':>6} {'headroom':>8} {'bubble':>6} {'step s':>7} {'tokens/s':>11} {'MFU':>6}",
     ]
-    flagged: list[str] = []
     for i, (c2, p) in enumerate(rows, 1):
         q = c2.parallel
         mbs = c2.train.global_batch_size // (q.dp * q.microbatches)
-        note = SCHEDULE_SPECS[q.schedule].activation_note if q.pp > 1 else None
-        if note and note not in flagged:
-            flagged.append(note)
         lines.append(
             f"{i:>3} {q.tp:>3} {q.cp:>3} {q.pp:>3} {q.dp:>5} {q.dp_replicate:>3} "
-            f"{q.schedule + '*' * bool(note):>16} "
+            f"{q.schedule:>16} "
             f"{q.virtual_stages:>2} {q.microbatches:>4} {mbs:>3} {c2.model.activation_checkpointing:>9} "
             f"{'y' if q.sequence_parallel else 'n':>3} {_gib(p.worst.total):>6} {_gib(p.headroom):>8} "
             f"{p.bubble:>6.1%} {p.step_s:>7.3g} {p.tokens_per_s:>11,.0f} {p.mfu:>6.1%}"
@@ -340,7 +334,7 @@ def search_report(
         "m: microbatches per step; mbs: sequences per "
         "microbatch; sp: sequence parallelism; GiB: the fullest GPU's peak; bubble: of the step)"
     )
-    return "\n".join(lines + [f"    * {note}" for note in flagged])
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

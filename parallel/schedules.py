@@ -11,9 +11,9 @@ Cost model of the bubbles and in-flight counts: per pipeline rank and microbatch
 costs F, the input gradient B_input = F and the weight gradient W = F (full backward B = 2F);
 a rank holding v chunks spends F/v per chunk.
 
-The in-flight counts are the papers'. Where torch's runtime was measured holding more, the
-entry's `torch_activation_factor` says by how much, and `activations_in_flight` (what the
-planner reads) applies it; `microbatches_in_flight` stays the paper's count.
+The in-flight counts are the papers', and torch's runtime holds what they say: measured per
+schedule by tests/parallel/test_activation_memory.py (a zero-bubble microbatch's activations
+are freed by its weight-gradient action).
 """
 
 from __future__ import annotations
@@ -54,8 +54,6 @@ class ScheduleSpec:
     microbatch_check: MicrobatchCheck | None = None
     order: ActionOrder | None = None  # a tridist-made order, run by torch's runtime
     searched: bool = False  # the order is searched from the run's per-stage costs
-    # measured activations torch holds / the paper's in-flight count (1.0: as the paper says)
-    torch_activation_factor: float = 1.0
     # torch 2.13 runs the schedule with torch.compile'd stages (its zero-bubble schedules split
     # backward into input and weight passes and refuse compiled stages, pytorch#161904)
     compiled_stages: bool = True
@@ -69,17 +67,6 @@ class ScheduleSpec:
         if self.stages_per_rank == "virtual_stages":
             return virtual_stages
         return self.stages_per_rank
-
-    @property
-    def activation_note(self) -> str | None:
-        """Why the planner counts more activations than the paper, or None when it does not."""
-        if self.torch_activation_factor == 1:
-            return None
-        return (
-            f"{self.name}: activations counted at {self.torch_activation_factor:g}x the paper's "
-            "microbatches in flight, what torch 2.13 was measured to hold at m <= 4; it holds "
-            "more at larger m (parallel/schedules.py): check peak memory with a short run"
-        )
 
     def problem(self, pp: int, virtual_stages: int, microbatches: int) -> ScheduleProblem | None:
         """The first reason (pp > 1, virtual_stages, microbatches) cannot run, or None."""
@@ -119,13 +106,6 @@ def _microbatches_in_rounds_of_pp(
     return None
 
 
-# torch 2.13's zero-bubble schedules keep part of each microbatch's saved activations past its
-# weight-gradient action, until the step ends (a sixth to a third of a microbatch, measured on
-# CPU with autograd's saved-tensor hooks, pp=2, v=2, debug model): up to 1.9x the paper's count
-# at m=4, 2.8x at m=8, 4.8x at m=16. 2.0 covers m <= 4; the planner flags these schedules.
-ZERO_BUBBLE_TORCH_FACTOR = 2.0
-
-
 def _megatron_warm_up(p: int, r: int, m: int, v: int) -> float:
     # Megatron's warm-up, 2(p-r-1) + (v-1)p + 1 chunks of 1/v [Narayanan et al. 2021]
     return min(m * v, 2 * (p - r - 1) + (v - 1) * p + 1) / v
@@ -149,7 +129,6 @@ def _tridist_zero_bubble(
         _one_microbatch_per_stage,
         order=order,
         searched=searched,
-        torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
         compiled_stages=False,
     )
 
@@ -186,16 +165,17 @@ _SPECS = (
         lambda p, v: 3 * (p - 1) / v,
         lambda p, r, m, v: m,
     ),
-    # ZB-H1: (p-1)(F+B_input-W) per chunk = (p-1)/v; keeps 1F1B's (Megatron's) memory
+    # ZB-H1: (p-1)(F+B_input-W) per chunk = (p-1)/v; torch's order holds p microbatches on
+    # every rank (pv chunk-microbatches between F and W, at any v and m; measured alike),
+    # 1F1B's first-stage peak
     ScheduleSpec(
         "interleaved_zb",
         "InterleavedZeroBubble",
         "looped",
         "virtual_stages",
         lambda p, v: (p - 1) / v,
-        _megatron_warm_up,
+        lambda p, r, m, v: p,
         _microbatches_in_rounds_of_pp,
-        torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
         compiled_stages=False,
     ),
     # ZB-V: its paper's ~0 needs optimizer post-validation (steps overlapping); within one
@@ -212,7 +192,6 @@ _SPECS = (
         lambda p, r, m, v: p,
         order=zbv_order,
         searched=True,
-        torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
         compiled_stages=False,
     ),
     # torch's ScheduleZBVZeroBubble order, kept to compare: the same floor at F = I = W when
@@ -224,7 +203,6 @@ _SPECS = (
         2,
         lambda p, v: (p - 1) / 2,
         lambda p, r, m, v: p,
-        torch_activation_factor=ZERO_BUBBLE_TORCH_FACTOR,
         compiled_stages=False,
     ),
     # DualPipe's (p-1)(F&B+B-3W) per chunk with v=2 and no F&B overlap = p-1; its
@@ -308,14 +286,3 @@ def microbatches_in_flight(
     return min(
         float(spec.in_flight(pp, pp_rank, microbatches, virtual_stages)), float(microbatches)
     )
-
-
-def activations_in_flight(
-    schedule: str, pp: int, pp_rank: int, microbatches: int, virtual_stages: int
-) -> float:
-    """Microbatches' activations torch holds at the rank's peak: the paper's count times the
-    schedule's measured `torch_activation_factor` (never more than there are)."""
-    held = microbatches_in_flight(schedule, pp, pp_rank, microbatches, virtual_stages)
-    if pp == 1:
-        return held
-    return min(held * schedule_spec(schedule).torch_activation_factor, float(microbatches))

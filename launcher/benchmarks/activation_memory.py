@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 
@@ -11,7 +13,11 @@ class _Saved:
     __slots__ = ("tensor", "nbytes", "tracker")
 
     def __init__(self, tensor: torch.Tensor, tracker: SavedActivationTracker) -> None:
-        self.tensor, self.tracker = tensor, tracker
+        # detached, as torch's saved_tensors_hooks requires: a tensor autograd saves from its own
+        # node's output carries that node as grad_fn, and holding it would make a node -> this ->
+        # tensor -> node cycle that no backward releases (an input-gradient pass runs with
+        # retain_graph=True, so nodes the weight-gradient pass skips would be counted forever)
+        self.tensor, self.tracker = tensor.detach(), tracker
         self.nbytes = tensor.numel() * tensor.element_size()
         tracker.live += self.nbytes
         tracker.total += self.nbytes
@@ -25,14 +31,25 @@ class SavedActivationTracker:
     """Within `with tracker:`, counts bytes saved for backward: live now, peak, and total packed.
 
     peak / (total / microbatches) is the number of microbatches whose activations a stage held
-    at once, which is what distinguishes 1F1B from GPipe.
+    at once, which is what distinguishes 1F1B from GPipe; with the model's `parameters` given,
+    the weights autograd saves are left out of both.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, parameters: Iterable[torch.Tensor] = ()) -> None:
         self.live = self.peak = self.total = 0
+        # weights autograd saves (a matmul's) are not activations: tensors on their storage pass
+        self._weights = {
+            getattr(p, "_local_tensor", p).untyped_storage().data_ptr() for p in parameters
+        }
         self._hooks = torch.autograd.graph.saved_tensors_hooks(
-            lambda t: _Saved(t, self), lambda s: s.tensor
+            self._pack, lambda s: s if isinstance(s, torch.Tensor) else s.tensor
         )
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor | _Saved:
+        if self._weights and not isinstance(t, torch.distributed.tensor.DTensor):
+            if t.untyped_storage().data_ptr() in self._weights:
+                return t
+        return _Saved(t, self)
 
     def __enter__(self) -> SavedActivationTracker:
         self._hooks.__enter__()

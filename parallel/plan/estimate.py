@@ -7,8 +7,8 @@ bubble (parallel/schedules.py); DP traffic overlaps with compute except what out
 FSDP can hide it in (one microbatch under pipelining, the whole step otherwise).
 FLOPs per token are parallel/plan/flops.py's (PaLM's, as MFU counts them) for the layers and
 matmul parameters a GPU holds; recompute adds one forward of the blocks to the hardware FLOPs only.
-Activations are held for the schedule's microbatches in flight times the factor torch 2.13 was
-measured to hold beyond the paper's count (`activations_in_flight`, parallel/schedules.py).
+Activations are held for the schedule's microbatches in flight (`microbatches_in_flight`,
+parallel/schedules.py), which torch's runtime was measured to meet.
 Takes explicit parts (a ModelArgs, a Layout, a Cluster), never a launcher config.
 """
 
@@ -24,8 +24,8 @@ from parallel.plan.layout import Cluster, Layout
 from parallel.plan.memory import RUNTIME_RESERVED_BYTES, activation_bytes, state_bytes
 from parallel.plan.params import StageCounter
 from parallel.schedules import (
-    activations_in_flight,
     bubble_over_ideal,
+    microbatches_in_flight,
     n_pipeline_stages,
     stage_ids_for_rank,
     stages_per_rank,
@@ -136,7 +136,7 @@ def estimate(
         weights, grads, optimizer = state_bytes(
             params, local, block, fsdp=fsdp, pipelined=pipelined, microbatches=m
         )
-        held = activations_in_flight(layout.schedule, pp, r, m, v)
+        held = microbatches_in_flight(layout.schedule, pp, r, m, v)
         acts = activation_bytes(
             args,
             layers=layers,

@@ -31,7 +31,7 @@ from models.llama import ModelArgs, Transformer
 from parallel.pipeline import layers_per_stage
 from parallel.plan.flops import forward_flops_per_token
 from parallel.plan.memory import block_activation_elements, head_activation_bytes
-from parallel.schedules import activations_in_flight, stage_ids_for_rank
+from parallel.schedules import microbatches_in_flight, stage_ids_for_rank
 
 # log-softmax (max, exp, sum, subtract) and its gradient per logit: elementwise work, counted
 # so that the loss is not free; ~5/(6·dim) of the head's matmuls
@@ -96,7 +96,7 @@ def placement(pp: int, virtual_stages: int, schedule: str, microbatches: int) ->
     return Placement(
         tuple(tuple(stage_ids_for_rank(r, pp, virtual_stages, schedule)) for r in range(pp)),
         tuple(
-            activations_in_flight(schedule, pp, r, microbatches, virtual_stages) for r in range(pp)
+            microbatches_in_flight(schedule, pp, r, microbatches, virtual_stages) for r in range(pp)
         ),
     )
 
