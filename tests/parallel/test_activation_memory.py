@@ -1,13 +1,15 @@
 """Measured activation memory: GPipe holds all m microbatches, 1F1B p - r, each zero-bubble
 order its count; recompute lowers memory without changing the numbers."""
 
+import re
+
 import torch
 
 from launcher.benchmarks.activation_memory import SavedActivationTracker
+from launcher.benchmarks.schedule_memory import format_schedule_memory, schedule_memory
 from launcher.run.build import build_trainer, load_data
-from parallel.schedules import SCHEDULES, microbatches_in_flight, stages_per_rank
+from parallel.schedules import SCHEDULES
 from tests.helpers.run_training import make_config
-from tests.helpers.spawn import run_ranks
 
 BASE = ["model=debug", "train.seq_len=32", "train.sample_tokens=0", "optim.eps=1e-5", "device=cpu"]
 
@@ -24,34 +26,23 @@ def _measure(overrides: list[str], world: int) -> tuple[float, float, int, float
     return loss, in_flight, tracker.peak, tracker.total
 
 
-M = 8
 # where the registry's count is a bound, not the order's exact peak: zb_2p's limit 2p (at equal
 # costs it picks a zb_h1-shaped order), DualPipeV's paper column p + 1
 BOUNDS_ONLY = ("zb_2p", "dualpipev")
 
 
-def _pipeline_cases(world: int) -> dict[str, tuple]:
-    common = ["parallel.pp=2", f"parallel.microbatches={M}", f"train.global_batch_size={2 * M}"]
-    return {
-        s: _measure(
-            common + [f"parallel.schedule={s}", f"parallel.virtual_stages={stages_per_rank(s, 2)}"],
-            world,
-        )
-        for s in SCHEDULES
-    }
-
-
 def test_every_schedule_holds_the_microbatches_the_planner_counts() -> None:
-    per_rank = run_ranks(2, _pipeline_cases, 2)
-    for rank, results in enumerate(per_rank):
-        for name, (_, held, *_) in results.items():
-            counted = microbatches_in_flight(name, 2, rank, M, stages_per_rank(name, 2))
+    rows = {row.schedule: row for row in schedule_memory(2, 8, SCHEDULES)}  # launcher.bench memory
+    assert set(rows) == set(SCHEDULES)
+    for name, row in rows.items():
+        for rank, (held, counted) in enumerate(zip(row.measured, row.counted, strict=True)):
             # zero-bubble orders too: a microbatch is freed by its weight gradient (the tracker
             # detaches what it keeps: see SavedActivationTracker)
             assert held <= counted + 0.01, (rank, name, held, counted)
             assert name in BOUNDS_ONLY or held > counted - 0.15, (rank, name, held, counted)
-        assert results["1f1b"][2] < results["gpipe"][2] / 3
-    assert per_rank[1]["gpipe"][0] == per_rank[1]["1f1b"][0]  # same loss
+    assert rows["1f1b"].peak_mib < rows["gpipe"].peak_mib / 3
+    table = format_schedule_memory(list(rows.values()), 2, 8)
+    assert re.search(r"^ +zb_h2 +1 +3\.00/3\.00 ", table, re.M), table
 
 
 def test_recompute_keeps_loss_and_cuts_saved_activations() -> None:
