@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class _Saved:
@@ -37,16 +38,18 @@ class SavedActivationTracker:
 
     def __init__(self, parameters: Iterable[torch.Tensor] = ()) -> None:
         self.live = self.peak = self.total = 0
-        # weights autograd saves (a matmul's) are not activations: tensors on their storage pass
+        # weights autograd saves (a matmul's) are not activations, and leaves: no cycle to break
         self._weights = {
-            getattr(p, "_local_tensor", p).untyped_storage().data_ptr() for p in parameters
+            (p.to_local() if isinstance(p, DTensor) else p).untyped_storage().data_ptr()
+            for p in parameters
         }
         self._hooks = torch.autograd.graph.saved_tensors_hooks(
             self._pack, lambda s: s if isinstance(s, torch.Tensor) else s.tensor
         )
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor | _Saved:
-        if self._weights and not isinstance(t, torch.distributed.tensor.DTensor):
+        # a DTensor is a wrapper without storage of its own: never one of the local weights
+        if self._weights and not isinstance(t, DTensor):
             if t.untyped_storage().data_ptr() in self._weights:
                 return t
         return _Saved(t, self)
