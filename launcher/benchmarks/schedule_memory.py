@@ -22,6 +22,8 @@ from launcher.run.compose import compose_config
 from launcher.run.ports import free_port, local_rank_env
 from parallel.schedules import microbatches_in_flight, schedule_spec, stages_per_rank
 
+MODEL, SEQ_LEN = "debug", 64  # small enough for 12 schedules on 2 cores in seconds
+
 
 @dataclass
 class MemoryRow:
@@ -42,7 +44,6 @@ def _rank(
     rank: int,
     pp: int,
     port: int,
-    model: str,
     microbatches: int,
     schedules: tuple[str, ...],
     queue: mp.SimpleQueue,
@@ -54,8 +55,8 @@ def _rank(
         v = _virtual_stages(schedule)
         cfg = compose_config(
             [
-                f"model={model}",
-                "train.seq_len=64",
+                f"model={MODEL}",
+                f"train.seq_len={SEQ_LEN}",
                 f"train.global_batch_size={microbatches}",
                 "train.sample_tokens=0",
                 "device=cpu",
@@ -84,16 +85,14 @@ def _rank(
     dist.destroy_process_group()
 
 
-def schedule_memory(
-    pp: int, microbatches: int, schedules: tuple[str, ...], model: str = "debug"
-) -> list[MemoryRow]:
+def schedule_memory(pp: int, microbatches: int, schedules: tuple[str, ...]) -> list[MemoryRow]:
     """Measured and counted microbatches in flight per rank for each schedule on `pp` ranks."""
     for name in schedules:
         problem = schedule_spec(name).problem(pp, _virtual_stages(name), microbatches)
         if problem is not None:
             raise SystemExit(f"memory benchmark: {name}: {problem.fix}")
     queue = mp.get_context("spawn").SimpleQueue()
-    args = (pp, free_port(), model, microbatches, schedules, queue)
+    args = (pp, free_port(), microbatches, schedules, queue)
     mp.spawn(_rank, args=args, nprocs=pp)
     return queue.get()
 
@@ -104,7 +103,7 @@ def format_schedule_memory(rows: list[MemoryRow], pp: int, microbatches: int) ->
     lines = [
         machine(),
         f"microbatches whose activations a pipeline rank holds at its peak, measured / counted "
-        f"(pp={pp}, m={microbatches}, model=debug, seq 64; looped schedules at v=2)",
+        f"(pp={pp}, m={microbatches}, model={MODEL}, seq {SEQ_LEN}; looped schedules at v=2)",
         f"{'schedule':>16} {'v':>2} {ranks} {'peak MiB':>9}",
     ]
     for row in rows:
