@@ -31,7 +31,7 @@ from launcher.benchmarks.overhead import format_overhead, overhead
 from launcher.benchmarks.pipeline import format_pipeline, pipeline
 from launcher.benchmarks.schedule_memory import format_schedule_memory, schedule_memory
 from launcher.benchmarks.split import HEAD_HEAVY, format_split, split_benchmark
-from parallel.schedules import SCHEDULES
+from parallel.pipeline.registry import SCHEDULES
 
 # 320M parameters: a 1.28 GB model in fp32, 3.8 GB with AdamW's two moments
 CHECKPOINT_MODEL = ["model=llama3_1b", "model.n_layers=4", "model.vocab_size=32000"]

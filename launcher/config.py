@@ -64,7 +64,7 @@ class ParallelConfig:
     schedule: str = "1f1b"
     microbatches: int = 1
     # blocks per pipeline stage: null (the even split unless the cost model's is faster), even,
-    # auto (parallel/plan/split.py), or a list of pp*virtual_stages counts
+    # auto (parallel/pipeline/split.py), or a list of pp*virtual_stages counts
     layers_per_stage: Any = None
     # zbv, zb_1p and zb_2p search their order at these per-stage costs: one [F, I, W] (ms, or any unit)
     # per pipeline stage, and p2p_ms per transfer; null: equal stages

@@ -23,12 +23,12 @@ from launcher.errors import print_config_error
 from launcher.run.build import model_args, pipeline_split
 from launcher.run.compose import check_group_choices, compose_config
 from launcher.validate import validate
+from parallel.pipeline.registry import SCHEDULE_SPECS
+from parallel.pipeline.split import SplitChoice, imbalance
 from parallel.plan.estimate import GIB, MATMUL_EFFICIENCY, PlanEstimate, RankEstimate, estimate
 from parallel.plan.flops import PLAN_DEFAULT_PEAK_TFLOPS
 from parallel.plan.layout import Cluster, Layout
 from parallel.plan.params import StageCounter
-from parallel.plan.split import SplitChoice, imbalance
-from parallel.schedules import SCHEDULE_SPECS
 
 MICROBATCH_SIZES = (1, 2, 4, 8)  # sequences per microbatch tried by --search
 CP_SIZES = (1, 2, 4, 8)  # context parallel sizes tried by --search (cp x tp inside a node)
@@ -219,7 +219,7 @@ def _dp_overlap(r: RankEstimate) -> str:
 
 def split_lines(cfg: Config, split: SplitChoice) -> list[str]:
     """The pipeline split: blocks and estimated compute time per stage, and its imbalance
-    against the even split's (parallel/plan/split.py's cost model)."""
+    against the even split's (parallel/pipeline/split.py's cost model)."""
     p, t = cfg.parallel, cfg.train
     # FLOPs per token -> seconds per step on one GPU: the tokens of one dp rank, split over tp
     scale = t.global_batch_size // p.dp * t.seq_len / (p.tp * cluster_of(cfg).peak_tflops * 1e12)

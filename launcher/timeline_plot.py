@@ -1,4 +1,4 @@
-"""Write a recorded pipeline step (parallel/timeline.py) as timeline.json (Chrome / Perfetto
+"""Write a recorded pipeline step (parallel/pipeline/timeline.py) as timeline.json (Chrome / Perfetto
 trace) and timeline.png, drawn like the papers' pipeline diagrams: one row per rank, coloured
 F / B / I / W blocks numbered by microbatch, a rank's later chunks lighter, waits hatched, idle
 time left blank, and each rank's measured bubble (ms and % of the step) beside its name.
@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from parallel.timeline import WAIT, Event, TimelineInfo, chrome_trace, measured_bubbles
+from parallel.pipeline.timeline import WAIT, Event, TimelineInfo, chrome_trace, measured_bubbles
 
 COLOURS = {"F": "#4c78c8", "B": "#3a9a5b", "I": "#8fd19e", "W": "#f2b134"}
 NAMES = {
@@ -51,7 +51,7 @@ def timeline_figure(events: list[Event], info: TimelineInfo) -> Figure:
                     linewidth=0,
                 )
                 continue
-            chunk = e.stage // info.pp  # a rank's second chunk is drawn darker
+            chunk = e.stage // info.layout.pp  # a rank's second chunk is drawn darker
             ax.barh(
                 y,
                 w,
@@ -82,17 +82,17 @@ def timeline_figure(events: list[Event], info: TimelineInfo) -> Figure:
     )
     ax.set_xlim(0, span_ms)
     ax.set_xlabel("time in the step (ms)")
-    v = f", v={info.virtual_stages}" if info.virtual_stages > 1 else ""
-    mbs = "microbatch" if info.microbatches == 1 else "microbatches"
+    v = f", v={info.layout.stages_per_rank}" if info.layout.stages_per_rank > 1 else ""
+    mbs = "microbatch" if info.layout.microbatches == 1 else "microbatches"
     ax.set_title(
-        f"{info.schedule}: pp={info.pp}{v}, {info.microbatches} {mbs}, step {info.step} "
+        f"{info.layout.spec.name}: pp={info.layout.pp}{v}, {info.layout.microbatches} {mbs}, step {info.step} "
         f"({span_ms:.1f} ms), formula bubble {info.formula:.1%} of the step "
         f"({info.formula / (1 - info.formula):.1%} of the ideal); "
         "numbers in the blocks are microbatches"
     )
     kinds = [k for k in COLOURS if any(e.kind == k for e in events)]
     handles = [Patch(color=COLOURS[k], label=NAMES[k]) for k in kinds]
-    if any(e.stage >= info.pp for e in events if e.kind != WAIT):
+    if any(e.stage >= info.layout.pp for e in events if e.kind != WAIT):
         handles.append(
             Patch(
                 color=COLOURS[kinds[0]],
@@ -126,7 +126,7 @@ def write_timeline(events: list[Event], info: TimelineInfo, run_dir: Path) -> li
     (run_dir / "timeline.json").write_text(json.dumps(chrome_trace(events, info)))
     draw_timeline(events, info, run_dir / "timeline.png")
     lines = [
-        f"timeline of step {info.step} ({info.schedule}) -> {run_dir / 'timeline.png'}, "
+        f"timeline of step {info.step} ({info.layout.spec.name}) -> {run_dir / 'timeline.png'}, "
         f"{run_dir / 'timeline.json'} (open in https://ui.perfetto.dev)"
     ]
     span_ms = (max(e.end for e in events) - min(e.start for e in events)) * 1000

@@ -17,7 +17,7 @@ from launcher.config import (
     TrainConfig,
 )
 from parallel.context_parallel import CP_COMM
-from parallel.schedules import SCHEDULE_SPECS, SCHEDULES, n_pipeline_stages, schedule_spec
+from parallel.pipeline.registry import SCHEDULE_SPECS, SCHEDULES, PipelineLayout, pipeline_layout
 
 OPTIM_IMPLEMENTATIONS = ("auto", "for_loop", "foreach", "fused")
 
@@ -284,7 +284,8 @@ def _validate_hsdp(par: ParallelConfig) -> None:
 
 
 def _validate_pipeline(m: ModelConfig, par: ParallelConfig, seq_len: int, compile: bool) -> None:
-    from parallel.plan.split import choose_split
+    from parallel.pipeline.split import choose_split
+    from parallel.plan.parts import part_costs
 
     s, v, pp = par.schedule, par.virtual_stages, par.pp
     _check(s in SCHEDULES, "parallel.schedule", s, f"choose one of {', '.join(SCHEDULES)}")
@@ -293,43 +294,44 @@ def _validate_pipeline(m: ModelConfig, par: ParallelConfig, seq_len: int, compil
             v == 1, "parallel.virtual_stages", v, "virtual stages need parallel.pp > 1; set it to 1"
         )
         return
-    problem = schedule_spec(s).problem(pp, v, par.microbatches)  # the schedule's own rules
+    layout = pipeline_layout(s, pp, v, par.microbatches)
+    problem = layout.problem()  # the schedule's own rules
     if problem is not None:
         raise ConfigError(f"parallel.{problem.setting}", problem.value, problem.fix)
     allowed = [n for n, spec in SCHEDULE_SPECS.items() if spec.compiled_stages]
     _check(
-        not compile or schedule_spec(s).compiled_stages,
+        not compile or layout.spec.compiled_stages,
         "train.compile",
         compile,
         f"torch 2.13 refuses compiled stages in parallel.schedule={s} (pytorch#161904); set "
         f"train.compile=false or use one of {', '.join(allowed)}",
     )
     try:
-        choose_split(m, seq_len, pp, v, s, par.microbatches, par.layers_per_stage)
+        choose_split(part_costs(m, seq_len), m.n_layers, layout, par.layers_per_stage)
     except ValueError as err:
         raise ConfigError("parallel.layers_per_stage", par.layers_per_stage, str(err)) from None
-    _validate_stage_costs(par, n_pipeline_stages(pp, v, s))
+    _validate_stage_costs(par, layout)
 
 
-def _validate_stage_costs(par: ParallelConfig, n_stages: int) -> None:
+def _validate_stage_costs(par: ParallelConfig, layout: PipelineLayout) -> None:
     costs = par.stage_costs
     if costs is None:
         return
     searched = [n for n, spec in SCHEDULE_SPECS.items() if spec.searched]
     _check(
-        schedule_spec(par.schedule).searched,
+        layout.spec.searched,
         "parallel.stage_costs",
         costs,
         f"only {', '.join(searched[:-1])} and {searched[-1]} search an order from costs; "
         "remove it or use one of them",
     )
     _check(
-        len(costs) == n_stages
+        len(costs) == layout.n_stages
         and all(len(row) == 3 and all(_finite(c) and c > 0 for c in row) for row in costs),
         "parallel.stage_costs",
         costs,
-        f"give one [F, I, W] of positive times per pipeline stage ({n_stages}), "
-        f"e.g. {[[1.0, 1.0, 1.0]] * n_stages}",
+        f"give one [F, I, W] of positive times per pipeline stage ({layout.n_stages}), "
+        f"e.g. {[[1.0, 1.0, 1.0]] * layout.n_stages}",
     )
 
 

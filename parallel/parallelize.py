@@ -3,7 +3,7 @@ DP."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -17,16 +17,33 @@ from parallel.data_parallel import apply_data_parallel, data_parallel_mesh
 from parallel.dtensor import full_value
 from parallel.init import InitialValues, init_parameters
 from parallel.loss import cross_entropy
-from parallel.pipeline import (
+from parallel.pipeline.costs import StageCosts
+from parallel.pipeline.registry import PipelineLayout, pipeline_layout
+from parallel.pipeline.runtime import (
     build_eval_schedule,
     build_schedule,
     build_stage_module,
     layers_per_stage,
 )
-from parallel.plan.replay import StageCosts
-from parallel.schedules import n_pipeline_stages, schedule_spec, stage_ids_for_rank
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.tied_embeddings import TiedCopies, tie_across_stages
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelOptions:
+    """How to parallelize beyond the mesh's sizes: the resolved pipeline and every option, built
+    once from the config (launcher/run/build.py) and passed whole."""
+
+    pipeline: PipelineLayout = field(default_factory=lambda: pipeline_layout("1f1b", 1))
+    layers: list[int] | None = None  # blocks per pipeline stage (None: the even split)
+    dp_shard: bool = True  # FSDP2 over dp (False: replicate, DDP-style)
+    dp_replicate: int = 1  # HSDP: replica groups of FSDP2-sharded ranks
+    cp_comm: str = "all_gather"
+    activation_checkpointing: str = "none"
+    sequence_parallel: bool = False
+    stage_costs: StageCosts | None = None  # what a searched order is searched at
+    compile: bool = False  # torch.compile each block (regional)
+    param_dtype: torch.dtype | None = None  # FSDP2/replicate compute dtype (None: fp32)
 
 
 @dataclass
@@ -35,11 +52,16 @@ class ParallelModel:
 
     chunks: list[Transformer]
     stage_ids: list[int]
-    n_stages: int
+    pipeline: PipelineLayout
     schedule: _PipelineSchedule | None
     mesh: DeviceMesh
     eval_schedule: _PipelineSchedule | None = None  # when evaluation needs its own order
     tied: TiedCopies | None = None  # tied embedding and head on different stages
+
+    @property
+    def n_stages(self) -> int:
+        """Pipeline stages in all (1 without pipelining)."""
+        return self.pipeline.n_stages
 
     @property
     def has_first_stage(self) -> bool:
@@ -65,89 +87,67 @@ def parallelize(
     mesh: DeviceMesh,
     device: torch.device,
     seed: int,
-    *,
-    virtual_stages: int = 1,
-    schedule: str = "1f1b",
-    microbatches: int = 1,
-    layers: list[int] | None = None,
-    dp_shard: bool = True,
-    dp_replicate: int = 1,
-    cp_comm: str = "all_gather",
-    activation_checkpointing: str = "none",
-    sequence_parallel: bool = False,
+    options: ParallelOptions | None = None,
     initial_values: InitialValues | None = None,
-    stage_costs: StageCosts | None = None,
-    compile: bool = False,
-    param_dtype: torch.dtype | None = None,
 ) -> ParallelModel:
-    """Build this rank's part of the model on `mesh`, initialized identically for any layout.
+    """Build this rank's part of the model on `mesh`, initialized identically for any layout
+    (`initial_values`: where the weights come from; default drawn from `seed`).
 
-    compile: torch.compile each block (regional). param_dtype: under dp > 1, the dtype FSDP2 or
-    replicate all-gather and compute parameters in, gradients reduced in fp32 (None: fp32).
     dp_replicate > 1: HSDP, dp split into that many replica groups of FSDP2-sharded ranks
     (plain replication when a group would hold one rank)."""
+    o = options or ParallelOptions()
     dp, pp, cp, tp = (mesh[d].size() for d in ("dp", "pp", "cp", "tp"))
+    if o.pipeline.pp != pp:
+        raise ValueError(f"the pipeline layout has pp={o.pipeline.pp}, the mesh pp={pp}")
     with torch.device("meta"):
         whole = Transformer(args)
-    n_stages = n_pipeline_stages(pp, virtual_stages, schedule)
-    if n_stages == 1:
+    if o.pipeline.n_stages == 1:
         stage_ids, chunks = [0], [whole]
     else:
-        counts = layers_per_stage(args.n_layers, n_stages, layers)
-        stage_ids = stage_ids_for_rank(mesh["pp"].get_local_rank(), pp, virtual_stages, schedule)
+        counts = layers_per_stage(args.n_layers, o.pipeline.n_stages, o.layers)
+        stage_ids = o.pipeline.stage_ids(mesh["pp"].get_local_rank())
         chunks = [build_stage_module(whole, sid, counts) for sid in stage_ids]
     # gradients are averaged over dp and cp: the cp ranks hold the same weights
-    shard = dp_shard and dp * cp > dp_replicate  # a shard group of one rank is plain DDP
-    dp_mesh = data_parallel_mesh(mesh, dp_replicate if shard else 1) if dp * cp > 1 else None
+    shard = o.dp_shard and dp * cp > o.dp_replicate  # a shard group of one rank is plain DDP
+    dp_mesh = data_parallel_mesh(mesh, o.dp_replicate if shard else 1) if dp * cp > 1 else None
     for chunk in chunks:
         if tp > 1:
-            apply_tensor_parallel(chunk, mesh["tp"], sequence_parallel=sequence_parallel)
+            apply_tensor_parallel(chunk, mesh["tp"], sequence_parallel=o.sequence_parallel)
         if cp > 1:
-            apply_context_parallel(chunk, mesh["cp"], cp_comm)
+            apply_context_parallel(chunk, mesh["cp"], o.cp_comm)
         chunk.to_empty(device=device)
         chunk.tie_weights()  # a chunk holding embedding and head: one matrix again
         init_parameters(chunk, args, seed, initial_values)
-        apply_activation_checkpointing(chunk, activation_checkpointing)
-        if compile:
+        apply_activation_checkpointing(chunk, o.activation_checkpointing)
+        if o.compile:
             apply_compile(chunk)
         if dp_mesh is not None:
             apply_data_parallel(
-                chunk, dp_mesh, shard=shard, pipelined=pp > 1, param_dtype=param_dtype
+                chunk, dp_mesh, shard=shard, pipelined=pp > 1, param_dtype=o.param_dtype
             )
     tied = None
     if pp > 1 and args.tie_embeddings:
-        last_rank = next(
-            r
-            for r in range(pp)
-            if n_stages - 1 in stage_ids_for_rank(r, pp, virtual_stages, schedule)
-        )
+        last_rank = o.pipeline.rank_of_stage(o.pipeline.n_stages - 1)
         tied = tie_across_stages(chunks, last_rank, mesh)
-    sched = None
+    sched = eval_sched = None
     if pp > 1:
-        sched = build_schedule(
-            chunks,
-            stage_ids,
-            n_stages,
-            schedule,
-            microbatches,
-            cross_entropy,
-            device,
-            mesh["pp"].get_group(),
-            stage_costs,
+        group = mesh["pp"].get_group()
+        sched = eval_sched = build_schedule(
+            chunks, stage_ids, o.pipeline, cross_entropy, device, group, o.stage_costs
         )
-    eval_sched, spec = sched, schedule_spec(schedule)
-    if (spec.placement == "v" or spec.order is not None) and pp > 1:  # their eval() fails
-        eval_sched = build_eval_schedule(
-            chunks,
-            stage_ids,
-            n_stages,
-            microbatches,
-            cross_entropy,
-            device,
-            mesh["pp"].get_group(),
-            v_shape=spec.placement == "v",
-        )
-    return ParallelModel(chunks, stage_ids, n_stages, sched, mesh, eval_sched, tied)
+        if o.pipeline.v_shape or o.pipeline.spec.order is not None:  # their eval() fails
+            eval_sched = build_eval_schedule(
+                chunks, stage_ids, o.pipeline, cross_entropy, device, group
+            )
+    return ParallelModel(
+        chunks=chunks,
+        stage_ids=stage_ids,
+        pipeline=o.pipeline,
+        schedule=sched,
+        mesh=mesh,
+        eval_schedule=eval_sched,
+        tied=tied,
+    )
 
 
 def full_state_dict(model: ParallelModel) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """`python -m launcher.bench pipeline`: every schedule on real gloo ranks whose stages sleep a
 fixed time, so the measured bubble can be compared, even on 2 cores, with the literature's
-formula (parallel/schedules.py) and with the schedule's action order (torch's, or tridist's)
-replayed at the same costs (parallel/plan/simulate.py). Unequal costs (cheaper weight gradients,
+formula (parallel/pipeline/registry.py) and with the schedule's action order (torch's, or tridist's)
+replayed at the same costs (parallel/pipeline/simulate.py). Unequal costs (cheaper weight gradients,
 a slower last stage) show what the searched orders (zbv, zb_1p, zb_2p), given those costs, gain.
 """
 
@@ -20,17 +20,10 @@ from torch import nn
 
 from launcher.benchmarks.machine import machine
 from launcher.run.ports import free_port
-from parallel.pipeline import build_schedule
-from parallel.plan.replay import StageCosts, busiest_rank_work, stage_to_rank
-from parallel.plan.simulate import simulated_bubble
-from parallel.schedules import (
-    SCHEDULES,
-    bubble_fraction,
-    n_pipeline_stages,
-    schedule_spec,
-    stage_ids_for_rank,
-    stages_per_rank,
-)
+from parallel.pipeline.costs import StageCosts, busiest_rank_work, stage_to_rank
+from parallel.pipeline.registry import SCHEDULES, PipelineLayout, pipeline_layout
+from parallel.pipeline.runtime import build_schedule
+from parallel.pipeline.simulate import simulated_bubble
 
 VIRTUAL_STAGES = 2  # stages per rank of the schedules that take any number
 
@@ -75,15 +68,20 @@ class SleepStage(nn.Module):
         return _Sleep.apply(x, self.ms, self.ms) + _Sleep.apply(self.weight, 0, weight_ms)
 
 
+def benchmarked(schedule: str, pp: int, microbatches: int = 1) -> PipelineLayout:
+    """This benchmark's layout of `schedule`: its own stages per rank (1 for gpipe and 1f1b, 2
+    for the V shapes), else VIRTUAL_STAGES."""
+    return pipeline_layout(schedule, pp, VIRTUAL_STAGES, microbatches)
+
+
 def benchmarked_stages_per_rank(schedule: str) -> int:
-    """This benchmark's v: the schedule's own (1 for gpipe and 1f1b, 2 for the V shapes), else
-    VIRTUAL_STAGES."""
-    return stages_per_rank(schedule, VIRTUAL_STAGES)
+    """This benchmark's v for `schedule` (see `benchmarked`)."""
+    return benchmarked(schedule, 2).stages_per_rank
 
 
 def formula_bubble(schedule: str, p: int, m: int) -> float:
-    """The literature's bubble (parallel/schedules.py) at this benchmark's v per schedule."""
-    return bubble_fraction(schedule, p, m, benchmarked_stages_per_rank(schedule))
+    """The literature's bubble (parallel/pipeline/registry.py) at this benchmark's v per schedule."""
+    return benchmarked(schedule, p, m).bubble_fraction
 
 
 def stage_costs(
@@ -91,7 +89,7 @@ def stage_costs(
 ) -> StageCosts:
     """Per stage, in ms: a rank's stage_ms split over its v chunks, the last stage (the output
     head's) `last_stage` times slower, each weight gradient `w_ratio` times its forward."""
-    n = n_pipeline_stages(pp, VIRTUAL_STAGES, schedule)
+    n = benchmarked(schedule, pp).n_stages
     f = tuple(stage_ms / (n // pp) * (last_stage if s == n - 1 else 1) for s in range(n))
     return StageCosts(f, f, tuple(w_ratio * x for x in f))
 
@@ -139,14 +137,13 @@ def _pipeline_rank(
     x, target = torch.randn(2 * m, width), torch.randn(2 * m, width)
     out = {}
     for name in schedules:
-        v = benchmarked_stages_per_rank(name)
-        ids = stage_ids_for_rank(rank, pp, v, name)
+        layout = benchmarked(name, pp, m)
+        ids, n_stages = layout.stage_ids(rank), layout.n_stages
         costs = stage_costs(name, pp, stage_ms, w_ratio, last_stage)
         modules = [SleepStage(width, costs.forward[s], w_ratio) for s in ids]
-        n_stages = n_pipeline_stages(pp, v, name)
-        searched_at = costs if schedule_spec(name).searched else None  # as parallel.stage_costs
+        searched_at = costs if layout.spec.searched else None  # as parallel.stage_costs
         sched = build_schedule(
-            modules, ids, n_stages, name, m, F.mse_loss, torch.device("cpu"), group, searched_at
+            modules, ids, layout, F.mse_loss, torch.device("cpu"), group, searched_at
         )
         for cost in (stage_ms, 0.0):
             for mod, s in zip(modules, ids):
@@ -206,12 +203,11 @@ def pipeline(
     times, rows = queue.get(), []
     for name in schedules:
         costs = stage_costs(name, pp, stage_ms, w_ratio, last_stage)
-        placement = stage_to_rank(pp, len(costs.forward), schedule_spec(name).placement == "v")
+        layout = benchmarked(name, pp, microbatches)
+        placement = stage_to_rank(pp, len(costs.forward), layout.v_shape)
         equal = w_ratio == 1 and last_stage == 1
         try:
-            simulated = simulated_bubble(
-                name, pp, microbatches, VIRTUAL_STAGES, None if equal else costs
-            )
+            simulated = simulated_bubble(layout, None if equal else costs)
         except ValueError:  # torch lists no order its one-stage runtime runs: nothing to replay
             simulated = math.nan
         rows.append(

@@ -3,7 +3,7 @@
 On real gloo ranks each schedule trains one warm-up step, then one step under autograd's
 saved-tensor hooks (launcher/benchmarks/activation_memory.py, weights left out); a rank's peak
 divided by what one microbatch saves on it is the microbatches it held at once, printed beside
-the count the registry and the planner use (parallel/schedules.py `microbatches_in_flight`).
+the count the registry and the planner use (parallel/pipeline/registry.py `PipelineLayout.in_flight`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from launcher.benchmarks.machine import machine
 from launcher.run.build import build_trainer, load_data
 from launcher.run.compose import compose_config
 from launcher.run.ports import free_port, local_rank_env
-from parallel.schedules import microbatches_in_flight, schedule_spec, stages_per_rank
+from parallel.pipeline.registry import pipeline_layout
 
 MODEL, SEQ_LEN = "debug", 64  # small enough for 12 schedules on 2 cores in seconds
 
@@ -37,7 +37,7 @@ class MemoryRow:
 
 
 def _virtual_stages(schedule: str) -> int:
-    return stages_per_rank(schedule, 2)  # looped schedules at v = 2
+    return pipeline_layout(schedule, 2, 2).stages_per_rank  # looped schedules at v = 2
 
 
 def _rank(
@@ -74,7 +74,7 @@ def _rank(
         mine = torch.tensor([saved.peak / (saved.total / microbatches), float(saved.peak)])
         every = [torch.zeros(2) for _ in range(pp)]
         dist.all_gather(every, mine)
-        counted = [microbatches_in_flight(schedule, pp, r, microbatches, v) for r in range(pp)]
+        counted = [trainer.model.pipeline.in_flight(r) for r in range(pp)]
         measured = [float(t[0]) for t in every]
         rows.append(
             MemoryRow(schedule, v, measured, counted, max(float(t[1]) for t in every) / 2**20)
@@ -88,7 +88,7 @@ def _rank(
 def schedule_memory(pp: int, microbatches: int, schedules: tuple[str, ...]) -> list[MemoryRow]:
     """Measured and counted microbatches in flight per rank for each schedule on `pp` ranks."""
     for name in schedules:
-        problem = schedule_spec(name).problem(pp, _virtual_stages(name), microbatches)
+        problem = pipeline_layout(name, pp, _virtual_stages(name), microbatches).problem()
         if problem is not None:
             raise SystemExit(f"memory benchmark: {name}: {problem.fix}")
     queue = mp.get_context("spawn").SimpleQueue()

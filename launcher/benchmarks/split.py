@@ -2,7 +2,7 @@
 against the even split, side by side on the same gloo ranks (blocks of steps alternating so
 machine noise hits all alike), next to the ratio the cost model predicted; and a third split,
 the search rerun on the block's and head's costs refitted to one recorded step of the even
-split (parallel/timeline.py), to see how much measured stage times help.
+split (parallel/pipeline/timeline.py), to see how much measured stage times help.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from launcher.run.build import build_trainer, load_data, model_args, pipeline_split
+from launcher.run.build import build_trainer, load_data, model_args, pipeline_of, pipeline_split
 from launcher.run.compose import compose_config
 from launcher.run.ports import free_port, local_rank_env
 from launcher.run.trainer import Trainer
-from parallel.plan.split import best_split, fit_part_costs, part_costs, placement, rank_times
-from parallel.timeline import COMPUTE_KINDS, record_step
+from parallel.pipeline.split import best_split, fit_part_costs, placement, rank_times
+from parallel.pipeline.timeline import COMPUTE_KINDS, record_step
+from parallel.plan.parts import part_costs
 
 # a model whose output head and loss outweigh many blocks (the issue's example shape)
 HEAD_HEAVY = ["model=debug", "model.dim=128", "model.vocab_size=32000"]
@@ -85,7 +86,7 @@ def _split_rank(
     # refit the block's and the head's cost to the even split's measured stage times
     trainers["even"].train_step()  # warm-up before the recorded step
     args, cfg = model_args(cfgs["even"]), cfgs["even"]
-    where = placement(pp, 1, cfg.parallel.schedule, cfg.parallel.microbatches)
+    where = placement(pipeline_of(cfg))
     costs = part_costs(args, cfg.train.seq_len)
     stage_seconds = _stage_seconds(trainers["even"], pp)
     fitted = fit_part_costs(costs, splits["even"], stage_seconds)

@@ -8,11 +8,10 @@ import torch
 
 from data import TokenSource
 from launcher.config import Config
-from launcher.run.build import pipeline_split
+from launcher.run.build import pipeline_of, pipeline_split
 from launcher.run.trainer import uses_bf16
 from parallel.mesh import resolve_device
-from parallel.plan.split import SplitChoice
-from parallel.schedules import bubble_fraction, stages_per_rank
+from parallel.pipeline.split import SplitChoice
 
 # torch.cpu's private probes (what Inductor uses); a torch without them counts as no bf16
 BF16_CPU_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
@@ -80,8 +79,8 @@ def banner_lines(
     )
     layout = f"{dp} x pp={p.pp}{cp} x tp={p.tp} ({_plural(p.world_size, 'rank')})"
     if p.pp > 1:
-        v = stages_per_rank(p.schedule, p.virtual_stages)
-        bubble = bubble_fraction(p.schedule, p.pp, p.microbatches, v)
+        pipeline = pipeline_of(cfg)
+        v, bubble = pipeline.stages_per_rank, pipeline.bubble_fraction
         layout += (
             f", {p.schedule} with {_plural(p.microbatches, 'microbatch')} and {v} stage(s) per "
             f"rank: bubble {bubble:.0%} of the step"

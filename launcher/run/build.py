@@ -13,9 +13,11 @@ from launcher.run.trainer import Trainer, uses_bf16
 from models.llama import ModelArgs
 from parallel.init import InitialValues
 from parallel.mesh import build_mesh, resolve_device
-from parallel.parallelize import parallelize
-from parallel.plan.replay import StageCosts
-from parallel.plan.split import SplitChoice, choose_split
+from parallel.parallelize import ParallelOptions, parallelize
+from parallel.pipeline.costs import StageCosts
+from parallel.pipeline.registry import PipelineLayout, pipeline_layout
+from parallel.pipeline.split import SplitChoice, choose_split
+from parallel.plan.parts import part_costs
 
 
 def model_args(cfg: Config) -> ModelArgs:
@@ -23,20 +25,36 @@ def model_args(cfg: Config) -> ModelArgs:
     return ModelArgs(**{f.name: getattr(cfg.model, f.name) for f in fields(ModelArgs)})
 
 
+def pipeline_of(cfg: Config) -> PipelineLayout:
+    """parallel.schedule resolved once on the run's pp, virtual stages and microbatches."""
+    p = cfg.parallel
+    return pipeline_layout(p.schedule, p.pp, p.virtual_stages, p.microbatches)
+
+
 def pipeline_split(cfg: Config) -> SplitChoice | None:
     """The blocks per pipeline stage the run uses (parallel.layers_per_stage resolved), or None
     without pipelining."""
-    p = cfg.parallel
-    if p.pp == 1:
+    if cfg.parallel.pp == 1:
         return None
-    return choose_split(
-        model_args(cfg),
-        cfg.train.seq_len,
-        p.pp,
-        p.virtual_stages,
-        p.schedule,
-        p.microbatches,
-        p.layers_per_stage,
+    args = model_args(cfg)
+    costs = part_costs(args, cfg.train.seq_len)
+    return choose_split(costs, args.n_layers, pipeline_of(cfg), cfg.parallel.layers_per_stage)
+
+
+def parallel_options(cfg: Config, device: torch.device) -> ParallelOptions:
+    """Everything `parallelize` needs beyond the mesh, from the config, once."""
+    par = cfg.parallel
+    return ParallelOptions(
+        pipeline=pipeline_of(cfg),
+        layers=split.counts if (split := pipeline_split(cfg)) else None,
+        dp_shard=par.dp_shard,
+        dp_replicate=par.dp_replicate,
+        cp_comm=par.cp_comm,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+        sequence_parallel=par.sequence_parallel,
+        stage_costs=stage_costs(par.stage_costs, par.p2p_ms),
+        compile=cfg.train.compile,
+        param_dtype=torch.bfloat16 if uses_bf16(device, cfg.precision) else None,
     )
 
 
@@ -91,25 +109,8 @@ def build_trainer(
     device = resolve_device(cfg.device)
     mesh = build_mesh(device, par.dp, par.pp, par.tp, cp=par.cp)
     torch.manual_seed(cfg.train.seed)
-    model = parallelize(
-        model_args(cfg),
-        mesh,
-        device,
-        cfg.train.seed,
-        virtual_stages=par.virtual_stages,
-        schedule=par.schedule,
-        microbatches=par.microbatches,
-        layers=split.counts if (split := pipeline_split(cfg)) else None,
-        dp_shard=par.dp_shard,
-        dp_replicate=par.dp_replicate,
-        cp_comm=par.cp_comm,
-        activation_checkpointing=cfg.model.activation_checkpointing,
-        sequence_parallel=par.sequence_parallel,
-        initial_values=initial_values,
-        stage_costs=stage_costs(par.stage_costs, par.p2p_ms),
-        compile=cfg.train.compile,
-        param_dtype=torch.bfloat16 if uses_bf16(device, cfg.precision) else None,
-    )
+    options = parallel_options(cfg, device)
+    model = parallelize(model_args(cfg), mesh, device, cfg.train.seed, options, initial_values)
     # every cp rank of a dp rank reads the same sequences, then keeps its chunks of them
     sampler = DistributedBatchSampler(
         tokens.train,

@@ -24,8 +24,8 @@ from launcher.config import Config
 from launcher.run.metrics import MetricsLogger
 from launcher.run.progress import Progress
 from launcher.run.trainer import StepResult, Trainer
+from parallel.pipeline.timeline import TimelineInfo, record_step
 from parallel.plan.flops import flops_per_token, peak_tflops
-from parallel.timeline import TimelineInfo, record_step
 
 TIMELINE_AFTER = 3  # record the third step of the run: shapes are inferred and buffers allocated
 
@@ -125,10 +125,7 @@ class RunMonitor:
         timeline.json and timeline.png into the run folder."""
         result, events = record_step(trainer.train_step, trainer.model.schedule, self.device)
         if events is not None and self.run_dir is not None:  # rank 0 of a run with a folder
-            p = self.cfg.parallel
-            info = TimelineInfo(
-                p.schedule, p.pp, p.microbatches, trainer.model.n_stages // p.pp, trainer.step
-            )
+            info = TimelineInfo(trainer.model.pipeline, trainer.step)
             from launcher.timeline_plot import write_timeline  # matplotlib: only when drawing
 
             for line in write_timeline(events, info, self.run_dir):

@@ -7,8 +7,7 @@ from __future__ import annotations
 from launcher.config import Config
 from launcher.run.monitor import RunMonitor
 from launcher.run.trainer import StepResult, Trainer
-from parallel.cost_tuning import tune_order
-from parallel.schedules import schedule_spec
+from parallel.pipeline.tuning import tune_order
 
 TUNE_AFTER = 2  # the run's second step: the first one infers shapes and allocates buffers
 
@@ -16,23 +15,17 @@ TUNE_AFTER = 2  # the run's second step: the first one infers shapes and allocat
 def searched_order_step(cfg: Config, trainer: Trainer) -> int | None:
     """The step whose measured costs the order is searched at, or None (not searched, or the
     costs are given)."""
-    p = cfg.parallel
-    if p.pp == 1 or not schedule_spec(p.schedule).searched or p.stage_costs is not None:
+    pipeline = trainer.model.pipeline
+    if pipeline.pp == 1 or not pipeline.spec.searched or cfg.parallel.stage_costs is not None:
         return None
     return trainer.step + TUNE_AFTER
 
 
 def tune(cfg: Config, trainer: Trainer, monitor: RunMonitor) -> StepResult:
     """Run the next step timed, search the order at its costs and log both (rank 0)."""
-    p, model = cfg.parallel, trainer.model
+    model = trainer.model
     result, costs, bubble = tune_order(
-        trainer.train_step,
-        model.schedule,
-        p.schedule,
-        p.pp,
-        model.n_stages,
-        p.microbatches,
-        trainer.device,
+        trainer.train_step, model.schedule, model.pipeline, trainer.device
     )
     if monitor.active:
         ms = ", ".join(
@@ -40,7 +33,7 @@ def tune(cfg: Config, trainer: Trainer, monitor: RunMonitor) -> StepResult:
             for s, (f, i, w) in enumerate(zip(costs.forward, costs.input_grad, costs.weight_grad))
         )
         monitor.progress.write(
-            f"{p.schedule}: order searched at step {trainer.step}'s costs (F/I/W ms: {ms}); "
+            f"{model.pipeline.spec.name}: order searched at step {trainer.step}'s costs (F/I/W ms: {ms}); "
             f"predicted bubble {bubble:.3f} of the step, {bubble / (1 - bubble):.3f} of the ideal",
             with_eta=False,
         )

@@ -3,12 +3,12 @@
 Step time is a simple roofline. Each pipeline rank computes its FLOPs at MATMUL_EFFICIENCY of
 peak; TP and PP traffic sit on the critical path (a TP collective separates two matmuls; a
 stage waits for its input); the pipeline then stretches the slowest rank by the schedule's
-bubble (parallel/schedules.py); DP traffic overlaps with compute except what outlasts the window
+bubble (parallel/pipeline/registry.py); DP traffic overlaps with compute except what outlasts the window
 FSDP can hide it in (one microbatch under pipelining, the whole step otherwise).
 FLOPs per token are parallel/plan/flops.py's (PaLM's, as MFU counts them) for the layers and
 matmul parameters a GPU holds; recompute adds one forward of the blocks to the hardware FLOPs only.
 Activations are held for the schedule's microbatches in flight (`microbatches_in_flight`,
-parallel/schedules.py), which torch's runtime was measured to meet.
+parallel/pipeline/registry.py), which torch's runtime was measured to meet.
 Takes explicit parts (a ModelArgs, a Layout, a Cluster), never a launcher config.
 """
 
@@ -17,19 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from models.llama import ModelArgs
-from parallel.pipeline import layers_per_stage
+from parallel.pipeline.runtime import layers_per_stage
 from parallel.plan.comm import cp_bytes, hsdp_bytes, link_bytes_per_s, pp_bytes, tp_bytes
 from parallel.plan.flops import forward_flops_per_token, training_flops_per_token
 from parallel.plan.layout import Cluster, Layout
 from parallel.plan.memory import RUNTIME_RESERVED_BYTES, activation_bytes, state_bytes
 from parallel.plan.params import StageCounter
-from parallel.schedules import (
-    bubble_over_ideal,
-    microbatches_in_flight,
-    n_pipeline_stages,
-    stage_ids_for_rank,
-    stages_per_rank,
-)
 
 MATMUL_EFFICIENCY = 0.7  # share of peak dense bf16 FLOP/s large GEMMs sustain on current GPUs
 GIB = 2**30
@@ -110,8 +103,8 @@ def estimate(
     `global_batch_size` sequences of `seq_len` tokens; `counter` counts `args`' parameters."""
     dp, pp, tp, m = layout.dp, layout.pp, layout.tp, layout.microbatches
     cp, shard = layout.cp, layout.shard_group
-    v = stages_per_rank(layout.schedule, layout.virtual_stages)
-    n_stages = n_pipeline_stages(pp, layout.virtual_stages, layout.schedule)
+    pipeline = layout.pipeline
+    n_stages = pipeline.n_stages
     explicit = (
         list(layout.layers_per_stage) if layout.layers_per_stage is not None and pp > 1 else None
     )
@@ -127,7 +120,7 @@ def estimate(
     width = args.n_heads * args.head_dim / tp  # attention's width on one TP rank
     ranks = []
     for r in range(pp):
-        sids = stage_ids_for_rank(r, pp, v, layout.schedule) if pp > 1 else [0]
+        sids = pipeline.stage_ids(r) if pp > 1 else [0]
         stages = [counter.stage(s, counts, tp) for s in sids]
         params = sum(s.total for s in stages)
         local = sum(s.sharded(shard) for s in stages) if fsdp else params
@@ -136,7 +129,7 @@ def estimate(
         weights, grads, optimizer = state_bytes(
             params, local, block, fsdp=fsdp, pipelined=pipelined, microbatches=m
         )
-        held = microbatches_in_flight(layout.schedule, pp, r, m, v)
+        held = pipeline.in_flight(r)
         acts = activation_bytes(
             args,
             layers=layers,
@@ -229,7 +222,7 @@ def estimate(
                 inter,
             )
         )
-    bubble = bubble_over_ideal(layout.schedule, pp, m, v)
+    bubble = pipeline.bubble_over_ideal
     pipeline_s = max(r.compute_s + r.comm_s for r in ranks) * (1 + bubble)
     step = pipeline_s + max(r.dp_exposed_s for r in ranks)
     flops = dp * cp * tp * sum(r.model_flops for r in ranks)

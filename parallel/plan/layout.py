@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from parallel.pipeline.registry import PipelineLayout, pipeline_layout
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -13,7 +15,7 @@ class Layout:
     pp: int
     tp: int
     virtual_stages: int
-    schedule: str  # a name of parallel/schedules.py
+    schedule: str  # a name of parallel/pipeline/registry.py
     microbatches: int
     layers_per_stage: tuple[int, ...] | None = None  # None: the even split
     sequence_parallel: bool = False
@@ -27,6 +29,11 @@ class Layout:
     def gpus(self) -> int:
         """GPUs the layout occupies: dp * pp * cp * tp."""
         return self.dp * self.pp * self.cp * self.tp
+
+    @property
+    def pipeline(self) -> PipelineLayout:
+        """The schedule resolved on this layout's pp, virtual stages and microbatches."""
+        return pipeline_layout(self.schedule, self.pp, self.virtual_stages, self.microbatches)
 
     @property
     def shard_group(self) -> int:

@@ -1,5 +1,5 @@
 """Per-GPU memory of a layout: model state, and activations of the microbatches a pipeline
-schedule keeps in flight (how many: parallel/schedules.py).
+schedule keeps in flight (how many: parallel/pipeline/registry.py).
 
 Assumptions (mixed precision as in ZeRO and Megatron, bf16 compute on GPUs):
 - per parameter: a bf16 weight (2 B), an fp32 gradient accumulated over microbatches (4 B),

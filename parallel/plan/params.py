@@ -18,7 +18,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from models.llama import ModelArgs, Transformer
-from parallel.pipeline import build_stage_module
+from parallel.pipeline.runtime import build_stage_module
 from parallel.tensor_parallel import apply_tensor_parallel
 
 

@@ -7,8 +7,8 @@ import pytest
 from launcher.bench import main
 from launcher.benchmarks.ab import ab_benchmark, format_ab
 from launcher.benchmarks.pipeline import VIRTUAL_STAGES, formula_bubble, pipeline
-from parallel.plan.simulate import simulated_bubble
-from parallel.schedules import SCHEDULES
+from parallel.pipeline.registry import SCHEDULES, pipeline_layout
+from parallel.pipeline.simulate import simulated_bubble
 
 
 def test_overhead_prints_a_positive_ratio(capsys: pytest.CaptureFixture[str]) -> None:
@@ -41,7 +41,9 @@ def test_replaying_each_action_order_reproduces_the_formulas() -> None:
     for p, m in ((2, 4), (4, 8), (4, 16)):
         for name in SCHEDULES:
             expected = formula_bubble(name, p, m)
-            assert simulated_bubble(name, p, m, VIRTUAL_STAGES) == pytest.approx(expected), (
+            assert simulated_bubble(pipeline_layout(name, p, VIRTUAL_STAGES, m)) == pytest.approx(
+                expected
+            ), (
                 name,
                 p,
                 m,

@@ -8,7 +8,7 @@ import torch
 from launcher.benchmarks.activation_memory import SavedActivationTracker
 from launcher.benchmarks.schedule_memory import format_schedule_memory, schedule_memory
 from launcher.run.build import build_trainer, load_data
-from parallel.schedules import SCHEDULES
+from parallel.pipeline.registry import SCHEDULES
 from tests.helpers.run_training import make_config
 
 BASE = ["model=debug", "train.seq_len=32", "train.sample_tokens=0", "optim.eps=1e-5", "device=cpu"]

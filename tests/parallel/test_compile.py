@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 
 from launcher.config import ConfigError
 from launcher.run.compose import compose_config
-from parallel.schedules import SCHEDULE_SPECS
+from parallel.pipeline.registry import SCHEDULE_SPECS
 from tests.helpers.run_training import train_and_report
 from tests.helpers.spawn import run_ranks
 

@@ -1,5 +1,5 @@
 """The planner's activation estimate against what a real forward keeps alive on CPU, and its
-model-state accounting (microbatches in flight per schedule: tests/parallel/test_schedules.py)."""
+model-state accounting (microbatches in flight per schedule: tests/parallel/pipeline/test_registry.py)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ in tests/launcher/test_plan.py)."""
 import torch
 
 from models.llama import ModelArgs, Transformer
-from parallel.pipeline import layers_per_stage
+from parallel.pipeline.runtime import layers_per_stage
 from parallel.plan.params import StageCounter
 
 ARGS = ModelArgs(dim=64, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=32)

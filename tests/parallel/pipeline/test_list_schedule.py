@@ -7,8 +7,8 @@ import itertools
 
 import pytest
 
-from parallel.list_schedule import VARIANTS, list_schedule, peak_in_flight, step_time
-from parallel.plan.replay import StageCosts
+from parallel.pipeline.costs import StageCosts
+from parallel.pipeline.list_schedule import VARIANTS, list_schedule, peak_in_flight, step_time
 
 
 def test_list_schedule_refuses_a_limit_of_nothing() -> None:

@@ -15,14 +15,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import schedules as torch_schedules
 
-from parallel.schedules import bubble_fraction
+from parallel.pipeline.registry import PipelineLayout
 
 T = TypeVar("T")
 COMPUTE_KINDS = ("F", "B", "I", "W")  # forward, full backward, input-grad only, weight-grad only
@@ -145,16 +145,13 @@ def measured_bubbles(events: list[Event]) -> dict[int, float]:
 class TimelineInfo:
     """What was recorded: the schedule and its shape, for titles and the formula's bubble."""
 
-    schedule: str
-    pp: int
-    microbatches: int
-    virtual_stages: int
+    layout: PipelineLayout
     step: int
 
     @property
     def formula(self) -> float:
-        """The literature's bubble fraction for this schedule (parallel/schedules.py)."""
-        return bubble_fraction(self.schedule, self.pp, self.microbatches, self.virtual_stages)
+        """The literature's bubble fraction for this schedule (parallel/pipeline/registry.py)."""
+        return self.layout.bubble_fraction
 
 
 def chrome_trace(events: list[Event], info: TimelineInfo) -> dict[str, Any]:
@@ -192,7 +189,11 @@ def chrome_trace(events: list[Event], info: TimelineInfo) -> dict[str, Any]:
         "traceEvents": trace,
         "displayTimeUnit": "ms",
         "otherData": {
-            **asdict(info),
+            "schedule": info.layout.spec.name,
+            "pp": info.layout.pp,
+            "microbatches": info.layout.microbatches,
+            "virtual_stages": info.layout.stages_per_rank,
+            "step": info.step,
             "formula_bubble": info.formula,
             "measured_bubble": {str(r): b for r, b in bubbles.items()},
         },

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from models.llama import ModelArgs, Transformer
-from parallel.pipeline import build_stage_module, layers_per_stage
-from parallel.schedules import stage_ids_for_rank
+from parallel.pipeline.registry import pipeline_layout
+from parallel.pipeline.runtime import build_stage_module, layers_per_stage
 
 
 def _layers_of_rank(n_layers: int, pp: int, v: int, rank: int, schedule: str) -> list[int]:
@@ -14,7 +14,7 @@ def _layers_of_rank(n_layers: int, pp: int, v: int, rank: int, schedule: str) ->
     counts = layers_per_stage(n_layers, pp * v)
     return [
         int(k)
-        for sid in stage_ids_for_rank(rank, pp, v, schedule)
+        for sid in pipeline_layout(schedule, pp, v).stage_ids(rank)
         for k in build_stage_module(whole, sid, counts).layers.keys()
     ]
 
@@ -25,7 +25,7 @@ def test_megatron_interleaving() -> None:
 
 
 def test_v_shape_places_first_and_last_stage_on_rank_0() -> None:
-    assert stage_ids_for_rank(0, 4, 2, "zbv") == [0, 7]
+    assert pipeline_layout("zbv", 4, 2).stage_ids(0) == [0, 7]
     assert _layers_of_rank(16, 4, 2, 0, "dualpipev") == [0, 1, 14, 15]
 
 

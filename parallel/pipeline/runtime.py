@@ -1,5 +1,5 @@
 """Pipeline parallelism: split the model into pp x virtual_stages chunks and schedule them
-(which rank holds which chunk, and each schedule's rules, are parallel/schedules.py).
+(which rank holds which chunk, and each schedule's rules, are parallel/pipeline/registry.py).
 
 Splitting copies the whole model (on the meta device) and deletes what a stage does not own,
 so every parameter keeps its full-model name (`layers.7.attention.wq.weight`) on every layout.
@@ -26,8 +26,8 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from models.llama import Transformer
-from parallel.plan.replay import StageCosts
-from parallel.schedules import schedule_spec
+from parallel.pipeline.costs import StageCosts
+from parallel.pipeline.registry import PipelineLayout
 
 
 def layers_per_stage(n_layers: int, n_stages: int, explicit: list[int] | None = None) -> list[int]:
@@ -76,33 +76,30 @@ def build_stage_module(whole: Transformer, stage_id: int, counts: list[int]) -> 
 def build_schedule(
     modules: Sequence[nn.Module],
     stage_ids: list[int],
-    n_stages: int,
-    schedule: str,
-    microbatches: int,
+    layout: PipelineLayout,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     device: torch.device,
     pp_group: torch.distributed.ProcessGroup,
     costs: StageCosts | None = None,
 ) -> PipelineScheduleSingle | PipelineScheduleMulti:
-    """Wrap each local chunk in a PipelineStage and build the named schedule (parallel/schedules.py).
+    """Wrap each local chunk in a PipelineStage and build the layout's schedule (parallel/pipeline/registry.py).
 
     The loss function returns the mean over a microbatch's tokens and scale_grads divides the
     summed gradients by the number of microbatches: the gradient of the batch mean. `costs`
     (per stage) are what a searched order (zbv, zb_1p, zb_2p) is searched at; None: equal stages.
     """
+    n_stages, microbatches, spec = layout.n_stages, layout.microbatches, layout.spec
     stages = [
         PipelineStage(module, sid, n_stages, device, group=pp_group)
         for module, sid in zip(modules, stage_ids)
     ]
-    spec = schedule_spec(schedule)
     if spec.order is not None:
         # tridist's order, run by torch's runtime (a private class: the public schedules take
         # no custom order); every rank computes the same order from the same inputs
         sched = _PipelineScheduleRuntime(
             stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True
         )
-        pp = torch.distributed.get_world_size(pp_group)
-        set_order(sched, spec.order(pp, n_stages, microbatches, costs))
+        set_order(sched, spec.order(layout.pp, n_stages, microbatches, costs))
         return sched
     assert spec.torch_class is not None  # a spec has one or the other
     cls = get_schedule_class(spec.torch_class)
@@ -121,12 +118,10 @@ def set_order(sched: _PipelineScheduleRuntime, order: dict[int, list[_Action]]) 
 def build_eval_schedule(
     modules: Sequence[nn.Module],
     stage_ids: list[int],
-    n_stages: int,
-    microbatches: int,
+    layout: PipelineLayout,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     device: torch.device,
     pp_group: torch.distributed.ProcessGroup,
-    v_shape: bool,
 ) -> _PipelineScheduleRuntime:
     """A forward-only schedule for evaluation, for V-shaped placements and tridist's orders.
 
@@ -137,13 +132,13 @@ def build_eval_schedule(
     class: the public schedules take no custom order) adds the sends and receives. Separate
     PipelineStage wrappers of the same modules keep the training schedule's buffers untouched.
     """
+    n_stages, microbatches, pp = layout.n_stages, layout.microbatches, layout.pp
     stages = [
         PipelineStage(module, sid, n_stages, device, group=pp_group)
         for module, sid in zip(modules, stage_ids)
     ]
     sched = _PipelineScheduleRuntime(stages, n_microbatches=microbatches, loss_fn=loss_fn)
-    pp = torch.distributed.get_world_size(pp_group)
-    to_rank = generate_stage_to_rank_mapping(pp, n_stages, style="v" if v_shape else "loop")
+    to_rank = generate_stage_to_rank_mapping(pp, n_stages, style="v" if layout.v_shape else "loop")
     order: dict[int, list[_Action | None]] = {
         rank: [
             _Action(sid, FORWARD, mb)

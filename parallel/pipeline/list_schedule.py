@@ -26,7 +26,7 @@ from torch.distributed.pipelining.schedules import (
     _ComputationType,
 )
 
-from parallel.plan.replay import Done, StageCosts, replay, stage_to_rank
+from parallel.pipeline.costs import Done, StageCosts, replay, stage_to_rank
 
 KINDS: dict[str, _ComputationType] = {"F": FORWARD, "I": BACKWARD_INPUT, "W": BACKWARD_WEIGHT}
 Order = dict[int, list[_Action]]  # pipeline rank -> its compute actions, in order

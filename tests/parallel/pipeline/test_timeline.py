@@ -15,14 +15,12 @@ from typing import Any
 import pytest
 from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops  # private API
 
-from parallel.schedules import (
+from parallel.pipeline.registry import (
     SCHEDULES,
-    bubble_fraction,
+    pipeline_layout,
     schedule_spec,
-    stage_ids_for_rank,
-    stages_per_rank,
 )
-from parallel.timeline import COMPUTE_KINDS, WAIT, Event, TimelineInfo, measured_bubbles
+from parallel.pipeline.timeline import COMPUTE_KINDS, WAIT, Event, TimelineInfo, measured_bubbles
 from tests.helpers.spawn import run_ranks
 
 PP = 2
@@ -63,17 +61,17 @@ def _sleep_stage_timelines(
     from torch.distributed.pipelining import schedules as torch_schedules
 
     from launcher.benchmarks.pipeline import SleepStage
-    from parallel.pipeline import build_schedule
-    from parallel.timeline import _stages, record_step
+    from parallel.pipeline.runtime import build_schedule
+    from parallel.pipeline.timeline import _stages, record_step
 
     rank, out = dist.get_rank(), {}
     original_wait = torch_schedules._wait_batch_p2p
     for name, m in schedules.items():
-        v = stages_per_rank(name, V)
-        ids = stage_ids_for_rank(rank, PP, v, name)
+        layout = pipeline_layout(name, PP, V, m)
+        v, ids = layout.stages_per_rank, layout.stage_ids(rank)
         modules = [SleepStage(8, stage_ms / v) for _ in ids]
         sched = build_schedule(
-            modules, ids, PP * v, name, m, F.mse_loss, torch.device("cpu"), dist.group.WORLD
+            modules, ids, layout, F.mse_loss, torch.device("cpu"), dist.group.WORLD
         )
         x, y = torch.randn(2 * m, 8), torch.randn(2 * m, 8)
 
@@ -103,7 +101,7 @@ def _all_cases(tmp: Path) -> dict[str, Any]:
             + [
                 f"parallel.schedule={name}",
                 f"parallel.microbatches={m}",
-                f"parallel.virtual_stages={stages_per_rank(name, V)}",
+                f"parallel.virtual_stages={pipeline_layout(name, 2, V).stages_per_rank}",
             ],
             PP,
         )
@@ -129,19 +127,21 @@ def _expected_actions(schedule: str, m: int) -> dict[int, collections.Counter]:
     folded in, and not the microbatches their runtime runs). torch's multi-stage ones: its own
     action lists.
     """
-    v, spec = stages_per_rank(schedule, V), schedule_spec(schedule)
+    v, spec = pipeline_layout(schedule, 2, V).stages_per_rank, schedule_spec(schedule)
     if spec.order is not None or v == 1:
         kinds = "FIW" if spec.order is not None else "FB"
         return {
             r: collections.Counter(
                 (k, s, i)
-                for s in stage_ids_for_rank(r, PP, v, schedule)
+                for s in pipeline_layout(schedule, PP, v).stage_ids(r)
                 for k in kinds
                 for i in range(m)
             )
             for r in range(PP)
         }
-    ops = get_schedule_ops(schedule_spec(schedule).torch_class, PP, m, stages_per_rank(schedule, V))
+    ops = get_schedule_ops(
+        schedule_spec(schedule).torch_class, PP, m, pipeline_layout(schedule, 2, V).stages_per_rank
+    )
     expected = {}
     for rank, actions in enumerate(ops):
         flat = [sub for a in actions if a is not None for sub in (a.sub_actions or [a])]
@@ -193,8 +193,10 @@ def test_training_writes_the_trace_and_the_picture(recorded) -> None:
         ]
         assert _recorded_actions(events) == _expected_actions(name, m), name
         info = trace["otherData"]
-        v = stages_per_rank(name, V)
-        assert info["formula_bubble"] == pytest.approx(bubble_fraction(name, PP, m, v)), name
+        v = pipeline_layout(name, 2, V).stages_per_rank
+        assert info["formula_bubble"] == pytest.approx(
+            pipeline_layout(name, PP, v, m).bubble_fraction
+        ), name
         assert info["step"] == 3 and info["microbatches"] == m and info["virtual_stages"] == v
         assert {int(r): b for r, b in info["measured_bubble"].items()} == pytest.approx(
             measured_bubbles(events)
@@ -218,9 +220,7 @@ def test_measured_bubbles_order_as_the_formulas_say(recorded) -> None:
             for events in results["timelines"][name]
         ]
         measured[name] = statistics.median(per_step)
-    formula = {
-        name: bubble_fraction(name, PP, PP, stages_per_rank(name, V)) for name in BUBBLE_SCHEDULES
-    }
+    formula = {name: pipeline_layout(name, PP, V, PP).bubble_fraction for name in BUBBLE_SCHEDULES}
     # side by side, in one run: the order the formulas give
     assert measured["gpipe"] > measured["interleaved_1f1b"] > measured["interleaved_zb"], measured
     for name in BUBBLE_SCHEDULES:  # no order idles less than its formula's floor
@@ -247,7 +247,7 @@ def test_the_picture_explains_its_shading_and_gives_bubbles_in_ms_and_percent() 
         for rank, actions in order.items()
         for i, (kind, stage) in enumerate(actions)
     ]
-    fig = timeline_figure(events, TimelineInfo("interleaved_1f1b", 2, 1, 2, 3))
+    fig = timeline_figure(events, TimelineInfo(pipeline_layout("interleaved_1f1b", 2, 2, 1), 3))
     (ax,) = fig.axes
     (legend,) = fig.legends
     labels = [t.get_text() for t in legend.get_texts()]

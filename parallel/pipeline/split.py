@@ -16,66 +16,31 @@ schedules), then the largest activation memory (microbatches in flight x what th
 blocks and head keep), so that among equally fast splits the fuller first ranks of 1F1B get
 fewer blocks. Within a rank, blocks go one at a time to its cheapest stage. Stages between the
 two ends hold at least one block; an end stage may hold none (just the embedding, or just the
-norm and head). tests/parallel/plan/test_split.py checks optimality against brute force.
+norm and head). tests/parallel/pipeline/test_split.py checks optimality against brute force.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from models.llama import ModelArgs, Transformer
-from parallel.pipeline import layers_per_stage
-from parallel.plan.flops import forward_flops_per_token
-from parallel.plan.memory import block_activation_elements, head_activation_bytes
-from parallel.schedules import microbatches_in_flight, stage_ids_for_rank
-
-# log-softmax (max, exp, sum, subtract) and its gradient per logit: elementwise work, counted
-# so that the loss is not free; ~5/(6·dim) of the head's matmuls
-LOSS_FLOPS_PER_LOGIT = 5
+from parallel.pipeline.registry import PipelineLayout
+from parallel.pipeline.runtime import layers_per_stage
 
 
 @dataclass(frozen=True)
 class PartCosts:
-    """Training FLOPs per token of each part of the model, and the activations it keeps."""
+    """Training FLOPs per token of each part of the model, and the activations it keeps (the
+    cost model computes them: parallel/plan/parts.py)."""
 
     block: int
     embedding: int
     head: int  # final norm, output matmul and the loss
     block_activation: float  # bytes per token one block keeps for backward
     head_activation: float  # bytes per token the norm, head and loss keep (last stage)
-
-
-def part_costs(args: ModelArgs, seq_len: int) -> PartCosts:
-    """The costs of `args`' parts from a one-block model built on the meta device (cached: a
-    layout search asks again)."""
-    return _part_costs(_key(args), seq_len)
-
-
-def _key(args: ModelArgs) -> tuple:
-    return tuple(getattr(args, f.name) for f in fields(ModelArgs))
-
-
-@functools.lru_cache(maxsize=64)
-def _part_costs(key: tuple, seq_len: int) -> PartCosts:
-    args = ModelArgs(*key)
-    with torch.device("meta"):
-        model = Transformer(replace(args, n_layers=1))
-    assert model.tok_embeddings is not None and model.norm is not None  # a whole model
-    block = sum(p.numel() for p in model.layers["0"].parameters())
-    width = args.n_heads * args.head_dim
-    vocab, dim = model.tok_embeddings.weight.shape
-    head = 3 * forward_flops_per_token(model.norm.weight.numel() + vocab * dim, 0, width, seq_len)
-    return PartCosts(
-        block=round(3 * forward_flops_per_token(block, 1, width, seq_len)),
-        embedding=dim,  # the backward's row added per token; the forward is a lookup
-        head=round(head) + LOSS_FLOPS_PER_LOGIT * vocab,
-        block_activation=2 * block_activation_elements(args, 1, False, "none"),
-        head_activation=head_activation_bytes(args, 1, False, pipelined=True),
-    )
 
 
 @dataclass(frozen=True)
@@ -91,13 +56,11 @@ class Placement:
         return sum(len(s) for s in self.stages)
 
 
-def placement(pp: int, virtual_stages: int, schedule: str, microbatches: int) -> Placement:
-    """The placement parallel/schedules.py gives `schedule` on `pp` ranks."""
+def placement(layout: PipelineLayout) -> Placement:
+    """Where the layout's schedule puts its stages (parallel/pipeline/registry.py)."""
+    ranks = range(layout.pp)
     return Placement(
-        tuple(tuple(stage_ids_for_rank(r, pp, virtual_stages, schedule)) for r in range(pp)),
-        tuple(
-            microbatches_in_flight(schedule, pp, r, microbatches, virtual_stages) for r in range(pp)
-        ),
+        tuple(tuple(layout.stage_ids(r)) for r in ranks), tuple(layout.in_flight(r) for r in ranks)
     )
 
 
@@ -219,20 +182,9 @@ def best_split(costs: PartCosts, n_layers: int, where: Placement) -> list[int]:
     return counts
 
 
-def auto_split(
-    args: ModelArgs, seq_len: int, pp: int, virtual_stages: int, schedule: str, microbatches: int
-) -> list[int]:
-    """`best_split` of the model `args` on a layout (cached: a layout search asks again)."""
-    return list(_auto_split(_key(args), seq_len, pp, virtual_stages, schedule, microbatches))
-
-
 @functools.lru_cache(maxsize=1024)
-def _auto_split(
-    key: tuple, seq_len: int, pp: int, virtual_stages: int, schedule: str, microbatches: int
-) -> tuple[int, ...]:
-    args = ModelArgs(*key)
-    where = placement(pp, virtual_stages, schedule, microbatches)
-    return tuple(best_split(part_costs(args, seq_len), args.n_layers, where))
+def _best_split_cached(costs: PartCosts, n_layers: int, where: Placement) -> tuple[int, ...]:
+    return tuple(best_split(costs, n_layers, where))  # a layout search asks again
 
 
 # null picks the auto split over the even one only when it is estimated this much faster
@@ -274,19 +226,15 @@ def imbalance(times: Sequence[float]) -> float:
 
 
 def choose_split(
-    args: ModelArgs,
-    seq_len: int,
-    pp: int,
-    virtual_stages: int,
-    schedule: str,
-    microbatches: int,
+    costs: PartCosts,
+    n_layers: int,
+    layout: PipelineLayout,
     requested: str | Sequence[int] | None,
 ) -> SplitChoice:
     """The split of parallel.layers_per_stage=`requested`: an explicit list as given; `even`;
     `auto`; or None: the even split unless the auto one is estimated faster by more than
     AUTO_DEFAULT_MIN_GAIN (or no even split exists). ValueError when it cannot split."""
-    where = placement(pp, virtual_stages, schedule, microbatches)
-    costs = part_costs(args, seq_len)
+    where = placement(layout)
 
     def chosen(counts: list[int], how: str, even: list[int] | None) -> SplitChoice:
         even_ranks = None if even is None else rank_times(costs, even, where)
@@ -300,15 +248,15 @@ def choose_split(
         )
 
     if requested is not None and not isinstance(requested, str):
-        explicit = layers_per_stage(args.n_layers, where.n_stages, list(requested))
+        explicit = layers_per_stage(n_layers, where.n_stages, list(requested))
         return chosen(explicit, "explicit", None)
     if requested == "even":
-        return chosen(layers_per_stage(args.n_layers, where.n_stages), "even", None)
+        return chosen(layers_per_stage(n_layers, where.n_stages), "even", None)
     try:
-        even: list[int] | None = layers_per_stage(args.n_layers, where.n_stages)
+        even: list[int] | None = layers_per_stage(n_layers, where.n_stages)
     except ValueError:
         even = None
-    auto = auto_split(args, seq_len, pp, virtual_stages, schedule, microbatches)
+    auto = list(_best_split_cached(costs, n_layers, where))
     if requested == "auto":
         return chosen(auto, "auto", even)
     if even is not None:
@@ -322,7 +270,7 @@ def fit_part_costs(
     base: PartCosts, counts: Sequence[int], stage_seconds: Sequence[float]
 ) -> PartCosts:
     """Costs refitted to measured compute time per stage of the split `counts` (e.g. one
-    recorded step: parallel/timeline.py), in nanoseconds: a block's and the head's by least
+    recorded step: parallel/pipeline/timeline.py), in nanoseconds: a block's and the head's by least
     squares on time = blocks * block + head on the last stage, the embedding scaled from `base`
     by the block's measured/estimated ratio. Activations stay `base`'s."""
     last = len(counts) - 1

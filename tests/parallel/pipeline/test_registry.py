@@ -20,19 +20,14 @@ from launcher.benchmarks.pipeline import (
 from launcher.config import ConfigError
 from launcher.plan import schedule_candidates
 from launcher.run.compose import compose_config
-from parallel.plan.simulate import simulated_bubble
-from parallel.schedules import (
+from parallel.pipeline.registry import (
     SCHEDULE_SPECS,
     SCHEDULES,
-    bubble_fraction,
-    bubble_over_ideal,
-    microbatches_in_flight,
-    n_pipeline_stages,
+    pipeline_layout,
     schedule_spec,
-    stage_ids_for_rank,
-    stages_per_rank,
 )
-from parallel.timeline import TimelineInfo
+from parallel.pipeline.simulate import simulated_bubble
+from parallel.pipeline.timeline import TimelineInfo
 
 P, M, V = 4, 8, 2
 # schedule -> (bubble fraction at p=4, m=8, v=2; microbatches in flight per pp rank there;
@@ -62,7 +57,7 @@ def test_every_schedule_has_a_parity_row() -> None:
 
 def test_config_validation_accepts_exactly_the_registry() -> None:
     for name in SCHEDULES:
-        v = stages_per_rank(name, V)
+        v = pipeline_layout(name, 2, V).stages_per_rank
         cfg = compose_config(
             [
                 "model=debug",
@@ -119,7 +114,10 @@ def test_validity_checks_name_the_setting_and_the_fix(
         v if setting == "virtual_stages" else m,
         fix,
     )
-    assert schedule_spec(name).problem(pp, stages_per_rank(name, v), 2 * pp * V) is None
+    assert (
+        schedule_spec(name).problem(pp, pipeline_layout(name, 2, v).stages_per_rank, 2 * pp * V)
+        is None
+    )
 
 
 def test_the_builder_resolves_every_torch_class() -> None:
@@ -135,13 +133,13 @@ def test_the_builder_resolves_every_torch_class() -> None:
 
 def test_placement_and_stage_counts() -> None:
     for name in SCHEDULES:
-        v = stages_per_rank(name, 3)
-        n = n_pipeline_stages(P, 3, name)
-        assert n == P * v and n_pipeline_stages(1, 3, name) == 1
-        held = sorted(s for r in range(P) for s in stage_ids_for_rank(r, P, 3, name))
+        v = pipeline_layout(name, 2, 3).stages_per_rank
+        n = pipeline_layout(name, P, 3).n_stages
+        assert n == P * v and pipeline_layout(name, 1, 3).n_stages == 1
+        held = sorted(s for r in range(P) for s in pipeline_layout(name, P, 3).stage_ids(r))
         assert held == list(range(n)), name  # every stage on exactly one rank
-    assert stage_ids_for_rank(1, P, 2, "dualpipev") == [1, 2 * P - 2]
-    assert stage_ids_for_rank(1, P, 2, "looped_bfs") == [1, 1 + P]
+    assert pipeline_layout("dualpipev", P, 2).stage_ids(1) == [1, 2 * P - 2]
+    assert pipeline_layout("looped_bfs", P, 2).stage_ids(1) == [1, 1 + P]
 
 
 def test_the_planner_searches_every_schedule() -> None:
@@ -155,39 +153,44 @@ def test_the_benchmark_and_the_timeline_cover_every_schedule() -> None:
     assert inspect.signature(pipeline).parameters["schedules"].default == SCHEDULES
     for name in SCHEDULES:
         v = benchmarked_stages_per_rank(name)
-        assert v == stages_per_rank(name, VIRTUAL_STAGES)
-        assert formula_bubble(name, P, M) == bubble_fraction(name, P, M, v)
-        info = TimelineInfo(name, P, M, v, step=1)
-        assert info.formula == bubble_fraction(name, P, M, v)
+        assert v == pipeline_layout(name, 2, VIRTUAL_STAGES).stages_per_rank
+        assert formula_bubble(name, P, M) == pipeline_layout(name, P, v, M).bubble_fraction
+        info = TimelineInfo(pipeline_layout(name, P, v, M), step=1)
+        assert info.formula == pipeline_layout(name, P, v, M).bubble_fraction
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_formulas_give_the_values_of_before(name: str) -> None:
     fraction, in_flight, simulated = PARITY[name]
-    assert bubble_fraction(name, P, M, V) == pytest.approx(fraction, abs=1e-15)
-    over = bubble_over_ideal(name, P, M, V)
+    assert pipeline_layout(name, P, V, M).bubble_fraction == pytest.approx(fraction, abs=1e-15)
+    over = pipeline_layout(name, P, V, M).bubble_over_ideal
     assert math.isclose(over / (1 + over), fraction, abs_tol=1e-15)  # the two conventions agree
-    assert [microbatches_in_flight(name, P, r, M, V) for r in range(P)] == in_flight
-    assert simulated_bubble(name, P, M, V) == pytest.approx(simulated, abs=1e-12)
-    assert bubble_fraction(name, 1, M, V) == 0 and microbatches_in_flight(name, 1, 0, M, V) == 1
+    assert [pipeline_layout(name, P, V, M).in_flight(r) for r in range(P)] == in_flight
+    assert simulated_bubble(pipeline_layout(name, P, V, M)) == pytest.approx(simulated, abs=1e-12)
+    assert (
+        pipeline_layout(name, 1, V, M).bubble_fraction == 0
+        and pipeline_layout(name, 1, V, M).in_flight(0) == 1
+    )
 
 
 def test_microbatches_in_flight_follow_the_schedules() -> None:
     p, m = 4, 16
-    assert [microbatches_in_flight("gpipe", p, r, m, 1) for r in range(p)] == [m] * p
-    assert [microbatches_in_flight("1f1b", p, r, m, 1) for r in range(p)] == [4, 3, 2, 1]
+    assert [pipeline_layout("gpipe", p, 1, m).in_flight(r) for r in range(p)] == [m] * p
+    assert [pipeline_layout("1f1b", p, 1, m).in_flight(r) for r in range(p)] == [4, 3, 2, 1]
     # Megatron: rank 0 warms up 2(p-1) + (v-1)p chunks, then holds one more; chunks are 1/v
-    assert microbatches_in_flight("interleaved_1f1b", p, 0, m, 2) == (2 * 3 + 4 + 1) / 2
-    assert microbatches_in_flight("zbv", p, 3, m, 2) == p
-    assert microbatches_in_flight("1f1b", p, 0, 2, 1) == 2  # never more than there are
-    assert microbatches_in_flight("1f1b", 1, 0, m, 1) == 1
+    assert pipeline_layout("interleaved_1f1b", p, 2, m).in_flight(0) == (2 * 3 + 4 + 1) / 2
+    assert pipeline_layout("zbv", p, 2, m).in_flight(3) == p
+    assert pipeline_layout("1f1b", p, 1, 2).in_flight(0) == 2  # never more than there are
+    assert pipeline_layout("1f1b", 1, 1, m).in_flight(0) == 1
 
 
 def test_named_values_of_before() -> None:
-    assert bubble_fraction("1f1b", 4, 8) == 3 / 11
-    assert bubble_fraction("interleaved_1f1b", 4, 16, 4) == pytest.approx(3 / 67)
-    assert bubble_over_ideal("dualpipev", 8, 32, 2) == 7 / 96
-    assert bubble_over_ideal("interleaved_zb", 8, 32, 2) == pytest.approx(7 / 192)
-    assert microbatches_in_flight("interleaved_1f1b", 4, 0, 2, 2) == 2  # never more than there are
+    assert pipeline_layout("1f1b", 4, 1, 8).bubble_fraction == 3 / 11
+    assert pipeline_layout("interleaved_1f1b", 4, 4, 16).bubble_fraction == pytest.approx(3 / 67)
+    assert pipeline_layout("dualpipev", 8, 2, 32).bubble_over_ideal == 7 / 96
+    assert pipeline_layout("interleaved_zb", 8, 2, 32).bubble_over_ideal == pytest.approx(7 / 192)
+    assert (
+        pipeline_layout("interleaved_1f1b", 4, 2, 2).in_flight(0) == 2
+    )  # never more than there are
     with pytest.raises(ValueError, match="unknown schedule 'pipedream'; choose one of gpipe, 1f1b"):
-        bubble_fraction("pipedream", 4, 8)
+        pipeline_layout("pipedream", 4, 1, 8)

@@ -2,10 +2,10 @@
 validation, the pipeline builder, the planner, the benchmark and the timeline.
 
 An entry says how the schedule is built (a torch.distributed.pipelining class, or a tridist-made
-action order that torch's runtime runs: parallel/zero_bubble.py), where its
+action order that torch's runtime runs: parallel/pipeline/orders.py), where its
 stages sit (one per rank, looped s mod pp, or a V), how many stages a rank holds, which
 microbatch counts it accepts, its bubble and the microbatches a rank holds at its peak.
-Adding a schedule is one entry here plus its row in tests/parallel/test_schedules.py.
+Adding a schedule is one entry here plus its row in tests/parallel/pipeline/test_registry.py.
 
 Cost model of the bubbles and in-flight counts: per pipeline rank and microbatch the forward
 costs F, the input gradient B_input = F and the weight gradient W = F (full backward B = 2F);
@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from parallel.plan.replay import StageCosts
-from parallel.zero_bubble import zb_1p_order, zb_2p_order, zb_h1_order, zb_h2_order, zbv_order
+from parallel.pipeline.costs import StageCosts
+from parallel.pipeline.orders import zb_1p_order, zb_2p_order, zb_h1_order, zb_h2_order, zbv_order
 
 Placement = Literal["one", "looped", "v"]
 # (pp, n_stages, microbatches, per-stage costs or None) -> per pipeline rank, its torch _Actions
@@ -41,7 +41,7 @@ class ScheduleProblem:
     fix: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ScheduleSpec:
     """Everything tridist knows about one pipeline schedule."""
 
@@ -120,13 +120,13 @@ def _tridist_zero_bubble(
     """A one-stage-per-rank zero-bubble order made by tridist: the floor bubble (p-1) F, and
     no compiled stages (the I/W split needs a block backward of many autograd nodes)."""
     return ScheduleSpec(
-        name,
-        None,
-        "one",
-        1,
-        lambda p, v: p - 1,
-        in_flight,
-        _one_microbatch_per_stage,
+        name=name,
+        torch_class=None,
+        placement="one",
+        stages_per_rank=1,
+        bubble_time=lambda p, v: p - 1,
+        in_flight=in_flight,
+        microbatch_check=_one_microbatch_per_stage,
         order=order,
         searched=searched,
         compiled_stages=False,
@@ -135,61 +135,68 @@ def _tridist_zero_bubble(
 
 _SPECS = (
     # GPipe: (p-1)(F+B) = 3(p-1); every forward before any backward holds all m
-    ScheduleSpec("gpipe", "GPipe", "one", 1, lambda p, v: 3 * (p - 1), lambda p, r, m, v: m),
+    ScheduleSpec(
+        name="gpipe",
+        torch_class="GPipe",
+        placement="one",
+        stages_per_rank=1,
+        bubble_time=lambda p, v: 3 * (p - 1),
+        in_flight=lambda p, r, m, v: m,
+    ),
     # PipeDream-Flush: GPipe's bubble; r's warm-up forwards plus one, p - r
     ScheduleSpec(
-        "1f1b",
-        "1F1B",
-        "one",
-        1,
-        lambda p, v: 3 * (p - 1),
-        lambda p, r, m, v: p - r,
-        _one_microbatch_per_stage,
+        name="1f1b",
+        torch_class="1F1B",
+        placement="one",
+        stages_per_rank=1,
+        bubble_time=lambda p, v: 3 * (p - 1),
+        in_flight=lambda p, r, m, v: p - r,
+        microbatch_check=_one_microbatch_per_stage,
     ),
     # Megatron interleaving: the same bubble per chunk, 3(p-1)/v
     ScheduleSpec(
-        "interleaved_1f1b",
-        "Interleaved1F1B",
-        "looped",
-        "virtual_stages",
-        lambda p, v: 3 * (p - 1) / v,
-        _megatron_warm_up,
-        _microbatches_in_rounds_of_pp,
+        name="interleaved_1f1b",
+        torch_class="Interleaved1F1B",
+        placement="looped",
+        stages_per_rank="virtual_stages",
+        bubble_time=lambda p, v: 3 * (p - 1) / v,
+        in_flight=_megatron_warm_up,
+        microbatch_check=_microbatches_in_rounds_of_pp,
     ),
     # breadth-first: 3(p-1)/v, and like GPipe all m in flight
     ScheduleSpec(
-        "looped_bfs",
-        "LoopedBFS",
-        "looped",
-        "virtual_stages",
-        lambda p, v: 3 * (p - 1) / v,
-        lambda p, r, m, v: m,
+        name="looped_bfs",
+        torch_class="LoopedBFS",
+        placement="looped",
+        stages_per_rank="virtual_stages",
+        bubble_time=lambda p, v: 3 * (p - 1) / v,
+        in_flight=lambda p, r, m, v: m,
     ),
     # ZB-H1: (p-1)(F+B_input-W) per chunk = (p-1)/v; torch's order holds p microbatches on
     # every rank (pv chunk-microbatches between F and W, at any v and m; measured alike),
     # 1F1B's first-stage peak
     ScheduleSpec(
-        "interleaved_zb",
-        "InterleavedZeroBubble",
-        "looped",
-        "virtual_stages",
-        lambda p, v: (p - 1) / v,
-        lambda p, r, m, v: p,
-        _microbatches_in_rounds_of_pp,
+        name="interleaved_zb",
+        torch_class="InterleavedZeroBubble",
+        placement="looped",
+        stages_per_rank="virtual_stages",
+        bubble_time=lambda p, v: (p - 1) / v,
+        in_flight=lambda p, r, m, v: p,
+        microbatch_check=_microbatches_in_rounds_of_pp,
         compiled_stages=False,
     ),
     # ZB-V: its paper's ~0 needs optimizer post-validation (steps overlapping); within one
     # synchronous step the middle rank waits (p-1) chunks of F/2 for its first input, which
-    # tridist's ZB-V order (parallel/zero_bubble.py, searched at the run's costs) reaches at
+    # tridist's ZB-V order (parallel/pipeline/orders.py, searched at the run's costs) reaches at
     # F = I = W when m >= 2p: (p-1)/2. 2p chunk-microbatches = p microbatches on every rank,
     # 1F1B's first-stage peak
     ScheduleSpec(
-        "zbv",
-        None,
-        "v",
-        2,
-        lambda p, v: (p - 1) / 2,
-        lambda p, r, m, v: p,
+        name="zbv",
+        torch_class=None,
+        placement="v",
+        stages_per_rank=2,
+        bubble_time=lambda p, v: (p - 1) / 2,
+        in_flight=lambda p, r, m, v: p,
         order=zbv_order,
         searched=True,
         compiled_stages=False,
@@ -197,27 +204,27 @@ _SPECS = (
     # torch's ScheduleZBVZeroBubble order, kept to compare: the same floor at F = I = W when
     # m >= 2p (above it at smaller m), p on every rank
     ScheduleSpec(
-        "zbv_torch",
-        "ZBVZeroBubble",
-        "v",
-        2,
-        lambda p, v: (p - 1) / 2,
-        lambda p, r, m, v: p,
+        name="zbv_torch",
+        torch_class="ZBVZeroBubble",
+        placement="v",
+        stages_per_rank=2,
+        bubble_time=lambda p, v: (p - 1) / 2,
+        in_flight=lambda p, r, m, v: p,
         compiled_stages=False,
     ),
     # DualPipe's (p-1)(F&B+B-3W) per chunk with v=2 and no F&B overlap = p-1; its
     # activation column, p + 1
     ScheduleSpec(
-        "dualpipev",
-        "DualPipeV",
-        "v",
-        2,
-        lambda p, v: p - 1,
-        lambda p, r, m, v: p + 1,
-        _one_microbatch_per_stage,
+        name="dualpipev",
+        torch_class="DualPipeV",
+        placement="v",
+        stages_per_rank=2,
+        bubble_time=lambda p, v: p - 1,
+        in_flight=lambda p, r, m, v: p + 1,
+        microbatch_check=_one_microbatch_per_stage,
         compiled_stages=False,
     ),
-    # tridist's zero-bubble orders, one stage per rank (parallel/zero_bubble.py). In a
+    # tridist's zero-bubble orders, one stage per rank (parallel/pipeline/orders.py). In a
     # synchronous step the last rank waits (p-1) F for its first input whatever the order: ZB-H1
     # reaches that floor, (p-1)(F+I-W), at F = I = W; ZB-H2's paper zero needs post-validation
     # ZB-H1: p in flight on every rank (W r microbatches late on rank r), 1F1B's peak
@@ -240,49 +247,72 @@ def schedule_spec(schedule: str) -> ScheduleSpec:
     return SCHEDULE_SPECS[schedule]
 
 
-def stages_per_rank(schedule: str, virtual_stages: int) -> int:
-    """Stages one pipeline rank holds: 1 (gpipe, 1f1b), 2 (V shapes) or virtual_stages."""
-    return schedule_spec(schedule).stages_on_each_rank(virtual_stages)
+@dataclass(frozen=True)
+class PipelineLayout:
+    """A schedule resolved once on a layout: its registry entry, pp ranks, the virtual stages and
+    microbatches. Everything downstream (builder, planner, benchmarks, timeline) reads this."""
+
+    spec: ScheduleSpec
+    pp: int
+    virtual_stages: int = 1
+    microbatches: int = 1
+
+    @property
+    def stages_per_rank(self) -> int:
+        """Stages one pipeline rank holds: 1 (gpipe, 1f1b), 2 (V shapes) or virtual_stages."""
+        return self.spec.stages_on_each_rank(self.virtual_stages)
+
+    @property
+    def n_stages(self) -> int:
+        """Total pipeline stages: pp times the stages per rank (one stage without pipelining)."""
+        return 1 if self.pp == 1 else self.pp * self.stages_per_rank
+
+    @property
+    def v_shape(self) -> bool:
+        """True for the V placement (rank r holds stages r and 2pp-1-r)."""
+        return self.spec.placement == "v"
+
+    def stage_ids(self, pp_rank: int) -> list[int]:
+        """The stages pipeline rank `pp_rank` runs: looped (s mod pp) or V-shaped (r, 2pp-1-r)."""
+        if self.v_shape:
+            return [pp_rank, 2 * self.pp - 1 - pp_rank]
+        return [pp_rank + k * self.pp for k in range(self.stages_per_rank)]
+
+    def rank_of_stage(self, stage: int) -> int:
+        """The pipeline rank that runs `stage`."""
+        return next(r for r in range(self.pp) if stage in self.stage_ids(r))
+
+    @property
+    def bubble_time(self) -> float:
+        """Idle time on a rank per step, in units of one rank's forward of one microbatch."""
+        return 0.0 if self.pp == 1 else float(self.spec.bubble_time(self.pp, self.virtual_stages))
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Bubble / step time: t / (3m + t), the rank computing 3m (F + B_input + W per
+        microbatch)."""
+        return self.bubble_time / (3 * self.microbatches + self.bubble_time)
+
+    @property
+    def bubble_over_ideal(self) -> float:
+        """Bubble / ideal (bubble-free) time, the form papers quote: (p-1)/m for GPipe."""
+        return self.bubble_time / (3 * self.microbatches)
+
+    def in_flight(self, pp_rank: int) -> float:
+        """Microbatches whose activations pipeline rank `pp_rank` holds at its peak, in units of
+        one microbatch through all of the rank's layers (never more than there are)."""
+        if self.pp == 1:
+            return 1.0
+        held = self.spec.in_flight(self.pp, pp_rank, self.microbatches, self.virtual_stages)
+        return min(float(held), float(self.microbatches))
+
+    def problem(self) -> ScheduleProblem | None:
+        """The first reason this layout cannot run its schedule, or None."""
+        return self.spec.problem(self.pp, self.virtual_stages, self.microbatches)
 
 
-def n_pipeline_stages(pp: int, virtual_stages: int, schedule: str) -> int:
-    """Total pipeline stages: pp times the stages per rank (one stage without pipelining)."""
-    return 1 if pp == 1 else pp * stages_per_rank(schedule, virtual_stages)
-
-
-def stage_ids_for_rank(pp_rank: int, pp: int, virtual_stages: int, schedule: str) -> list[int]:
-    """The stages pipeline rank `pp_rank` runs: looped (s mod pp) or V-shaped (r and 2pp-1-r)."""
-    spec = schedule_spec(schedule)
-    if spec.placement == "v":
-        return [pp_rank, 2 * pp - 1 - pp_rank]
-    return [pp_rank + k * pp for k in range(spec.stages_on_each_rank(virtual_stages))]
-
-
-def bubble_time(schedule: str, pp: int, virtual_stages: int) -> float:
-    """Idle time on a rank per step, in units of one rank's forward of one microbatch."""
-    spec = schedule_spec(schedule)
-    return 0.0 if pp == 1 else float(spec.bubble_time(pp, virtual_stages))
-
-
-def bubble_fraction(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> float:
-    """Bubble / step time: t / (3m + t), the rank computing 3m (F + B_input + W per microbatch)."""
-    t = bubble_time(schedule, pp, virtual_stages)
-    return t / (3 * microbatches + t)
-
-
-def bubble_over_ideal(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> float:
-    """Bubble / ideal (bubble-free) time, the form papers quote: (p-1)/m for GPipe."""
-    return bubble_time(schedule, pp, virtual_stages) / (3 * microbatches)
-
-
-def microbatches_in_flight(
-    schedule: str, pp: int, pp_rank: int, microbatches: int, virtual_stages: int
-) -> float:
-    """Microbatches whose activations a pipeline rank holds at its peak, in units of one
-    microbatch through all of the rank's layers (never more than there are)."""
-    spec = schedule_spec(schedule)
-    if pp == 1:
-        return 1.0
-    return min(
-        float(spec.in_flight(pp, pp_rank, microbatches, virtual_stages)), float(microbatches)
-    )
+def pipeline_layout(
+    schedule: str, pp: int, virtual_stages: int = 1, microbatches: int = 1
+) -> PipelineLayout:
+    """Resolve the schedule named `schedule` on a layout (the one name lookup of a run)."""
+    return PipelineLayout(schedule_spec(schedule), pp, virtual_stages, microbatches)

@@ -8,10 +8,9 @@ import pytest
 
 from launcher.config import ConfigError
 from launcher.run.compose import compose_config
-from parallel.list_schedule import Order, peak_in_flight, step_time
-from parallel.plan.replay import StageCosts
-from parallel.plan.simulate import schedule_ops
-from parallel.zero_bubble import (
+from parallel.pipeline.costs import StageCosts
+from parallel.pipeline.list_schedule import Order, peak_in_flight, step_time
+from parallel.pipeline.orders import (
     h1_shaped,
     zb_1p_order,
     zb_2p_order,
@@ -19,6 +18,8 @@ from parallel.zero_bubble import (
     zb_h2_order,
     zbv_order,
 )
+from parallel.pipeline.registry import pipeline_layout
+from parallel.pipeline.simulate import schedule_ops
 
 ORDERS = {"zb_h1": zb_h1_order, "zb_h2": zb_h2_order, "zb_1p": zb_1p_order, "zb_2p": zb_2p_order}
 LIMITS = {"zb_h1": 1.0, "zb_h2": 2.0, "zb_1p": 1.0, "zb_2p": 2.0}  # x p, 2p-1 for zb_h2
@@ -68,7 +69,7 @@ def test_searched_orders_beat_zb_h1_when_weight_gradients_are_cheap() -> None:
 
 
 def _torch_zbv(p: int, m: int) -> Order:
-    ops = schedule_ops("zbv_torch", p, m, 2)
+    ops = schedule_ops(pipeline_layout("zbv_torch", p, 2, m))
     return {r: [a for (a,) in ops[r]] for r in range(p)}
 
 
@@ -145,8 +146,8 @@ def test_stage_costs_are_validated() -> None:
 
 
 def test_measured_costs_are_each_stages_median() -> None:
-    from parallel.cost_tuning import SHORTEST_S, costs_from_events
-    from parallel.timeline import Event
+    from parallel.pipeline.timeline import Event
+    from parallel.pipeline.tuning import SHORTEST_S, costs_from_events
 
     def event(kind: str, stage: int, ms: float) -> Event:
         return Event(stage, stage, kind, stage, 0, 0.0, ms / 1000)

@@ -1,6 +1,6 @@
 """Play a per-rank action order forward at given per-stage costs: when every action starts and
 ends, each waiting for the ones it depends on plus one p2p transfer when those ran on another
-rank. The schedule replay (simulate.py) and the zero-bubble order search (parallel/zero_bubble.py)
+rank. The schedule replay (simulate.py) and the zero-bubble order search (parallel/pipeline/orders.py)
 both read it. Written by hand: torch lists orders but does not replay them at costs.
 """
 

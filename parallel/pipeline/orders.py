@@ -2,18 +2,18 @@
 2024): one stage per rank the handcrafted ZB-H1 and ZB-H2 and the searched ZB-1p and ZB-2p, and
 ZB-V on the V placement, as per-rank lists of torch _Actions (F, I = input gradient, W = weight
 gradient) that torch's `_PipelineScheduleRuntime` runs, adding the sends and receives
-(parallel/pipeline.py).
+(parallel/pipeline/runtime.py).
 
 Written by hand: torch 2.13 has no one-stage-per-rank zero-bubble order and searches none from
 costs. A microbatch counts against a rank's memory from its F to its W (torch frees the last of
 its saved tensors there).
 - zb_h1: the paper's pattern: rank r runs 1F1B's p-1-r warm-up forwards, then F, I and, r
   microbatches late, W: every rank holds p microbatches, 1F1B's first-stage peak.
-- zb_h2: 2p-1 in flight, ordered by the list scheduler (parallel/list_schedule.py) at the
+- zb_h2: 2p-1 in flight, ordered by the list scheduler (parallel/pipeline/list_schedule.py) at the
   paper's costs F = I = W.
 - zb_1p / zb_2p: searched at the run's costs under p / 2p: every ZB-H1-shaped order (more
   warm-up forwards, later weight gradients) and the list scheduler at every memory limit are
-  replayed (parallel/plan/replay.py) and the shortest wins, so they never lose to zb_h1 / zb_h2.
+  replayed (parallel/pipeline/costs.py) and the shortest wins, so they never lose to zb_h1 / zb_h2.
 - zbv: ZB-V's heuristic, the list scheduler on the V under the paper's 2p chunk-microbatches
   (1F1B's first-stage peak, p whole microbatches), at F = I = W: the shortest of its variants
   (I or F first when both can start; a pending W whenever the rank would idle, or only when it
@@ -43,8 +43,14 @@ from torch.distributed.pipelining.schedules import (
     _Action,
 )
 
-from parallel.list_schedule import VARIANTS, Order, list_schedule, peak_in_flight, step_time
-from parallel.plan.replay import StageCosts
+from parallel.pipeline.costs import StageCosts
+from parallel.pipeline.list_schedule import (
+    VARIANTS,
+    Order,
+    list_schedule,
+    peak_in_flight,
+    step_time,
+)
 
 TIE_BREAK_P2P = 0.02  # of a mean stage forward: the transfer time ties are broken at
 
