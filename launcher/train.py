@@ -113,7 +113,11 @@ def _exit_run_error(kind: str, err: Exception) -> NoReturn:
 
 def main() -> None:
     """Entry point: check group names, keep non-zero ranks from writing Hydra's files, run."""
-    from hydra_plugins.tridist_launcher.mesh_slurm_launcher import register_mesh_launcher
+    # launcher -> hydra_plugins, never back (the plugin is a leaf: see its docstring)
+    from hydra_plugins.tridist_launcher.mesh_slurm_launcher import (
+        QUIET_RANK_OVERRIDES,
+        register_mesh_launcher,
+    )
 
     try:
         check_group_choices(sys.argv[1:])
@@ -121,11 +125,7 @@ def main() -> None:
     except ConfigError as err:
         exit_config_error(err)
     if int(os.environ.get("RANK", "0")) != 0:
-        sys.argv += [
-            "hydra.output_subdir=null",
-            "hydra/job_logging=disabled",
-            "hydra/hydra_logging=disabled",
-        ]
+        sys.argv += QUIET_RANK_OVERRIDES
     if {"-m", "--multirun"} & set(sys.argv[1:]):
         register_mesh_launcher()  # hydra/launcher=submitit_slurm: each job sized to its mesh
         if not any(a.startswith("hydra/callbacks=") for a in sys.argv):

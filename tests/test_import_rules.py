@@ -116,3 +116,48 @@ def test_no_import_cycles() -> None:
     for m in sorted(graph):
         if m not in state:
             visit(m)
+
+
+# What each part of parallel/ may import of parallel/: the flat building blocks (mesh, TP, CP,
+# DP, init, loss, ...) import none of the parts above them; pipeline/ only the blocks; the
+# composition (parallelize.py) both; the cost model (plan/) and checkpoint I/O build on them.
+# A new sub-package adds its row (the test refuses one it does not know).
+PARALLEL_PARTS = {
+    "parallel": set(),
+    "parallel.pipeline": {"parallel"},
+    "parallel.parallelize": {"parallel", "parallel.pipeline"},
+    "parallel.plan": {"parallel", "parallel.pipeline"},
+    "parallel.checkpoint": {"parallel", "parallel.parallelize"},
+}
+
+
+def _part(module: str) -> str:
+    """The part of parallel/ a module belongs to: its sub-package, parallelize, or the blocks."""
+    parts = module.split(".")
+    if len(parts) > 2 or (len(parts) == 2 and (REPO / "parallel" / parts[1]).is_dir()):
+        return ".".join(parts[:2])
+    return "parallel.parallelize" if module == "parallel.parallelize" else "parallel"
+
+
+def test_no_import_runs_back_up_inside_parallel() -> None:
+    bad = []
+    for module, deps in _all_imports().items():
+        if not _under(module, ("parallel",)):
+            continue
+        part = _part(module)
+        assert part in PARALLEL_PARTS, f"{part}: give it a row in PARALLEL_PARTS"
+        for dep in deps:
+            if dep != "parallel" and _under(dep, ("parallel",)) and _part(dep) != part:
+                if _part(dep) not in PARALLEL_PARTS[part]:
+                    bad.append((module, dep))
+    assert not bad, bad
+
+
+def test_no_loop_between_top_level_packages() -> None:
+    edges: dict[str, set[str]] = {pkg: set() for pkg in PACKAGES}
+    for module, deps in _all_imports().items():
+        edges[module.split(".")[0]] |= {d.split(".")[0] for d in deps} - {module.split(".")[0]}
+    # the order data flows in: each package imports only those before it
+    order = ("models", "data", "parallel", "hydra_plugins", "launcher")
+    bad = [(a, b) for a, bs in edges.items() for b in bs if order.index(b) > order.index(a)]
+    assert not bad, bad

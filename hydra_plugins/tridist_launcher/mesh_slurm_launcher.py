@@ -9,6 +9,10 @@ plugin's (hydra_plugins/hydra_submitit_launcher/config.py). Inside the job each 
 one rank (launcher/slurm.py, export_rank_env_from_slurm); submitit and torchrun never wrap
 each other. The class lives under hydra_plugins/ because Hydra instantiates launchers only
 from there; `register_mesh_launcher` (called by launcher/train.py's main) gives it the name.
+
+The dependency points launcher -> hydra_plugins, never back: registering the name must follow
+Hydra's plugin scan (which re-runs hydra-submitit-launcher's own registration of it), and only
+the entry point can order that; so this module imports nothing of tridist and is a leaf.
 """
 
 # no `from __future__ import annotations`: Hydra's plugin scan runs this module before it is in
@@ -25,9 +29,8 @@ from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 
-from launcher.config import ConfigError
-
-# what a non-zero rank adds to its job's overrides: rank 0 alone writes Hydra's files and log
+# what a non-zero rank adds to its overrides (a torchrun rank, launcher/train.py, or a Slurm task
+# of a sweep job here): rank 0 alone writes Hydra's files and log
 QUIET_RANK_OVERRIDES = [
     "hydra.output_subdir=null",
     "hydra/job_logging=disabled",
@@ -36,16 +39,15 @@ QUIET_RANK_OVERRIDES = [
 
 
 def job_allocation(dp: int, pp: int, tp: int, ranks_per_node: int, cp: int = 1) -> tuple[int, int]:
-    """(nodes, tasks per node) for a dp*pp*cp*tp mesh; a job smaller than a node uses part of one."""
+    """(nodes, tasks per node) for a dp*pp*cp*tp mesh; a job smaller than a node uses part of one.
+    ValueError, worded as launcher/config.py's ConfigError, when the ranks do not fill nodes."""
     world = dp * pp * cp * tp
     if world <= ranks_per_node:
         return 1, world
     if world % ranks_per_node:
-        raise ConfigError(
-            "parallel.dp",
-            dp,
-            f"dp*pp*cp*tp = {world} ranks do not fill whole nodes of "
-            f"hydra.launcher.tasks_per_node={ranks_per_node}; use a multiple of it",
+        raise ValueError(
+            f"config error: parallel.dp={dp}: dp*pp*cp*tp = {world} ranks do not fill whole "
+            f"nodes of hydra.launcher.tasks_per_node={ranks_per_node}; use a multiple of it"
         )
     return world // ranks_per_node, ranks_per_node
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from hydra_plugins.tridist_launcher.mesh_slurm_launcher import job_allocation
-from launcher.config import ConfigError
 from launcher.sweep_summary import summarize_sweep
 from tests.slurm.cluster import SlurmCluster
 from tests.slurm.conftest import REPO
@@ -25,7 +24,7 @@ def test_each_job_gets_the_nodes_its_mesh_needs() -> None:
     assert job_allocation(dp=1, pp=1, tp=1, ranks_per_node=8) == (1, 1)  # part of one node
     assert job_allocation(dp=2, pp=2, tp=2, ranks_per_node=8) == (1, 8)
     assert job_allocation(dp=4, pp=2, tp=2, ranks_per_node=8) == (2, 8)
-    with pytest.raises(ConfigError, match="tasks_per_node=8"):
+    with pytest.raises(ValueError, match="config error: parallel.dp=3: .*tasks_per_node=8"):
         job_allocation(dp=3, pp=2, tp=2, ranks_per_node=8)  # 12 ranks: not whole nodes
 
 
