@@ -8,8 +8,7 @@ tests/launcher/test_plan.py.
 
 from __future__ import annotations
 
-from models.llama import ModelArgs
-from parallel.plan.layout import Cluster
+from parallel.plan.layout import Cluster, RankContext
 from parallel.plan.memory import ACTIVATION_BYTES, GRAD_BYTES, WEIGHT_BYTES
 
 # without SP: forward all-reduces after wo and w2; backward all-reduces of the input gradients
@@ -43,74 +42,50 @@ def tp_collectives(*, sequence_parallel: bool, layers: int, ends: int, recompute
     return layers * per_block + ends * END_COLLECTIVES[sequence_parallel]
 
 
-def tp_bytes(
-    args: ModelArgs,
-    *,
-    tp: int,
-    sequence_parallel: bool,
-    layers: int,
-    ends: int,
-    tokens: int,
-    microbatches: int,
-    recompute: str,
-) -> float:
-    """TP traffic of one GPU per step: `layers` blocks and `ends` (embedding, head) over all
-    microbatches of `tokens` tokens each; recompute repeats the blocks' forward collectives."""
+def tp_bytes(rank: RankContext) -> float:
+    """TP traffic of one GPU per step: its blocks and ends (embedding, head) over all
+    microbatches; recompute repeats the blocks' forward collectives."""
+    tp, sp = rank.tp, rank.sequence_parallel
     if tp == 1:
         return 0.0
-    hidden = tokens * args.dim * ACTIVATION_BYTES  # one full activation of a microbatch
-    factor = gather_factor(tp) if sequence_parallel else all_reduce_factor(tp)
+    hidden = rank.tokens * rank.args.dim * ACTIVATION_BYTES  # one full activation of a microbatch
+    factor = gather_factor(tp) if sp else all_reduce_factor(tp)
     ops = tp_collectives(
-        sequence_parallel=sequence_parallel, layers=layers, ends=ends, recompute=recompute
+        sequence_parallel=sp, layers=rank.layers, ends=rank.ends, recompute=rank.recompute
     )
-    return microbatches * hidden * factor * ops
+    return rank.microbatches * hidden * factor * ops
 
 
-def pp_bytes(
-    args: ModelArgs,
-    *,
-    tp: int,
-    sequence_parallel: bool,
-    stage_ids: list[int],
-    n_stages: int,
-    tokens: int,
-    microbatches: int,
-) -> float:
+def pp_bytes(rank: RankContext) -> float:
     """PP traffic of one GPU per step: each chunk sends its output forward and the gradient of
     its input backward, once per microbatch (a sequence shard under SP)."""
-    hidden = tokens * args.dim * ACTIVATION_BYTES / (tp if sequence_parallel else 1)
-    sends = sum((sid != n_stages - 1) + (sid != 0) for sid in stage_ids)
-    return microbatches * sends * hidden
+    if not rank.pipelined:
+        return 0.0
+    shard = rank.tp if rank.sequence_parallel else 1
+    hidden = rank.tokens * rank.args.dim * ACTIVATION_BYTES / shard
+    last = rank.n_stages - 1
+    sends = sum((sid != last) + (sid != 0) for sid in rank.stage_ids)
+    return rank.microbatches * sends * hidden
 
 
-def cp_bytes(
-    args: ModelArgs,
-    *,
-    tp: int,
-    cp: int,
-    comm: str,
-    layers: int,
-    tokens: int,
-    microbatches: int,
-    recompute: str,
-    dtype_bytes: int = ACTIVATION_BYTES,
-) -> float:
-    """CP traffic one GPU sends per step: per block and microbatch of `tokens` local tokens,
+def cp_bytes(rank: RankContext, dtype_bytes: int = ACTIVATION_BYTES) -> float:
+    """CP traffic one GPU sends per step: per block and microbatch of its local tokens,
     its K/V block (this TP rank's K/V heads, un-repeated: GQA keeps it small) reaches the other
     cp-1 ranks. all_gather: an all-gather in forward, a reduce-scatter of its gradient in
     backward. ring: cp-1 sends of the block forward, cp-1 again in backward plus cp sends of
     its fp32 gradient, which follows it around the ring. Recompute repeats the forward."""
+    cp, args = rank.cp, rank.args
     if cp == 1:
         return 0.0
-    elements = 2 * args.kv_heads / tp * args.head_dim * tokens
+    elements = 2 * args.kv_heads / rank.tp * args.head_dim * rank.tokens
     block = elements * dtype_bytes
     forward = (cp - 1) * block
-    if comm == "all_gather":
+    if rank.cp_comm == "all_gather":
         backward = (cp - 1) * block
     else:
         backward = (cp - 1) * block + cp * elements * GRAD_BYTES
-    per_block = forward * (1 + (recompute != "none")) + backward
-    return microbatches * layers * per_block
+    per_block = forward * (1 + (rank.recompute != "none")) + backward
+    return rank.microbatches * rank.layers * per_block
 
 
 def hsdp_bytes(

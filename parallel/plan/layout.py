@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from models.llama import ModelArgs
 from parallel.pipeline.registry import PipelineLayout, pipeline_layout
 
 
@@ -51,3 +52,36 @@ class Cluster:
     intra_node_gbps: float  # GB/s per GPU inside a node (NVLink)
     inter_node_gbps: float  # GB/s per GPU across nodes
     peak_tflops: float  # dense bf16 TFLOP/s per GPU
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankContext:
+    """One pipeline rank of a layout as the memory and traffic formulas read it (any one of its
+    tp x cp x dp GPUs): the model, how the GPU's share is cut, and the stages it runs."""
+
+    args: ModelArgs
+    tokens: int  # one GPU's tokens of one microbatch (a 1/cp slice of its sequences)
+    microbatches: int = 1
+    layers: int = 0  # transformer blocks the rank holds
+    stage_ids: tuple[int, ...] = (0,)
+    n_stages: int = 1
+    tp: int = 1
+    sequence_parallel: bool = False
+    cp: int = 1
+    cp_comm: str = "all_gather"
+    recompute: str = "none"  # activation checkpointing: none | selective | full
+
+    @property
+    def pipelined(self) -> bool:
+        """True under pipeline parallelism (stages exchange activations)."""
+        return self.n_stages > 1
+
+    @property
+    def last_stage(self) -> bool:
+        """True if the rank computes the head and the loss."""
+        return self.n_stages - 1 in self.stage_ids
+
+    @property
+    def ends(self) -> int:
+        """How many of the embedding and the head the rank holds (0, 1 or 2)."""
+        return (0 in self.stage_ids) + self.last_stage

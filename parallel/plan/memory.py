@@ -28,6 +28,7 @@ Assumptions (mixed precision as in ZeRO and Megatron, bf16 compute on GPUs):
 from __future__ import annotations
 
 from models.llama import ModelArgs
+from parallel.plan.layout import RankContext
 
 WEIGHT_BYTES = 2
 GRAD_BYTES = 4
@@ -104,31 +105,19 @@ def head_activation_bytes(
 
 
 def activation_bytes(
-    args: ModelArgs,
-    *,
-    layers: int,
-    last_stage: bool,
-    tokens: int,
-    in_flight: float,
-    tp: int,
-    sequence_parallel: bool,
-    recompute: str,
-    pipelined: bool,
-    dtype_bytes: int = ACTIVATION_BYTES,
-    cp: int = 1,
-    cp_comm: str = "all_gather",
+    rank: RankContext, in_flight: float, dtype_bytes: int = ACTIVATION_BYTES
 ) -> float:
-    """Peak activation bytes of one pipeline rank: `in_flight` microbatches of `tokens` tokens
-    (this GPU's: a 1/cp slice of each sequence) through its `layers` blocks (and the head if it
-    has the last stage), plus the block being recomputed in backward."""
-    per_block = block_activation_elements(args, tp, sequence_parallel, recompute)
-    per_block += cp_kv_buffer_elements(args, tp, cp, cp_comm, recompute)
-    per_token = dtype_bytes * layers * per_block
-    if last_stage:
-        per_token += head_activation_bytes(args, tp, sequence_parallel, pipelined, dtype_bytes)
-    return tokens * in_flight * per_token + rebuilt_block_bytes(
-        args, tokens, tp, sequence_parallel, recompute, dtype_bytes
-    ) * (layers > 0)
+    """Peak activation bytes of one pipeline rank: `in_flight` microbatches of its tokens
+    (this GPU's: a 1/cp slice of each sequence) through its blocks (and the head if it has the
+    last stage), plus the block being recomputed in backward."""
+    args, tp, sp, rc = rank.args, rank.tp, rank.sequence_parallel, rank.recompute
+    per_block = block_activation_elements(args, tp, sp, rc)
+    per_block += cp_kv_buffer_elements(args, tp, rank.cp, rank.cp_comm, rc)
+    per_token = dtype_bytes * rank.layers * per_block
+    if rank.last_stage:
+        per_token += head_activation_bytes(args, tp, sp, rank.pipelined, dtype_bytes)
+    rebuilt = rebuilt_block_bytes(args, rank.tokens, tp, sp, rc, dtype_bytes)
+    return rank.tokens * in_flight * per_token + rebuilt * (rank.layers > 0)
 
 
 def rebuilt_block_bytes(

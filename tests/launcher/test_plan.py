@@ -130,23 +130,14 @@ def test_microbatches_in_flight_and_tp_collectives_match_the_real_run(
 def test_tensor_parallel_activation_estimate_matches_the_real_run(
     real: list[dict[str, object]],
 ) -> None:
+    from parallel.plan.layout import RankContext
     from parallel.plan.memory import activation_bytes
 
     cfg = compose_config(REAL)
     for rank in (0, 1):  # pp rank 0: the embedding and 4 blocks, sharded over tp=2
         measured = real[rank]["forward_bytes"]
-        estimate_ = activation_bytes(
-            cfg.model,
-            layers=4,
-            last_stage=False,
-            tokens=2 * 32,
-            in_flight=1,
-            tp=2,
-            sequence_parallel=False,
-            recompute="none",
-            pipelined=True,
-            dtype_bytes=4,
-        )
+        first = RankContext(args=cfg.model, layers=4, tokens=2 * 32, n_stages=2, tp=2)
+        estimate_ = activation_bytes(first, in_flight=1, dtype_bytes=4)
         assert abs(estimate_ - measured) <= 0.2 * measured, (rank, estimate_, measured)
 
 

@@ -18,6 +18,7 @@ from parallel.context_parallel import (
     shard_sequence,
 )
 from parallel.plan.comm import cp_bytes
+from parallel.plan.layout import RankContext
 from parallel.plan.memory import block_activation_elements, cp_kv_buffer_elements
 from parallel.ring_attention import RingCausalCore, ring_backward, ring_forward
 from tests.helpers.spawn import run_on_mesh
@@ -166,17 +167,8 @@ def test_planner_cp_traffic_and_memory_match_the_real_attention(
     for rank, results in enumerate(cp4):
         for comm in ("all_gather", "ring"):
             sent, counts, peak = results[f"traffic_{comm}"]
-            planned = cp_bytes(
-                LONG,
-                tp=1,
-                cp=cp,
-                comm=comm,
-                layers=LONG.n_layers,
-                tokens=tokens,
-                microbatches=1,
-                recompute="none",
-                dtype_bytes=4,  # fp32 here
-            )
+            whole = RankContext(args=LONG, layers=LONG.n_layers, tokens=tokens, cp=cp, cp_comm=comm)
+            planned = cp_bytes(whole, dtype_bytes=4)  # fp32 here
             assert sent == planned, (comm, rank, sent, planned)
             if comm == "all_gather":  # one all-gather forward, one reduce-scatter backward
                 assert sorted(counts.values()) == [LONG.n_layers] * 2, counts

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from torch.utils._pytree import tree_leaves
 from models.llama import ModelArgs, Transformer
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.loss import cross_entropy
+from parallel.plan.layout import RankContext
 from parallel.plan.memory import (
     GRAD_BYTES,
     OPTIMIZER_BYTES,
@@ -72,18 +74,8 @@ def test_activation_estimate_within_20_percent_of_cpu_measurement(recompute: str
     measured, loss = live_activation_bytes(
         lambda: cross_entropy(model(tokens), tokens), [*model.parameters(), cos, sin]
     )
-    estimate = activation_bytes(
-        DEBUG,
-        layers=DEBUG.n_layers,
-        last_stage=True,
-        tokens=batch * seq,
-        in_flight=1,
-        tp=1,
-        sequence_parallel=False,
-        recompute=recompute,
-        pipelined=False,
-        dtype_bytes=4,
-    )
+    whole = RankContext(args=DEBUG, layers=DEBUG.n_layers, tokens=batch * seq, recompute=recompute)
+    estimate = activation_bytes(whole, in_flight=1, dtype_bytes=4)
     # after forward, nothing is being rebuilt yet: that part is a backward-time peak
     held = estimate - rebuilt_block_bytes(DEBUG, batch * seq, 1, False, recompute, dtype_bytes=4)
     assert abs(held - measured) <= 0.2 * measured, (recompute, held, measured)
@@ -91,28 +83,23 @@ def test_activation_estimate_within_20_percent_of_cpu_measurement(recompute: str
 
 
 def test_recompute_orders_the_estimates() -> None:
-    kw = dict(
-        layers=8,
-        last_stage=False,
-        tokens=1024,
-        in_flight=4,
-        tp=1,
-        sequence_parallel=False,
-        pipelined=True,
-    )
+    # a first pipeline stage of two: 8 blocks, no head
+    rank = RankContext(args=DEBUG, layers=8, tokens=1024, stage_ids=(0,), n_stages=2)
     none, sel, full = (
-        activation_bytes(DEBUG, recompute=r, **kw) for r in ("none", "selective", "full")
+        activation_bytes(replace(rank, recompute=r), in_flight=4)
+        for r in ("none", "selective", "full")
     )
     assert full < sel < none
     with pytest.raises(ValueError, match="recompute"):
-        activation_bytes(DEBUG, recompute="some", **kw)
+        activation_bytes(replace(rank, recompute="some"), in_flight=4)
 
 
 def test_tensor_and_sequence_parallel_divide_activations() -> None:
-    kw = dict(layers=8, last_stage=True, tokens=1024, in_flight=1, recompute="none", pipelined=True)
-    one = activation_bytes(DEBUG, tp=1, sequence_parallel=False, **kw)
-    four = activation_bytes(DEBUG, tp=4, sequence_parallel=False, **kw)
-    four_sp = activation_bytes(DEBUG, tp=4, sequence_parallel=True, **kw)
+    # the last pipeline stage of two: 8 blocks and the head
+    rank = RankContext(args=DEBUG, layers=8, tokens=1024, stage_ids=(1,), n_stages=2)
+    one = activation_bytes(rank, in_flight=1)
+    four = activation_bytes(replace(rank, tp=4), in_flight=1)
+    four_sp = activation_bytes(replace(rank, tp=4, sequence_parallel=True), in_flight=1)
     assert one / 4 < four_sp < four < one
 
 
