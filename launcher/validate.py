@@ -16,7 +16,8 @@ from launcher.config import (
     ParallelConfig,
     TrainConfig,
 )
-from parallel.checkpoint.storage import is_url, location_problem
+from parallel.checkpoint.backends import location_problem
+from parallel.checkpoint.storage import is_url
 from parallel.context_parallel import CP_COMM
 from parallel.schedules import SCHEDULE_SPECS, SCHEDULES, n_pipeline_stages, schedule_spec
 

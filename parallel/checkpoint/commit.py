@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from parallel.checkpoint.backends import storage_for
 from parallel.checkpoint.format import (
     LATEST,
     MANIFEST,
@@ -20,7 +21,7 @@ from parallel.checkpoint.format import (
     complete_checkpoints,
     step_of,
 )
-from parallel.checkpoint.storage import Location, storage_for
+from parallel.checkpoint.storage import Location
 
 __all__ = ["UNTOUCHED", "clear_tmp", "discard", "write_and_commit"]
 

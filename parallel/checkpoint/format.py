@@ -32,8 +32,9 @@ from typing import Any
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from models.llama import ModelArgs
+from parallel.checkpoint.backends import storage_for
 from parallel.checkpoint.state import CheckpointError
-from parallel.checkpoint.storage import Location, as_location, storage_for
+from parallel.checkpoint.storage import Location, as_location
 
 FORMAT = "tridist-checkpoint-2"
 FORMAT_V1 = "tridist-checkpoint-1"  # top-level sampler/lr_scheduler, architecture in config.model

@@ -35,6 +35,7 @@ from typing import IO, Any, BinaryIO
 import torch
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+from safetensors.torch import _getdtype  # as torch's HuggingFaceStorageReader reads dtypes
 from torch.distributed.checkpoint import StorageReader
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint._hf_utils import (
@@ -56,11 +57,8 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.futures import Future
 
 from parallel.checkpoint.storage import TMP_NAME, Location, Storage
-from parallel.checkpoint.stream import DTYPES
 
 __all__ = ["FsspecStorage", "SafetensorsReader", "fsspec_storage"]
-
-_DTYPE_OF = {name: dtype for dtype, name in DTYPES.items()}
 
 
 class FsspecStorage(Storage):
@@ -183,7 +181,7 @@ class SafetensorsReader(FsspecReader):
             sharding = json.loads(extra.get(CUSTOM_METADATA_KEY) or "{}")
             for key, info in header.items():
                 shape = torch.Size(info["shape"])
-                dtype = _DTYPE_OF[info["dtype"]]
+                dtype = _getdtype(info["dtype"])
                 offsets = sharding.get(key, {}).get(SAVED_OFFSETS_KEY, [0] * len(shape))
                 end = torch.Size(o + s for o, s in zip(offsets, shape))
                 chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=shape)
@@ -212,7 +210,7 @@ class SafetensorsReader(FsspecReader):
                     info = header[item.storage_index.fqn]
                     start, end = info["data_offsets"]
                     f.seek(data_start + start)
-                    dtype = _DTYPE_OF[info["dtype"]]
+                    dtype = _getdtype(info["dtype"])
                     raw = bytearray(f.read(end - start))
                     flat = (
                         torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)

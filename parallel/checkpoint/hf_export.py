@@ -16,9 +16,10 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
 from models.hf_llama import INDEX, SINGLE_FILE, hf_config, hf_name, to_hf_tensor
+from parallel.checkpoint.backends import storage_for
 from parallel.checkpoint.format import file_problems, model_args_of, part_tensors, read_manifest
 from parallel.checkpoint.state import CheckpointError
-from parallel.checkpoint.storage import Location, as_location, storage_for
+from parallel.checkpoint.storage import Location, as_location
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # Hugging Face's default max_shard_size
 

@@ -16,6 +16,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
+from parallel.checkpoint.backends import storage_for
 from parallel.checkpoint.format import MANIFEST, file_problems, part_tensors, read_manifest
 from parallel.checkpoint.state import (
     CheckpointError,
@@ -28,7 +29,7 @@ from parallel.checkpoint.state import (
     restore_param_group_settings,
     set_rng_state,
 )
-from parallel.checkpoint.storage import Location, as_location, storage_for
+from parallel.checkpoint.storage import Location, as_location
 
 __all__ = ["load_checkpoint"]
 

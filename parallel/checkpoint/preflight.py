@@ -12,9 +12,10 @@ from typing import Any
 
 import torch.distributed as dist
 
+from parallel.checkpoint.backends import storage_for
 from parallel.checkpoint.format import TMP_PREFIX
 from parallel.checkpoint.state import ModelParts, model_state
-from parallel.checkpoint.storage import Location, as_location, storage_for
+from parallel.checkpoint.storage import Location, as_location
 
 __all__ = ["RootCheck", "check_root"]
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
 from models.llama import ModelArgs
+from parallel.checkpoint.backends import storage_for
 from parallel.checkpoint.commit import UNTOUCHED, clear_tmp, discard, write_and_commit
 from parallel.checkpoint.format import (
     FORMAT,
@@ -41,7 +42,7 @@ from parallel.checkpoint.state import (
     param_group_settings,
     rng_state,
 )
-from parallel.checkpoint.storage import Location, as_location, storage_for
+from parallel.checkpoint.storage import Location, as_location
 from parallel.checkpoint.stream import FileRecord
 
 __all__ = ["CheckpointMeta", "save_checkpoint"]

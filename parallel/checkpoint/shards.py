@@ -22,8 +22,9 @@ from torch.distributed.checkpoint._hf_utils import _gen_file_name
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import _create_write_items
 
+from parallel.checkpoint.backends import storage_for
 from parallel.checkpoint.state import CheckpointError
-from parallel.checkpoint.storage import Location, storage_for
+from parallel.checkpoint.storage import Location
 from parallel.checkpoint.stream import Entry, FileRecord, incomplete, write_safetensors
 from parallel.dtensor import local_part
 

@@ -1,8 +1,8 @@
 """Where checkpoints live: the one interface every file operation of a checkpoint goes through.
 
-`storage_for(location)` picks the implementation: a plain path is the local file system
-(LocalStorage, what tridist always wrote: POSIX files, fsync, an atomic rename); a URL
-(`memory://`, `file://`, `s3://`, `gs://`, ...) is fsspec (fsspec_storage.FsspecStorage).
+`backends.storage_for(location)` picks the implementation: a plain path is the local file
+system (LocalStorage, here: what tridist always wrote, POSIX files, fsync, an atomic rename); a
+URL (`memory://`, `file://`, `s3://`, `gs://`, ...) is fsspec (fsspec_storage.FsspecStorage).
 A new backend is one subclass of Storage and one line in storage_for.
 
 How a checkpoint is committed differs, because an object store has no atomic rename:
@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from torch.distributed.checkpoint import HuggingFaceStorageReader, StorageReader
 
-__all__ = ["Location", "LocalStorage", "Storage", "as_location", "is_url", "storage_for"]
+__all__ = ["Location", "LocalStorage", "Storage", "as_location", "is_url"]
 
 Location = Path | str  # a local path, or a URL (kept as a string: Path would fold its "//")
 TMP_NAME = ".tmp-"  # format.TMP_PREFIX: a temporary name beside the file being replaced
@@ -204,34 +204,3 @@ class LocalStorage(Storage):
     def dcp_reader(self, directory: Location) -> StorageReader:
         """DCP's own HuggingFaceStorageReader."""
         return HuggingFaceStorageReader(str(directory))
-
-
-_LOCAL = LocalStorage()
-
-
-def storage_for(location: Location) -> Storage:
-    """The storage of `location`: fsspec for a URL, the local file system for a path."""
-    if is_url(location):
-        from parallel.checkpoint.fsspec_storage import fsspec_storage  # fsspec: only when used
-
-        return fsspec_storage(str(location))
-    return _LOCAL
-
-
-def location_problem(location: Location) -> str | None:
-    """Why `location` cannot be a checkpoint folder here (fsspec or its protocol's package
-    missing), or None; a plain path is never refused here (the preflight probes it)."""
-    if not is_url(location):
-        return None
-    protocol = str(location).split("://", 1)[0]
-    try:
-        import fsspec
-    except ImportError:
-        return "a URL needs fsspec: pip install 'tridist[fsspec]' (or use a local path)"
-    try:
-        fsspec.get_filesystem_class(protocol)
-    except ValueError:
-        return f"fsspec knows no protocol {protocol!r}; use a local path or e.g. s3://, gs://"
-    except ImportError as err:
-        return f"protocol {protocol!r} needs a package fsspec could not import ({err})"
-    return None

@@ -28,7 +28,8 @@ from torch.distributed.checkpoint._hf_utils import (
     SAVED_OFFSETS_KEY,
 )
 
-from parallel.checkpoint.storage import Location, storage_for
+from parallel.checkpoint.backends import storage_for
+from parallel.checkpoint.storage import Location
 
 __all__ = ["Entry", "FileRecord", "incomplete", "safetensors_header", "write_safetensors"]
 
