@@ -80,6 +80,16 @@ def _scenarios(kind: str, tmp: str) -> dict[str, Any]:
     trainer = build_trainer(cfg, load_data(cfg))
     checkpoints = RunCheckpoints(cfg, None)
     checkpoints.preflight(trainer)  # probes the root (and its free space where it has one)
+    if kind != "memory":  # a root under a regular file: refused before training, naming it
+        Path(tmp, "a-file").write_text("x")
+        parent = f"file://{tmp}/a-file" if kind == "file" else Path(tmp, "a-file")
+        cfg.checkpoint.dir = str(storage.join(parent, "ck"))
+        try:
+            RunCheckpoints(cfg, None).preflight(trainer)
+            seen["unwritable"] = "no error"
+        except ConfigError as err:
+            seen["unwritable"] = str(err)
+        cfg.checkpoint.dir = str(root)
     trainer.train_step()
     checkpoints.save(trainer)
     seen["first"] = (_names(root), storage.read_text(storage.join(root, "latest")))
@@ -148,6 +158,13 @@ def _scenarios(kind: str, tmp: str) -> dict[str, Any]:
     seen["escaping"] = _error(lambda: read_manifest(step3))
     storage.write_text(manifest, text)
     seen["restored"] = _error(lambda: load_trainer(step3, fresh))
+
+    # a background save (its own thread and gloo group) commits the same way
+    cfg.checkpoint.async_save = True
+    background = RunCheckpoints(cfg, None)
+    background.save(trainer)  # step 4
+    background.close()
+    seen["async_after"] = _names(root)
     return seen
 
 
@@ -171,6 +188,10 @@ def test_storage_of_each_location(kind: str, scenarios: dict[str, dict[str, Any]
     expected = "LocalStorage" if kind == "local" else "FsspecStorage"
     assert scenarios[kind]["storage"] == expected
     assert scenarios[kind]["first"] == (["latest", "step-00000001"], "step-00000001\n")
+    if kind != "memory":
+        message = scenarios[kind]["unwritable"]
+        assert message.startswith("config error: checkpoint.dir=") and "a-file/ck" in message
+        assert "rank 0: cannot write" in message, message
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -198,12 +219,13 @@ def test_a_save_killed_before_its_manifest_is_never_read_and_is_cleared(
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_the_same_step_saved_again_loads_whole(
+def test_a_step_saved_again_loads_whole_and_a_background_save_commits(
     kind: str, scenarios: dict[str, dict[str, Any]]
 ) -> None:
     seen = scenarios[kind]
     assert seen["again_after"] == ["latest", "step-00000003"]
     assert seen["loaded_step"] == 3 and seen["same_next_loss"]  # bitwise
+    assert seen["async_after"] == ["latest", "step-00000004"]  # keep=1 after the commit
 
 
 @pytest.mark.parametrize("kind", KINDS)
