@@ -78,6 +78,9 @@ class FsspecStorage(Storage):
 
     def list(self, directory: Location) -> list[str]:
         """Names inside `directory`; [] if it is not a folder."""
+        # other ranks (processes) write here: a listing cached by this process (s3fs, gcsfs
+        # cache them) would miss their files
+        self.fs.invalidate_cache(str(directory))
         try:
             found = self.fs.ls(str(directory), detail=False)
         except (FileNotFoundError, NotADirectoryError):
@@ -87,6 +90,7 @@ class FsspecStorage(Storage):
 
     def size(self, path: Location) -> int | None:
         """Bytes of the file `path`, or None."""
+        self.fs.invalidate_cache(str(path))  # as in list: another rank may have written it
         try:
             info = self.fs.info(str(path))
         except (FileNotFoundError, NotADirectoryError):
