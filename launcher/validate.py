@@ -16,6 +16,8 @@ from launcher.config import (
     ParallelConfig,
     TrainConfig,
 )
+from parallel.checkpoint.backends import location_problem
+from parallel.checkpoint.storage import is_url
 from parallel.context_parallel import CP_COMM
 from parallel.pipeline.registry import SCHEDULE_SPECS, SCHEDULES, PipelineLayout, pipeline_layout
 
@@ -150,11 +152,15 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
     )
     _validate_data(cfg.data)
     _check(
-        t.resume in ("none", "auto") or os.path.exists(t.resume),
+        t.resume in ("none", "auto") or is_url(t.resume) or os.path.exists(t.resume),
         "train.resume",
         t.resume,
         "use none, auto, or the path of a checkpoint (or of a checkpoint folder)",
     )
+    for name, where in (("checkpoint.dir", cfg.checkpoint.dir), ("train.resume", t.resume)):
+        # an fsspec URL: its protocol's package must import here, before any rank starts
+        problem = location_problem(where) if where else None
+        _check(problem is None, name, where, problem or "")
     _check(
         cfg.logging.progress in ("auto", "bar", "lines"),
         "logging.progress",

@@ -66,8 +66,8 @@ def banner_lines(
     cfg: Config,
     tokens: TokenSource,
     run_dir: Path | None,
-    checkpoint_dir: Path | None,
-    resume: Path | None,
+    checkpoint_dir: Path | str | None,  # a path or an fsspec URL
+    resume: Path | str | None,
 ) -> list[str]:
     """A few lines for rank 0 to print before anything slow starts."""
     m, p, t, c = cfg.model, cfg.parallel, cfg.train, cfg.checkpoint

@@ -24,6 +24,7 @@ from parallel.checkpoint.format import read_manifest, resume_path
 from parallel.checkpoint.load import load_checkpoint
 from parallel.checkpoint.preflight import check_root
 from parallel.checkpoint.save import CheckpointMeta, save_checkpoint
+from parallel.checkpoint.storage import Location, as_location
 from parallel.init import InitialValues
 from parallel.parallelize import ParallelModel
 
@@ -34,10 +35,11 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def checkpoint_root(cfg: Config, run_dir: Path | None) -> Path | None:
-    """`checkpoint.dir`, else `<run dir>/checkpoints`; None when neither is known (no saving)."""
+def checkpoint_root(cfg: Config, run_dir: Path | None) -> Location | None:
+    """`checkpoint.dir` (a path, or an fsspec URL), else `<run dir>/checkpoints`; None when
+    neither is known (no saving)."""
     if cfg.checkpoint.dir:
-        return Path(cfg.checkpoint.dir)
+        return as_location(cfg.checkpoint.dir)
     return run_dir / "checkpoints" if run_dir is not None else None
 
 
@@ -91,15 +93,15 @@ def _save_parts(
 
 
 def save_trainer(
-    root: Path, trainer: Trainer, extra: dict[str, Any] | None = None, keep: int | None = None
-) -> Path:
+    root: Location, trainer: Trainer, extra: dict[str, Any] | None = None, keep: int | None = None
+) -> Location:
     """save_checkpoint of the trainer's current step; every rank must call it."""
     return save_checkpoint(root, *_save_parts(trainer, extra), keep)
 
 
 def save_trainer_async(
     checkpointer: AsyncCheckpointer,
-    root: Path,
+    root: Location,
     trainer: Trainer,
     extra: dict[str, Any] | None = None,
     keep: int | None = None,
@@ -108,7 +110,7 @@ def save_trainer_async(
     return checkpointer.save(root, *_save_parts(trainer, extra), keep)
 
 
-def load_trainer(path: Path, trainer: Trainer, verify: bool = True) -> dict[str, Any]:
+def load_trainer(path: Location, trainer: Trainer, verify: bool = True) -> dict[str, Any]:
     """load_checkpoint into the trainer, which then stands at the saved step; the manifest."""
     manifest = load_checkpoint(
         path,
@@ -135,7 +137,7 @@ class RunCheckpoints:
         """How long the step loop has waited for background saves (in save and for the copies)."""
         return self._async.blocked_s if self._async is not None else 0.0
 
-    def resume_from(self) -> Path | None:
+    def resume_from(self) -> Location | None:
         """The checkpoint `train.resume` names (auto: the newest under the root), or None."""
         return resume_path(self.cfg.train.resume, self.root)
 
@@ -145,7 +147,7 @@ class RunCheckpoints:
             return None
         return HFLlamaWeights(Path(self.cfg.model.init_from), self.cfg.model)
 
-    def load(self, path: Path, trainer: Trainer) -> None:
+    def load(self, path: Location, trainer: Trainer) -> None:
         """Restore model, optimizer, schedule, data position, RNG and step from `path` (any layout)."""
         load_trainer(path, trainer, verify=self.cfg.checkpoint.verify)
 
@@ -163,6 +165,8 @@ class RunCheckpoints:
                 "; ".join(check.problems) + "; choose a folder every rank can create and write",
             )
         one, free = check.checkpoint_bytes, check.free_bytes
+        if free is None:  # an object store: no free space to check
+            return
         if free < one:
             raise ConfigError(
                 "checkpoint.dir",

@@ -120,7 +120,7 @@ def _start(
     cfg: Config,
     tokens: TokenSource,
     checkpoints: RunCheckpoints,
-    resume: Path | None,
+    resume: Path | str | None,  # a checkpoint path or fsspec URL
     console: Console,
 ) -> Trainer:
     """Check a resume's changes (before any process group), build the trainer, load or start."""

@@ -7,7 +7,6 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from torch.utils.hooks import RemovableHandle
 from parallel.checkpoint.save import CheckpointMeta, Snapshot, take_snapshot, write_snapshot
 from parallel.checkpoint.shards import Part
 from parallel.checkpoint.state import CheckpointError, ModelParts
+from parallel.checkpoint.storage import Location
 
 __all__ = ["AsyncCheckpointer"]
 
@@ -57,7 +57,7 @@ class AsyncCheckpointer:
     def __init__(self) -> None:
         self._group = dist.new_group(backend="gloo")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._pending: Future[Path] | None = None
+        self._pending: Future[Location] | None = None
         self._pending_step = 0
         self._staged = threading.Event()
         self._staged.set()  # nothing to stage yet
@@ -67,7 +67,7 @@ class AsyncCheckpointer:
 
     def save(
         self,
-        root: Path,
+        root: Location,
         step: int,
         model: ModelParts,
         optimizer: torch.optim.Optimizer,
@@ -89,7 +89,7 @@ class AsyncCheckpointer:
         self.blocked_s += blocked
         return blocked
 
-    def _stage_and_write(self, snap: Snapshot, keep: int | None) -> Path:
+    def _stage_and_write(self, snap: Snapshot, keep: int | None) -> Location:
         try:
             model, optim = (b.stage(p) for b, p in zip(self._buffers, (snap.model, snap.optim)))
         finally:
@@ -129,7 +129,7 @@ class AsyncCheckpointer:
         if pending is not None and pending.done() and pending.exception() is not None:
             self.wait()  # raises it, once
 
-    def wait(self) -> Path | None:
+    def wait(self) -> Location | None:
         """Block until the save in flight is committed (its error as a CheckpointError); its
         directory, or None when none was in flight."""
         pending, self._pending = self._pending, None

@@ -1,58 +1,79 @@
-"""Committing a checkpoint (rank 0): the manifest written last, the rename, `latest`, rotation.
+"""Committing a checkpoint (rank 0): the manifest written last, the commit, `latest`, rotation.
 
 Written by hand, because DCP's safetensors storage does not do it. The order is the guarantee:
-shards, then the manifest, then the rename of root/.tmp-step-XXXXXXXX to step-XXXXXXXX (a
-directory named step-* with a manifest.json is complete), then `latest`, and only then are
+shards, then the manifest, then the storage's commit (locally the rename of
+root/.tmp-step-XXXXXXXX to step-XXXXXXXX; on fsspec the manifest itself: storage.py), so a
+folder named step-* with a manifest.json is complete; then `latest`, and only then are
 checkpoints beyond `keep` deleted, so a failed save never costs an older checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from pathlib import Path
 from typing import Any
 
-from parallel.checkpoint.format import LATEST, MANIFEST, PARTS, TMP_PREFIX, complete_checkpoints
+from parallel.checkpoint.backends import storage_for
+from parallel.checkpoint.format import (
+    LATEST,
+    MANIFEST,
+    PARTS,
+    TMP_PREFIX,
+    complete_checkpoints,
+    step_of,
+)
+from parallel.checkpoint.storage import Location
 
-__all__ = ["UNTOUCHED", "clear_tmp", "write_and_commit"]
+__all__ = ["UNTOUCHED", "clear_tmp", "discard", "write_and_commit"]
 
 UNTOUCHED = "; nothing was committed (earlier checkpoints are untouched)"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _write_text(path: Location, text: str) -> None:
+    """Readers see the old or the new file (the storage's write_text)."""
+    storage_for(path).write_text(path, text)
+
+
+def _uncommit(path: Location) -> None:
+    """Delete a checkpoint folder, its manifest first: half-deleted, it reads as incomplete."""
+    storage = storage_for(path)
+    storage.remove(storage.join(path, MANIFEST))
+    storage.remove(path)
+
+
+def clear_tmp(root: Location, tmp: Location) -> str | None:
+    """Create root, remove what killed saves left (.tmp-*; on a storage that writes in place,
+    manifest-less step-* folders and a committed one at `tmp`, saved again) and make the part
+    folders in `tmp`; why that failed, or None."""
+    storage = storage_for(root)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write via a temporary name and os.replace, so readers see the old or the new file."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def clear_tmp(root: Path, tmp: Path) -> str | None:
-    """Create root and remove what killed saves left (.tmp-*); why that failed, or None."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f"{TMP_PREFIX}*"):
-            if stale.is_dir():
-                shutil.rmtree(stale)
-            else:
-                stale.unlink()
+        storage.makedirs(root)
+        for name in storage.list(root):
+            path = storage.join(root, name)
+            in_place = step_of(name) is not None and str(storage.staging(root, name)) == str(path)
+            if name.startswith(TMP_PREFIX):
+                storage.remove(path)
+            elif in_place and (
+                str(path) == str(tmp) or not storage.is_file(storage.join(path, MANIFEST))
+            ):
+                _uncommit(path)
         for part in PARTS:  # made here, once, so no rank's writer fails to create it alone
-            (tmp / part).mkdir(parents=True)
+            storage.makedirs(storage.join(tmp, part))
     except OSError as err:
-        return f"{err.filename}: {err.strerror}" + UNTOUCHED
+        return f"{err.filename or root}: {err.strerror or err}" + UNTOUCHED
     return None
+
+
+def discard(tmp: Location, final: Location) -> None:
+    """Remove what a save left in `tmp` unless it was committed (best effort: the next save's
+    clear_tmp removes whatever this could not)."""
+    storage = storage_for(tmp)
+    try:
+        if str(tmp) != str(final):
+            storage.remove(tmp)
+        elif not storage.is_file(storage.join(final, MANIFEST)):
+            storage.remove(final)
+    except OSError:
+        pass
 
 
 def _dedup_rng(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
@@ -73,55 +94,39 @@ def _dedup_rng(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
 def write_and_commit(
     manifest: dict[str, Any],
     gathered: list[dict[str, Any]],
-    tmp: Path,
-    final: Path,
+    root: Location,
+    tmp: Location,
+    final: Location,
     keep: int | None,
     failed: str,
 ) -> str | None:
     """Rank 0: complete the manifest with every rank's RNG state and files, write it into tmp,
-    rename tmp to final, move `latest`, rotate; why that failed (a message), or None."""
-    root = final.parent
+    commit tmp as final, move `latest`, rotate; why that failed (a message), or None."""
+    storage = storage_for(root)
     manifest = dict(manifest)
     manifest["rng"] = _dedup_rng([g["rng"] for g in gathered])
     infos = {f: info for g in gathered for f, info in g["files"].items()}
     manifest["files"] = {f: infos[f] for f in sorted(infos)}
     try:
-        _write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        _commit(root, tmp, final)
+        _write_text(storage.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
+        storage.commit(tmp, final)
     except OSError as err:
-        return f"{failed}: {err.filename or tmp}: {err.strerror}" + UNTOUCHED
+        return f"{failed}: {err.filename or tmp}: {err.strerror or err}" + UNTOUCHED
+    name = str(final).rstrip("/").rsplit("/", 1)[-1]
     try:  # the checkpoint is complete from here on: a failure below loses nothing
-        _write_text(root / LATEST, final.name + "\n")
+        _write_text(storage.join(root, LATEST), name + "\n")
         _rotate(root, final, keep)
     except OSError as err:
         return (
-            f"checkpoint {final} is committed, but then {err.filename}: {err.strerror} "
+            f"checkpoint {final} is committed, but then {err.filename}: {err.strerror or err} "
             "(older checkpoints were not rotated out)"
         )
     return None
 
 
-def _commit(root: Path, tmp: Path, final: Path) -> None:
-    """Rename tmp into place (a checkpoint of the same step is swapped out)."""
-    _fsync_dir(tmp)
-    if final.exists():  # the same step saved again (e.g. after resuming): swap it out
-        trash = root / f"{TMP_PREFIX}old-{final.name}"
-        shutil.rmtree(trash, ignore_errors=True)
-        final.rename(trash)
-        try:
-            tmp.rename(final)
-        except OSError:
-            trash.rename(final)  # put the old one back: a failed save loses nothing
-            raise
-        shutil.rmtree(trash, ignore_errors=True)  # committed: a leftover goes with the next save
-    else:
-        tmp.rename(final)
-    _fsync_dir(root)
-
-
-def _rotate(root: Path, final: Path, keep: int | None) -> None:
+def _rotate(root: Location, final: Location, keep: int | None) -> None:
     """Drop complete checkpoints beyond the newest `keep` (never `final`): only after a commit."""
     if keep is not None and keep > 0:
         for old in complete_checkpoints(root)[:-keep]:
-            if old != final:
-                shutil.rmtree(old)
+            if str(old) != str(final):
+                _uncommit(old)

@@ -16,7 +16,8 @@ manifest.json, format "tridist-checkpoint-2":
     extra, rng, files       the saver's extras; RNG states; every shard's bytes and CRC32
 
 Format 1 (before the architecture had its own entry) is still read: read_manifest turns it into
-the shape above, so nothing after it looks at the version.
+the shape above, so nothing after it looks at the version. Every file operation goes through
+storage.py (a local path or an fsspec URL: the same layout on both).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from torch.distributed.checkpoint import HuggingFaceStorageReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from models.llama import ModelArgs
+from parallel.checkpoint.backends import storage_for
 from parallel.checkpoint.state import CheckpointError
+from parallel.checkpoint.storage import Location, as_location
 
 FORMAT = "tridist-checkpoint-2"
 FORMAT_V1 = "tridist-checkpoint-1"  # top-level sampler/lr_scheduler, architecture in config.model
@@ -48,37 +50,39 @@ def checkpoint_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
 
 
-def _step_of(path: Path) -> int | None:
-    digits = path.name.removeprefix(STEP_PREFIX)
-    return int(digits) if path.name.startswith(STEP_PREFIX) and digits.isdigit() else None
+def step_of(name: str) -> int | None:
+    """The step of a checkpoint folder's name (step-XXXXXXXX), or None for any other name."""
+    digits = name.removeprefix(STEP_PREFIX)
+    return int(digits) if name.startswith(STEP_PREFIX) and digits.isdigit() else None
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
+def complete_checkpoints(root: Location) -> list[Location]:
     """Committed checkpoints under root, oldest first (.tmp dirs and manifest-less ones skipped)."""
-    if not root.is_dir():
-        return []
+    storage = storage_for(root)
     steps = {
-        p: step
-        for p in root.iterdir()
-        if (step := _step_of(p)) is not None and (p / MANIFEST).is_file()
+        storage.join(root, name): step
+        for name in storage.list(root)
+        if (step := step_of(name)) is not None
+        and storage.is_file(storage.join(root, name, MANIFEST))
     }
     return sorted(steps, key=steps.__getitem__)
 
 
-def find_latest(root: Path) -> Path | None:
+def find_latest(root: Location) -> Location | None:
     """The newest complete checkpoint under root, or None.
 
     Scans the step-* directories rather than trusting `latest`: a job killed between the
     rename and the pointer update leaves `latest` one checkpoint behind (or missing).
     """
-    complete = complete_checkpoints(Path(root))
+    complete = complete_checkpoints(as_location(root))
     return complete[-1] if complete else None
 
 
-def find_checkpoint(path: Path) -> Path:
+def find_checkpoint(path: Location) -> Location:
     """`path` itself if it is a checkpoint, else the newest checkpoint under it (a root)."""
-    path = Path(path)
-    if (path / MANIFEST).is_file():
+    path = as_location(path)
+    storage = storage_for(path)
+    if storage.is_file(storage.join(path, MANIFEST)):
         return path
     if (latest := find_latest(path)) is None:
         raise CheckpointError(
@@ -88,7 +92,7 @@ def find_checkpoint(path: Path) -> Path:
     return latest
 
 
-def resume_path(resume: str, root: Path | None) -> Path | None:
+def resume_path(resume: str, root: Location | None) -> Location | None:
     """What `train.resume` names: none -> None; auto -> the newest checkpoint under root (None if
     there is none yet); a path -> that checkpoint, or the newest one under a checkpoint root."""
     if resume == "none":
@@ -96,34 +100,35 @@ def resume_path(resume: str, root: Path | None) -> Path | None:
     if resume == "auto":
         return find_latest(root) if root is not None else None
     try:
-        return find_checkpoint(Path(resume))
+        return find_checkpoint(as_location(resume))
     except CheckpointError as err:
         raise CheckpointError(f"train.resume={err}") from None
 
 
-def file_crc32(path: Path) -> int:
+def file_crc32(path: Location) -> int:
     """CRC32 of a file's bytes, read in 16 MiB blocks."""
     crc = 0
-    with open(path, "rb") as f:
+    with storage_for(path).open_read(path) as f:
         while block := f.read(1 << 24):
             crc = zlib.crc32(block, crc)
     return crc
 
 
-def shard_files(directory: Path, parts: tuple[str, ...] = PARTS) -> list[str]:
+def shard_files(directory: Location, parts: tuple[str, ...] = PARTS) -> list[str]:
     """Every file of the DCP parts, relative to `directory`, in one order all ranks agree on."""
+    storage = storage_for(directory)
     return sorted(
-        str(p.relative_to(directory))
+        f"{part}/{name}"
         for part in parts
-        for p in (directory / part).glob("*")
-        if p.is_file()
+        for name in storage.list(storage.join(directory, part))
+        if storage.is_file(storage.join(directory, part, name))
     )
 
 
-def part_tensors(directory: Path) -> dict[str, TensorStorageMetadata]:
+def part_tensors(directory: Location) -> dict[str, TensorStorageMetadata]:
     """Each tensor's saved size and dtype in one DCP part, from its safetensors headers."""
     try:
-        saved = HuggingFaceStorageReader(str(directory)).read_metadata().state_dict_metadata
+        saved = storage_for(directory).dcp_reader(directory).read_metadata().state_dict_metadata
     except Exception as err:  # safetensors raises its own error types for bad headers
         raise CheckpointError(f"{directory}: cannot read the safetensors headers: {err}") from None
     # safetensors storage holds tensors only: DCP's bytes entries never appear in it
@@ -157,14 +162,16 @@ def _upgrade_v1(manifest: dict[str, Any]) -> dict[str, Any]:
     return {**manifest, "model": model, "states": states}
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Location) -> dict[str, Any]:
     """The manifest of the checkpoint directory `path`, in the current format's shape, checked:
     every entry later code reads has its type, and every file it names lies inside `path`."""
-    manifest_path = Path(path) / MANIFEST
-    if not manifest_path.is_file():
+    path = as_location(path)
+    storage = storage_for(path)
+    manifest_path = storage.join(path, MANIFEST)
+    if not storage.is_file(manifest_path):
         raise CheckpointError(f"{path}: no {MANIFEST}; not a checkpoint, or an interrupted save")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(storage.read_text(manifest_path))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{manifest_path}: unreadable ({err})") from None
     version = manifest.get("format") if isinstance(manifest, dict) else None
@@ -177,7 +184,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{manifest_path}: format {version!r}, expected {FORMAT!r} (or the older {FORMAT_V1!r})"
         )
-    if problem := manifest_problem(manifest) or _escaping_file(Path(path), manifest["files"]):
+    if problem := manifest_problem(manifest) or _escaping_file(path, manifest["files"]):
         raise CheckpointError(f"{manifest_path}: {problem}")
     return manifest
 
@@ -240,20 +247,21 @@ _ENTRIES: dict[str, type] = {
 }
 
 
-def _escaping_file(path: Path, files: dict[str, Any]) -> str | None:
+def _escaping_file(path: Location, files: dict[str, Any]) -> str | None:
     """The first file name that is not `<part>/<name>` inside the checkpoint folder, or None.
 
     Checked before anything is read: a manifest is data, and may have been edited or crafted.
     """
-    inside = path.resolve()
+    storage = storage_for(path)
     for rel in files:
         target = Path(rel)
         if (
             target.is_absolute()
+            or "://" in rel
             or len(target.parts) != 2
             or target.parts[0] not in PARTS
             or ".." in target.parts
-            or not (path / target).resolve().is_relative_to(inside)
+            or not storage.inside(path, rel)
         ):
             return (
                 f"files entry {rel!r} is not a file of {'/ or '.join(PARTS)}/ inside {path}; "
@@ -263,33 +271,39 @@ def _escaping_file(path: Path, files: dict[str, Any]) -> str | None:
 
 
 def file_problems(
-    path: Path, manifest: dict[str, Any], parts: tuple[str, ...] = PARTS, verify: Iterable[str] = ()
+    path: Location,
+    manifest: dict[str, Any],
+    parts: tuple[str, ...] = PARTS,
+    verify: Iterable[str] = (),
 ) -> list[str]:
     """Missing, resized or unlisted shard files of `parts`; CRC32 mismatches of those in `verify`.
 
     `manifest` is from read_manifest, so every listed name lies inside `path`.
     """
+    storage = storage_for(path)
     problems = []
     listed = sorted(rel for rel in manifest["files"] if Path(rel).parts[0] in parts)
     for rel in listed:
-        f = path / rel
+        f = storage.join(path, *rel.split("/"))
         expected = manifest["files"][rel]["bytes"]
-        if not f.is_file():
+        if (size := storage.size(f)) is None:
             problems.append(f"missing shard file {f}")
-        elif (size := f.stat().st_size) != expected:
+        elif size != expected:
             problems.append(
                 f"shard file {f} has {size} bytes, the manifest says {expected}: "
                 "truncated or overwritten"
             )
     if not problems:
         for rel in verify:
-            if file_crc32(path / rel) != manifest["files"][rel]["crc32"]:
-                problems.append(
-                    f"shard file {path / rel} is corrupt: its CRC32 differs from the manifest"
-                )
+            f = storage.join(path, *rel.split("/"))
+            if file_crc32(f) != manifest["files"][rel]["crc32"]:
+                problems.append(f"shard file {f} is corrupt: its CRC32 differs from the manifest")
     # the safetensors reader reads every *.safetensors file it finds, listed or not
     unlisted = sorted(
         f for f in set(shard_files(path, parts)) - set(listed) if f.endswith(".safetensors")
     )
-    problems += [f"unexpected file {path / rel} (not in the manifest)" for rel in unlisted]
+    problems += [
+        f"unexpected file {storage.join(path, *rel.split('/'))} (not in the manifest)"
+        for rel in unlisted
+    ]
     return problems

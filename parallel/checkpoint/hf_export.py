@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
-from torch.distributed.checkpoint import HuggingFaceStorageReader
 
 from models.hf_llama import INDEX, SINGLE_FILE, hf_config, hf_name, to_hf_tensor
+from parallel.checkpoint.backends import storage_for
 from parallel.checkpoint.format import file_problems, model_args_of, part_tensors, read_manifest
 from parallel.checkpoint.state import CheckpointError
+from parallel.checkpoint.storage import Location, as_location
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # Hugging Face's default max_shard_size
 
@@ -37,7 +38,7 @@ def _groups(sizes: dict[str, int], limit: int) -> list[list[str]]:
 
 
 def export_to_hf(
-    checkpoint: Path,
+    checkpoint: Location,
     out: Path,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -45,8 +46,10 @@ def export_to_hf(
     """Write config.json and the weights (sharded with an index when over max_shard_bytes).
 
     Returns the safetensors files written. dtype: cast the weights (default: as saved).
+    The checkpoint is read through its storage (a path or an fsspec URL); `out` is local.
     """
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = as_location(checkpoint), Path(out)
+    model_dir = storage_for(checkpoint).join(checkpoint, "model")
     manifest = read_manifest(checkpoint)  # refuses file names outside the checkpoint
     # the model files are the manifest's and whole (unlisted, missing, resized or corrupt ones
     # refused) before the reader opens any; the optimizer part is not needed
@@ -55,7 +58,7 @@ def export_to_hf(
         raise CheckpointError(f"cannot export {checkpoint}: " + "; ".join(problems))
     # the manifest's "model" entry (format 1's config.model, upgraded by read_manifest)
     args = model_args_of(manifest)
-    meta = part_tensors(checkpoint / "model")
+    meta = part_tensors(model_dir)
     names = sorted(meta, key=_export_order)
     saved_dtype = meta[names[0]].properties.dtype
     dtype = dtype or saved_dtype
@@ -74,9 +77,8 @@ def export_to_hf(
     weight_map = {}
     for group, path in zip(groups, files):
         full = {n: torch.empty(meta[n].size, dtype=meta[n].properties.dtype) for n in group}
-        dcp.load(
-            full, storage_reader=HuggingFaceStorageReader(str(checkpoint / "model")), no_dist=True
-        )
+        reader = storage_for(model_dir).dcp_reader(model_dir)
+        dcp.load(full, storage_reader=reader, no_dist=True)
         tensors = {
             hf_name(n): to_hf_tensor(n, t, args).to(dtype).contiguous() for n, t in full.items()
         }

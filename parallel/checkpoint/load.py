@@ -8,15 +8,15 @@ instead of some hanging in a collective. DCP's planner then reshards by full-mod
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
+from parallel.checkpoint.backends import storage_for
 from parallel.checkpoint.format import MANIFEST, file_problems, part_tensors, read_manifest
 from parallel.checkpoint.state import (
     CheckpointError,
@@ -29,11 +29,12 @@ from parallel.checkpoint.state import (
     restore_param_group_settings,
     set_rng_state,
 )
+from parallel.checkpoint.storage import Location, as_location
 
 __all__ = ["load_checkpoint"]
 
 
-def _file_problems(path: Path, manifest: dict[str, Any], verify: bool) -> list[str]:
+def _file_problems(path: Location, manifest: dict[str, Any], verify: bool) -> list[str]:
     """Missing, resized or unlisted shard files (checked by all ranks); CRCs of this rank's share."""
     rank, world = dist.get_rank(), dist.get_world_size()
     # each rank reads a share, so the checkpoint is read once
@@ -48,13 +49,13 @@ def _all_problems(local: list[str]) -> list[str]:
     return sorted({p for rank_problems in everyone for p in rank_problems})
 
 
-def _raise_if_any(path: Path, problems: list[str]) -> None:
+def _raise_if_any(path: Location, problems: list[str]) -> None:
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise CheckpointError(f"cannot load {path}: " + "; ".join(problems[:5]) + more)
 
 
-def _load_part(directory: Path, state: TensorState, what: str) -> None:
+def _load_part(directory: Location, state: TensorState, what: str) -> None:
     """Fill `state` in place from one DCP part, after checking names and shapes on all ranks."""
     saved = part_tensors(directory)
     problems = []
@@ -78,13 +79,13 @@ def _load_part(directory: Path, state: TensorState, what: str) -> None:
         )
     _raise_if_any(directory, problems)
     try:
-        dcp.load(state.tensors, storage_reader=HuggingFaceStorageReader(str(directory)))
+        dcp.load(state.tensors, storage_reader=storage_for(directory).dcp_reader(directory))
     except CheckpointException as err:  # raised on every rank: DCP gathers failures
         raise CheckpointError(f"{directory}: reading the shards failed: {err}") from None
 
 
 def load_checkpoint(
-    path: Path,
+    path: Location,
     model: ModelParts,
     optimizer: torch.optim.Optimizer,
     states: Mapping[str, Stateful],
@@ -99,19 +100,21 @@ def load_checkpoint(
     more). layout: this run's, as the saver passed it; when it equals the saved one each rank gets
     its own RNG state back. verify: also check each shard's CRC32 (each rank reads a share).
     """
-    path = Path(path)
+    path = as_location(path)
+    storage = storage_for(path)
+    manifest_path = storage.join(path, MANIFEST)
     manifest = read_manifest(path)
     missing = sorted(set(states) - set(manifest["states"]))
     if missing:  # the manifest is the same on every rank, so all raise here together
         raise CheckpointError(
-            f"{path / MANIFEST}: no state {missing} (it holds {sorted(manifest['states'])})"
+            f"{manifest_path}: no state {missing} (it holds {sorted(manifest['states'])})"
         )
     _raise_if_any(path, _all_problems(_file_problems(path, manifest, verify)))
     # optimizer tensors first: creating them on a fresh optimizer takes a zero-lr step
     optim = optimizer_state(model, optimizer)
     tensors = model_state(model)
-    _load_part(path / "model", tensors, "model")
-    _load_part(path / "optim", optim, "optimizer")
+    _load_part(storage.join(path, "model"), tensors, "model")
+    _load_part(storage.join(path, "optim"), optim, "optimizer")
     load_model_state(model, tensors)
     load_optimizer_state(model, optimizer, optim)
     restore_param_group_settings(optimizer, manifest["optimizer_param_groups"])
@@ -119,7 +122,7 @@ def load_checkpoint(
         try:
             obj.load_state_dict(manifest["states"][name])
         except (ValueError, KeyError) as err:  # e.g. the sampler's data changed since the save
-            raise CheckpointError(f"{path / MANIFEST}: state {name!r}: {err}") from None
+            raise CheckpointError(f"{manifest_path}: state {name!r}: {err}") from None
     # per-rank generators carry over only to the same layout; otherwise every rank takes rank 0's
     rng = manifest["rng"]
     rank = dist.get_rank() if manifest["layout"] == layout else 0
@@ -127,6 +130,6 @@ def load_checkpoint(
         set_rng_state(rng["states"][rng["of_rank"][rank]])
     except (IndexError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(
-            f"{path / MANIFEST}: rng state of rank {rank}: {type(err).__name__}: {err}"
+            f"{manifest_path}: rng state of rank {rank}: {type(err).__name__}: {err}"
         ) from None
     return manifest

@@ -7,16 +7,15 @@ are gathered so that all ranks decide alike (and raise together instead of hangi
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
+from parallel.checkpoint.backends import storage_for
 from parallel.checkpoint.format import TMP_PREFIX
 from parallel.checkpoint.state import ModelParts, model_state
+from parallel.checkpoint.storage import Location, as_location
 
 __all__ = ["RootCheck", "check_root"]
 
@@ -26,23 +25,24 @@ class RootCheck:
     """What every rank found about a checkpoint root (the same on every rank)."""
 
     problems: list[str]  # why some rank cannot write there; empty when all can
-    free_bytes: int  # the least free space any rank sees there (0 when it cannot write)
+    # the least free space any rank sees there (0 when it cannot write; None where the storage
+    # has no free space to read, an object store)
+    free_bytes: int | None
     checkpoint_bytes: int  # one checkpoint's expected size: weights plus optimizer moments
 
 
-def _probe(root: Path) -> str | None:
+def _probe(root: Location) -> str | None:
     """Create root, write a file there and remove it; what failed, or None."""
+    storage = storage_for(root)
     # .tmp-: the next save clears what a killed probe left
-    probe = root / f"{TMP_PREFIX}probe-rank{dist.get_rank()}"
+    probe = storage.join(root, f"{TMP_PREFIX}probe-rank{dist.get_rank()}")
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as f:
+        storage.makedirs(root)
+        with storage.open_write(probe) as f:  # durable on exit, as a shard would be
             f.write(b"tridist")
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
+        storage.remove(probe)
     except OSError as err:
-        return f"cannot write {err.filename or probe}: {err.strerror}"
+        return f"cannot write {err.filename or probe}: {err.strerror or err}"
     return None
 
 
@@ -53,16 +53,16 @@ def _ranks(ranks: list[int]) -> str:
 
 
 def check_root(
-    root: Path, model: ModelParts, moments: int = 2, group: dist.ProcessGroup | None = None
+    root: Location, model: ModelParts, moments: int = 2, group: dist.ProcessGroup | None = None
 ) -> RootCheck:
     """Probe `root` on every rank and size one checkpoint of `model`; a collective over `group`.
 
     moments: optimizer tensors per parameter, each the parameter's size (AdamW: exp_avg and
     exp_avg_sq); the scalar `step`s and the manifest are small beside them.
     """
-    root = Path(root)
+    root = as_location(root)
     problem = _probe(root)
-    free = shutil.disk_usage(root).free if problem is None else 0
+    free = storage_for(root).free_bytes(root) if problem is None else 0
     # by full-model name: a tensor replicated over dp (or held whole by several ranks) counts once
     sizes = {name: t.numel() * t.element_size() for name, t in model_state(model).stored.items()}
     everyone: list[Any] = [None] * dist.get_world_size(group)
@@ -74,4 +74,6 @@ def check_root(
             by_problem.setdefault(p, []).append(rank)
     problems = [f"{_ranks(ranks)}: {p}" for p, ranks in sorted(by_problem.items())]
     model_bytes = sum({n: b for _, _, s in everyone for n, b in s.items()}.values())
-    return RootCheck(problems, min(f for _, f, _ in everyone), model_bytes * (1 + moments))
+    frees = [f for _, f, _ in everyone]
+    least = None if None in frees else min(frees)
+    return RootCheck(problems, least, model_bytes * (1 + moments))

@@ -2,7 +2,8 @@
 
 A save writes into root/.tmp-step-XXXXXXXX and rank 0 renames it once every shard and the
 manifest are on disk, so a directory named step-* with a manifest.json is always complete
-(the layout and the manifest's entries: parallel/checkpoint/format.py).
+(the layout and the manifest's entries: parallel/checkpoint/format.py). On fsspec storage the
+save writes into step-XXXXXXXX itself and the manifest, written last, commits it (storage.py).
 
 Written by hand, because DCP's safetensors storage does not do it: the manifest (that storage
 holds only tensors; a non-tensor entry would be written raw in front of the safetensors data),
@@ -14,10 +15,8 @@ files themselves are streamed by stream.py in the layout DCP's HF writer uses (w
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,10 +24,10 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
 from models.llama import ModelArgs
-from parallel.checkpoint.commit import UNTOUCHED, clear_tmp, write_and_commit
+from parallel.checkpoint.backends import storage_for
+from parallel.checkpoint.commit import UNTOUCHED, clear_tmp, discard, write_and_commit
 from parallel.checkpoint.format import (
     FORMAT,
-    TMP_PREFIX,
     checkpoint_name,
     file_crc32,
     model_entry,
@@ -43,6 +42,7 @@ from parallel.checkpoint.state import (
     param_group_settings,
     rng_state,
 )
+from parallel.checkpoint.storage import Location, as_location
 from parallel.checkpoint.stream import FileRecord
 
 __all__ = ["CheckpointMeta", "save_checkpoint"]
@@ -63,7 +63,7 @@ class CheckpointMeta:
 class Snapshot:
     """Everything one checkpoint holds, taken between steps: tensors and the JSON manifest."""
 
-    root: Path
+    root: Location
     step: int
     manifest: dict[str, Any]
     model: Part  # the tensors to write: live ones, or copies an async save staged
@@ -72,7 +72,7 @@ class Snapshot:
 
 
 def take_snapshot(
-    root: Path,
+    root: Location,
     step: int,
     model: ModelParts,
     optimizer: torch.optim.Optimizer,
@@ -80,7 +80,7 @@ def take_snapshot(
     meta: CheckpointMeta,
 ) -> Snapshot:
     """The checkpoint of the current step: the manifest, and the live tensors (not copies)."""
-    root = Path(root)
+    root = as_location(root)
     # built (and JSON-checked) on every rank, before any collective, so a bad value fails everywhere
     manifest = {
         "format": FORMAT,
@@ -99,7 +99,7 @@ def take_snapshot(
         manifest = json.loads(json.dumps(manifest))
     except TypeError as err:
         raise CheckpointError(
-            f"{root / checkpoint_name(step)}: manifest entry is not JSON-serializable: {err}"
+            f"{storage_for(root).join(root, checkpoint_name(step))}: manifest entry is not JSON-serializable: {err}"
         ) from None
     model_part = plan_part(model_state(model).stored)
     optim_part = plan_part(optimizer_state(model, optimizer).stored)
@@ -108,16 +108,17 @@ def take_snapshot(
 
 def write_snapshot(
     snap: Snapshot, keep: int | None = None, group: dist.ProcessGroup | None = None
-) -> Path:
+) -> Location:
     """Write and commit a snapshot; a collective over `group` (default: all ranks).
 
     Raises CheckpointError on every rank together when any rank's part could not be written or
-    rank 0 could not commit; the .tmp- folder is then removed and earlier checkpoints untouched.
+    rank 0 could not commit; what it wrote is then removed and earlier checkpoints untouched.
     Async saves run this in a background thread on a private gloo group, so its collectives
     never interleave with training's.
     """
     root, name = snap.root, checkpoint_name(snap.step)
-    final, tmp = root / name, root / f"{TMP_PREFIX}{name}"
+    storage = storage_for(root)
+    final, tmp = storage.join(root, name), storage.staging(root, name)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     failed = f"cannot save checkpoint step {snap.step} into {root}"
     # rank 0's verdict on clearing tmp: no rank writes into it before, none at all if it failed
@@ -126,7 +127,7 @@ def write_snapshot(
     written: dict[str, FileRecord] = {}  # file (relative to tmp) -> what this rank wrote to it
     try:
         for kind, part in (("model", snap.model), ("optim", snap.optim)):
-            records = write_part(tmp / kind, part, group)  # fails on all ranks alike
+            records = write_part(storage.join(tmp, kind), part, group)  # fails on all alike
             written.update({f"{kind}/{n}": r for n, r in records.items()})
     except CheckpointError as err:
         problem = str(err)
@@ -136,7 +137,9 @@ def write_snapshot(
         try:
             files = _file_entries(tmp, written, rank, world)
         except OSError as err:
-            problem = f"rank {dist.get_rank()} cannot read back {err.filename}: {err.strerror}"
+            problem = (
+                f"rank {dist.get_rank()} cannot read back {err.filename}: {err.strerror or err}"
+            )
     gathered: list[Any] = [None] * world if rank == 0 else []
     # rank 0 collects every rank's RNG state, its share of the file checksums and its problem
     dist.gather_object(
@@ -151,10 +154,9 @@ def write_snapshot(
         outcome = (
             f"{failed}: " + "; ".join(problems) + UNTOUCHED
             if problems
-            else write_and_commit(snap.manifest, gathered, tmp, final, keep, failed)
+            else write_and_commit(snap.manifest, gathered, root, tmp, final, keep, failed)
         )
-        if tmp.exists():  # a failed save leaves nothing behind
-            shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp, final)  # a failed save leaves nothing behind
     # rank 0's verdict on the commit: every rank goes on, or every rank raises the same error
     if outcome := _from_rank0(outcome, group):
         raise CheckpointError(outcome)
@@ -162,14 +164,14 @@ def write_snapshot(
 
 
 def save_checkpoint(
-    root: Path,
+    root: Location,
     step: int,
     model: ModelParts,
     optimizer: torch.optim.Optimizer,
     states: Mapping[str, Stateful],
     meta: CheckpointMeta,
     keep: int | None = None,
-) -> Path:
+) -> Location:
     """Save model, optimizer, `states` (each's state_dict()) and `meta` as checkpoint `step`.
 
     Every rank must call it. Returns the committed directory. keep: how many complete
@@ -190,13 +192,18 @@ def _from_rank0(value: str | None, group: dist.ProcessGroup | None) -> str | Non
 
 
 def _file_entries(
-    tmp: Path, written: dict[str, FileRecord], rank: int, world: int
+    tmp: Location, written: dict[str, FileRecord], rank: int, world: int
 ) -> dict[str, dict[str, int]]:
     """Bytes and CRC32 of the files this rank wrote (and its share of any no rank claims)."""
     # CRCs as written; a file no rank claims (none is expected: the writers made every file in
     # tmp) is read back, so the manifest never lists a file without its checksum
     unclaimed = [f for f in shard_files(tmp) if f not in written]
     entries = {f: {"bytes": r.meant, "crc32": r.crc} for f, r in written.items()}
+    storage = storage_for(tmp)
     for f in unclaimed[rank::world]:
-        entries[f] = {"bytes": (tmp / f).stat().st_size, "crc32": file_crc32(tmp / f)}
+        path = storage.join(tmp, *f.split("/"))
+        size = storage.size(path)
+        if size is None:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        entries[f] = {"bytes": size, "crc32": file_crc32(path)}
     return entries

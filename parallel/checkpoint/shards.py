@@ -13,7 +13,6 @@ agree). Files are named as DCP's HuggingFaceStorageWriter names them (save_distr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +22,9 @@ from torch.distributed.checkpoint._hf_utils import _gen_file_name
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import _create_write_items
 
+from parallel.checkpoint.backends import storage_for
 from parallel.checkpoint.state import CheckpointError
+from parallel.checkpoint.storage import Location
 from parallel.checkpoint.stream import Entry, FileRecord, incomplete, write_safetensors
 from parallel.dtensor import local_part
 
@@ -61,7 +62,7 @@ def _entries(part: Part, items: list[WriteItem]) -> list[Entry]:
 
 
 def write_part(
-    directory: Path, part: Part, group: dist.ProcessGroup | None = None
+    directory: Location, part: Part, group: dist.ProcessGroup | None = None
 ) -> dict[str, FileRecord]:
     """Write this rank's share of `part` into `directory`; its files by name, each checked whole.
 
@@ -77,7 +78,8 @@ def write_part(
     if mine:  # a rank left nothing writes no file, as DCP's writer
         name = _gen_file_name(1, 1, rank + 1)  # shard index = group rank + 1, as DCP's
         try:
-            records[name] = write_safetensors(directory / name, _entries(part, mine))
+            path = storage_for(directory).join(directory, name)
+            records[name] = write_safetensors(path, _entries(part, mine))
         except CheckpointError as err:
             problems.append(f"rank {dist.get_rank()}: {err}")
     problems += [

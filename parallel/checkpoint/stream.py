@@ -12,11 +12,9 @@ in safetensors' order (widest dtype first, then by name), which keeps each one a
 from __future__ import annotations
 
 import json
-import os
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
@@ -29,6 +27,9 @@ from torch.distributed.checkpoint._hf_utils import (
     HF_DCP_VERSION,
     SAVED_OFFSETS_KEY,
 )
+
+from parallel.checkpoint.backends import storage_for
+from parallel.checkpoint.storage import Location
 
 __all__ = ["Entry", "FileRecord", "incomplete", "safetensors_header", "write_safetensors"]
 
@@ -62,7 +63,7 @@ class Entry:
 class FileRecord:
     """What one written file saw: the bytes meant and written, their CRC32, any error."""
 
-    path: Path
+    path: Location
     meant: int = 0  # bytes handed to write()
     wrote: int = 0  # bytes the file accepted
     crc: int = 0  # CRC32 of the bytes meant
@@ -125,20 +126,21 @@ def _bytes(t: torch.Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data
 
 
-def write_safetensors(path: Path, entries: list[Entry]) -> FileRecord:
-    """Write `entries` as the safetensors file `path`, fsynced; what was written, and any error
-    (recorded, never raised: the ranks agree on the outcome after every rank has written)."""
-    record = FileRecord(Path(path))
+def write_safetensors(path: Location, entries: list[Entry]) -> FileRecord:
+    """Write `entries` as the safetensors file `path`, durable (fsynced or uploaded) before it
+    returns; what was written, and any error (recorded, never raised: the ranks agree on the
+    outcome after every rank has written)."""
+    record = FileRecord(path)
     entries = _ordered(entries)
     try:
-        with open(path, "wb", buffering=0) as raw:
+        # durable when the block exits: on the disk (or in the store) before rank 0 commits
+        with storage_for(path).open_write(path) as raw:
             stream = _CountingStream(raw, record)
             stream.write(safetensors_header(entries))
             for e in entries:
                 data = _bytes(e.tensor)
                 for start in range(0, data.nbytes, BLOCK):
                     stream.write(data[start : start + BLOCK])
-            os.fsync(raw.fileno())  # on the disk before rank 0 commits the checkpoint
     except Exception as err:
         record.error = str(err) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
     return record
@@ -151,9 +153,11 @@ def incomplete(record: FileRecord) -> str | None:
     if record.wrote != record.meant:
         return f"{record.path}: {record.wrote} of {record.meant} bytes written"
     try:
-        size = record.path.stat().st_size
+        size = storage_for(record.path).size(record.path)
     except OSError as err:
         return f"{record.path}: {err.strerror}"
+    if size is None:
+        return f"{record.path}: not there after it was written"
     if size != record.meant:
         return f"{record.path}: {size} bytes on disk, {record.meant} written"
     return None
