@@ -8,6 +8,7 @@ import torch
 
 from data.hf_tokenizer import load_tokenizer_codec
 from data.token_source import (
+    BYTE_EOS_ID,
     BYTE_VOCAB_SIZE,
     TokenSource,
     decode_bytes,
@@ -38,8 +39,8 @@ def list_corpus_files(
     return [full for _, full in sorted(found)]
 
 
-def read_corpus(files: list[Path], max_bytes: int) -> bytes:
-    """Concatenate readable files with a newline between them, truncated to `max_bytes`."""
+def read_corpus(files: list[Path], max_bytes: int, separator: bytes = b"\n") -> bytes:
+    """Concatenate readable files with `separator` between them, truncated to `max_bytes`."""
     if max_bytes <= 0:
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
     parts: list[bytes] = []
@@ -53,20 +54,22 @@ def read_corpus(files: list[Path], max_bytes: int) -> bytes:
         total += len(content) + 1
         if total >= max_bytes:
             break  # stop reading early: the stdlib alone is far larger than a default budget
-    return b"\n".join(parts)[:max_bytes]
+    return separator.join(parts)[:max_bytes]
 
 
 def _byte_level_source(raw: bytes, val_fraction: float) -> TokenSource:
-    """Wrap raw bytes as a byte-level TokenSource stored as uint8 (8x smaller than int64)."""
+    """Wrap raw bytes (files joined by BYTE_EOS_ID) as a byte-level TokenSource stored as uint8
+    (8x smaller than int64)."""
     tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     train, val = split_holdout(tokens, val_fraction)
-    return TokenSource(train, val, BYTE_VOCAB_SIZE, encode_bytes, decode_bytes)
+    return TokenSource(train, val, BYTE_VOCAB_SIZE, encode_bytes, decode_bytes, eos_id=BYTE_EOS_ID)
 
 
 def build_stdlib_source(val_fraction: float, max_bytes: int) -> TokenSource:
     """Byte-level tokens over this interpreter's standard-library .py files (always offline)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    raw = read_corpus(list_corpus_files(root, (".py",), STDLIB_SKIP_DIRS), max_bytes)
+    files = list_corpus_files(root, (".py",), STDLIB_SKIP_DIRS)
+    raw = read_corpus(files, max_bytes, bytes([BYTE_EOS_ID]))  # each file one document
     if not raw:
         raise FileNotFoundError(f"no readable .py files in the standard library at {root}")
     return _byte_level_source(raw, val_fraction)
@@ -82,7 +85,10 @@ def build_text_source(
     if not root.exists():
         raise FileNotFoundError(f"text data path not found: {path}")
     files = [root] if root.is_file() else list_corpus_files(root, TEXT_SUFFIXES, frozenset())
-    raw = read_corpus(files, max_bytes)
+    # byte-level: each file one document, ended by BYTE_EOS_ID; tokenized: one stream with no
+    # documents (a tokenizer's EOS is not inserted here)
+    separator = bytes([BYTE_EOS_ID]) if tokenizer is None else b"\n"
+    raw = read_corpus(files, max_bytes, separator)
     if not raw:
         raise FileNotFoundError(f"no readable {'/'.join(TEXT_SUFFIXES)} text under {path}")
     if tokenizer is None:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 
 BYTE_VOCAB_SIZE = 256
+# Byte-level corpora end each file (a document) with the NUL byte, which text files never hold.
+BYTE_EOS_ID = 0
 
 
 @dataclass
@@ -18,6 +20,9 @@ class TokenSource:
     encode: Callable[[str], list[int]]
     decode: Callable[[list[int]], str]
     has_text: bool = True  # False: bare token ids with no tokenizer (decode prints the ids)
+    # the id that ends a document in the stream (data.document_mask etc. derive boundaries from
+    # it); None where the stream has no documents
+    eos_id: int | None = None
 
 
 def encode_bytes(text: str) -> list[int]:

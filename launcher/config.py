@@ -48,6 +48,12 @@ class DataConfig:
     tokenizer: str | None = None  # Hugging Face tokenizer.json, for source=text (or decoding)
     val_fraction: float = 0.05
     max_bytes: int = 4_000_000
+    # documents packed into a sequence, told apart by the source's end-of-document id (EOS):
+    # RoPE positions restarting per document, block-causal attention (no token attends across
+    # a document boundary), and no loss on the EOS -> next-document target
+    reset_position_ids: bool = False
+    document_mask: bool = False
+    eod_mask_loss: bool = False
 
 
 @dataclass

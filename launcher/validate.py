@@ -8,6 +8,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from launcher.config import (
     Config,
     ConfigError,
@@ -206,6 +208,7 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
     _validate_batch(t.global_batch_size, par.dp, par.microbatches)
     _validate_tensor_parallel(m, par, t, ranks_per_node)
     _validate_context_parallel(par, t)
+    _validate_documents_device(cfg)
     _validate_hsdp(par)
     _validate_pipeline(m, par, t.seq_len, t.compile)
 
@@ -338,6 +341,33 @@ def _validate_stage_costs(par: ParallelConfig, layout: PipelineLayout) -> None:
         costs,
         f"give one [F, I, W] of positive times per pipeline stage ({layout.n_stages}), "
         f"e.g. {[[1.0, 1.0, 1.0]] * layout.n_stages}",
+    )
+
+
+DOCUMENT_OPTIONS = ("document_mask", "reset_position_ids", "eod_mask_loss")
+
+
+def validate_documents(d: DataConfig, eos_id: int | None) -> None:
+    """Document options need a source with an end-of-document id (checked once it is built)."""
+    for name in DOCUMENT_OPTIONS:
+        _check(
+            not getattr(d, name) or eos_id is not None,
+            f"data.{name}",
+            True,
+            f"data.source={d.source} has no end-of-document id to find documents by (byte-level "
+            "stdlib/text sources end each file with byte 0); use such a source or set it false",
+        )
+
+
+def _validate_documents_device(cfg: Config) -> None:
+    par = cfg.parallel
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    _check(
+        not (cfg.data.document_mask and par.cp > 1 and par.cp_comm == "ring" and cuda),
+        "parallel.cp_comm",
+        par.cp_comm,
+        "data.document_mask on CUDA runs with parallel.cp_comm=all_gather (torch's ring "
+        "attention takes no mask)",
     )
 
 

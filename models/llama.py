@@ -93,12 +93,22 @@ def rope_frequencies(args: ModelArgs, device: torch.device | None = None) -> tor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of x [b, s, h, d] by the angles in cos/sin [s, d/2] (Meta layout)."""
+    """Rotate adjacent pairs of x [b, s, h, d] by the angles in cos/sin (Meta layout): [s, d/2]
+    shared by the batch, or [b, s, d/2] per sequence (positions restarting per document)."""
     pairs = x.float().unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if cos.ndim == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] boolean block-causal mask: a token sees the earlier tokens of its document."""
+    s = doc_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
+    return (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal
 
 
 class CausalCore(nn.Module):
@@ -107,11 +117,17 @@ class CausalCore(nn.Module):
     A module of its own, with no parameters, so code outside models/ can swap it (context
     parallelism replaces it with an attention over the sequence of several ranks)."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [b, h, s, d], k/v [b, h_kv, s, d] -> [b, h, s, d]."""
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q [b, h, s, d], k/v [b, h_kv, s, d] -> [b, h, s, d]; with doc_ids [b, s] block-causal
+        (no token attends across a document boundary)."""
         repeats = q.shape[1] // k.shape[1]
         if repeats > 1:
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        if doc_ids is not None:
+            mask = document_causal_mask(doc_ids)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
@@ -127,19 +143,26 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Attend causally over the sequence; head counts come from the weights (TP-agnostic).
 
-        cos/sin cover positions [0, max_seq_len): the first s rows are used, with s read from x,
-        which may be longer than the hidden state between blocks (sequence-sharded there).
+        cos/sin cover positions [0, max_seq_len) ([..., rows, d/2], optionally per sequence): the
+        first s rows are used, with s read from x, which may be longer than the hidden state
+        between blocks (sequence-sharded there). doc_ids: passed to the core (block-causal).
         """
         b, s, _ = x.shape
-        cos, sin = cos[:s], sin[:s]
+        cos, sin = cos[..., :s, :], sin[..., :s, :]
         q = apply_rope(self.wq(x).view(b, s, -1, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(b, s, -1, self.head_dim), cos, sin)
         v = self.wv(x).view(b, s, -1, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = self.core(q, k, v)
+        out = self.core(q, k, v, doc_ids)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -167,9 +190,15 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """One decoder layer."""
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One decoder layer (doc_ids by keyword: TP's input preparation sees x, cos, sin)."""
+        h = x + self.attention(self.attention_norm(x), cos, sin, doc_ids=doc_ids)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -208,15 +237,25 @@ class Transformer(nn.Module):
             self._rope_cache[key] = (angles.cos(), angles.sin())
         return self._rope_cache[key]
 
-    def forward(self, tokens_or_hidden: torch.Tensor) -> torch.Tensor:
-        """Token ids [b, s] (first stage) or hidden states [b, s, dim] in; logits or hidden out."""
+    def forward(
+        self,
+        tokens_or_hidden: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids [b, s] (first stage) or hidden states [b, s, dim] in; logits or hidden out.
+
+        Packed documents (data/documents.py), each [b, s] over the whole sequence: doc_ids makes
+        attention block-causal, positions are the RoPE positions (default 0..s-1)."""
         h = tokens_or_hidden
         if self.tok_embeddings is not None:
             h = self.tok_embeddings(h)
         # tables for every position: a block may see a longer sequence than h (e.g. gathered)
         cos, sin = self.rope(self.args.max_seq_len, h.device)
+        if positions is not None:
+            cos, sin = cos[positions], sin[positions]  # [b, s, d/2]
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, doc_ids)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:

@@ -23,28 +23,19 @@ from torch import nn
 from torch.distributed._functional_collectives import all_gather_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
-from models.llama import Attention, Transformer
+from models.llama import Attention, Transformer, document_causal_mask
 from parallel.ring_attention import (
     RingCausalCore,
-    cpu_flash_attention,
-    cpu_flash_attention_backward,
+    chunk_positions,
     expand_kv,
+    flash_piece,
+    flash_piece_backward,
     fold_kv_grads,
     merge_attention,
 )
 
 CP_COMM = ("all_gather", "ring")
-
-
-def chunk_positions(
-    seq_len: int, cp: int, rank: int, device: torch.device | None = None
-) -> torch.Tensor:
-    """The positions cp rank `rank` holds of a seq_len-token sequence cut into 2·cp chunks:
-    chunks rank and 2·cp−1−rank, so causal attention costs the same on every rank."""
-    c = seq_len // (2 * cp)
-    head = torch.arange(rank * c, (rank + 1) * c, device=device)
-    tail = torch.arange((2 * cp - 1 - rank) * c, (2 * cp - rank) * c, device=device)
-    return torch.cat([head, tail])
+__all__ = ["CP_COMM", "apply_context_parallel", "chunk_positions", "shard_sequence"]
 
 
 def shard_sequence(x: torch.Tensor, cp_mesh: DeviceMesh, dim: int = 1) -> torch.Tensor:
@@ -62,31 +53,37 @@ def gathered_order(cp: int) -> list[int]:
     return [2 * g if g < cp else 2 * (2 * cp - 1 - g) + 1 for g in range(2 * cp)]
 
 
-def _pieces(rank: int, cp: int, c: int) -> list[tuple[int, slice, slice, bool]]:
-    """(local chunk, query rows, key columns, causal) of each attention piece of rank's queries:
-    every query chunk sees its own chunk causally and all keys before it in full."""
+def _pieces(rank: int, cp: int, c: int) -> list[tuple[int, slice, slice, slice, bool]]:
+    """(local chunk, query rows, their sequence positions, key columns, causal) of each attention
+    piece of rank's queries: every query chunk sees its own chunk causally and all keys before
+    it in full."""
     pieces = []
     for t, chunk in enumerate((rank, 2 * cp - 1 - rank)):
-        rows = slice(t * c, (t + 1) * c)
-        pieces.append((t, rows, slice(chunk * c, (chunk + 1) * c), True))
+        rows, own = slice(t * c, (t + 1) * c), slice(chunk * c, (chunk + 1) * c)
+        pieces.append((t, rows, own, own, True))
         if chunk > 0:
-            pieces.append((t, rows, slice(0, chunk * c), False))
+            pieces.append((t, rows, own, slice(0, chunk * c), False))
     return pieces
 
 
+def _ids(doc_ids: torch.Tensor | None, part: slice) -> torch.Tensor | None:
+    return None if doc_ids is None else doc_ids[:, part]
+
+
 def gathered_forward(
-    q: torch.Tensor, kv: torch.Tensor, rank: int, cp: int
+    q: torch.Tensor, kv: torch.Tensor, rank: int, cp: int, doc_ids: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Local q [b, h, s/cp, d] over the whole sequence's packed K/V [b, 2·h_kv, s, d] -> (out, lse).
 
     No s x s mask: each piece is plain or square-causal flash attention, merged by log-sum-exp
-    (a boolean mask would be kept for backward as a float matrix, quadratic in s)."""
+    (a boolean mask would be kept for backward as a float matrix, quadratic in s). doc_ids
+    [b, s]: block-causal, each piece masked by its documents (made again in backward)."""
     repeats, c = q.shape[1] // (kv.shape[1] // 2), q.shape[2] // 2
     outs: list[torch.Tensor | None] = [None, None]
     lses: list[torch.Tensor | None] = [None, None]
-    for t, rows, cols, causal in _pieces(rank, cp, c):
+    for t, rows, own, cols, causal in _pieces(rank, cp, c):
         kb, vb = expand_kv(kv[:, :, cols], repeats)
-        o, lse = cpu_flash_attention(q[:, :, rows], kb, vb, is_causal=causal)
+        o, lse = flash_piece(q[:, :, rows], kb, vb, causal, _ids(doc_ids, own), _ids(doc_ids, cols))
         prev_o, prev_lse = outs[t], lses[t]
         if prev_o is None or prev_lse is None:
             outs[t], lses[t] = o.float(), lse
@@ -104,24 +101,26 @@ def gathered_backward(
     lse: torch.Tensor,
     rank: int,
     cp: int,
+    doc_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of gathered_forward: dq and the whole sequence's packed [dk, dv]."""
     grad_out = grad_out.contiguous()
     repeats, c = q.shape[1] // (kv.shape[1] // 2), q.shape[2] // 2
     dq = torch.zeros_like(q, dtype=torch.float32)
     dkv = torch.zeros_like(kv, dtype=torch.float32)
-    for _, rows, cols, causal in _pieces(rank, cp, c):
+    for _, rows, own, cols, causal in _pieces(rank, cp, c):
         kb, vb = expand_kv(kv[:, :, cols], repeats)
         # the merged out and lse make each piece's gradient exact (flash backward's rule)
-        g = cpu_flash_attention_backward(
+        g = flash_piece_backward(
             grad_out[:, :, rows],
             q[:, :, rows],
             kb,
             vb,
             out[:, :, rows],
             lse[..., rows],
-            0.0,
             causal,
+            _ids(doc_ids, own),
+            _ids(doc_ids, cols),
         )
         dq[:, :, rows] += g[0]
         dkv[:, :, cols] += fold_kv_grads(g[1], g[2], repeats)
@@ -138,7 +137,9 @@ gathered_attention_backward = torch.library.custom_op(
 
 
 @gathered_attention.register_fake
-def _(q: torch.Tensor, kv: torch.Tensor, rank: int, cp: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _(
+    q: torch.Tensor, kv: torch.Tensor, rank: int, cp: int, doc_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -150,16 +151,17 @@ def _(
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    q, kv, ctx.rank, ctx.cp = inputs
-    ctx.save_for_backward(q, kv, *output)  # K/V un-repeated: GQA's copies are made again
+    q, kv, ctx.rank, ctx.cp, doc_ids = inputs
+    # K/V un-repeated: GQA's copies are made again; doc_ids integers, no gradient
+    ctx.save_for_backward(q, kv, *output, doc_ids)
 
 
 def _backward(
     ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, ...]:
-    q, kv, out, lse = ctx.saved_tensors
-    dq, dkv = gathered_attention_backward(grad_out, q, kv, out, lse, ctx.rank, ctx.cp)
-    return dq, dkv, None, None
+    q, kv, out, lse, doc_ids = ctx.saved_tensors
+    dq, dkv = gathered_attention_backward(grad_out, q, kv, out, lse, ctx.rank, ctx.cp, doc_ids)
+    return dq, dkv, None, None, None
 
 
 gathered_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -175,17 +177,33 @@ class AllGatherCausalCore(nn.Module):
         super().__init__()
         self.cp_mesh = cp_mesh
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [b, h, s/cp, d], k/v [b, h_kv, s/cp, d] (this rank's chunks) -> [b, h, s/cp, d]."""
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q [b, h, s/cp, d], k/v [b, h_kv, s/cp, d] (this rank's chunks) -> [b, h, s/cp, d];
+        doc_ids [b, s]: the whole sequence's document ids (block-causal)."""
         cp, rank = self.cp_mesh.size(), self.cp_mesh.get_local_rank()
         # the one collective: K and V of every cp rank, sequence first (the gathered dim), in
         # rank order; backward reduce-scatters their gradients back
         kv = torch.cat([k, v], 1).movedim(2, 0).contiguous()
         pieces = all_gather_single_autograd(kv, 0, self.cp_mesh).movedim(0, 2).chunk(2 * cp, 2)
         kv_all = torch.cat([pieces[i] for i in gathered_order(cp)], 2)
+        if q.is_cuda and doc_ids is not None:
+            return _document_sdpa(q, kv_all, rank, cp, doc_ids)
         if q.is_cuda:
             return _lower_right_sdpa(q, kv_all, rank, cp)
-        return gathered_attention(q, kv_all, rank, cp)[0]
+        return gathered_attention(q, kv_all, rank, cp, doc_ids)[0]
+
+
+def _document_sdpa(
+    q: torch.Tensor, kv: torch.Tensor, rank: int, cp: int, doc_ids: torch.Tensor
+) -> torch.Tensor:
+    """CUDA with documents: the local queries' rows of the whole sequence's block-causal mask,
+    one SDPA (correct by construction, a [b, 1, s/cp, s] mask; not verified here: no GPU)."""
+    k_all, v_all = expand_kv(kv, q.shape[1] // (kv.shape[1] // 2))
+    rows = chunk_positions(doc_ids.shape[1], cp, rank, q.device)
+    mask = document_causal_mask(doc_ids)[:, :, rows]
+    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
 
 
 def _lower_right_sdpa(q: torch.Tensor, kv: torch.Tensor, rank: int, cp: int) -> torch.Tensor:
@@ -217,7 +235,7 @@ def _rope_rows_hook(cp_mesh: DeviceMesh) -> Any:
         if key not in cache:
             cache[key] = chunk_positions(x.shape[1] * cp, cp, rank, cos.device)
         rows = cache[key]
-        return x, cos[rows], sin[rows]
+        return x, cos[..., rows, :], sin[..., rows, :]  # tables [s, d/2] or [b, s, d/2]
 
     return hook
 

@@ -10,6 +10,7 @@ import torch
 from data import DistributedBatchSampler, TokenSource, build_token_source
 from launcher.config import Config, ConfigError
 from launcher.run.trainer import Trainer, uses_bf16
+from launcher.validate import validate_documents
 from models.llama import ModelArgs
 from parallel.init import InitialValues
 from parallel.mesh import build_mesh, resolve_device
@@ -74,6 +75,7 @@ def load_data(cfg: Config) -> TokenSource:
     except (FileNotFoundError, ValueError) as err:
         field_name = "data.tokenizer" if d.tokenizer and d.tokenizer in str(err) else "data.path"
         raise ConfigError(field_name, getattr(d, field_name.split(".")[1]), str(err)) from None
+    validate_documents(d, source.eos_id)
     needed = cfg.train.global_batch_size * cfg.train.seq_len + 1  # one batch; targets shift by 1
     if len(source.val) < needed:
         raise ConfigError(
@@ -120,4 +122,4 @@ def build_trainer(
         par.dp,
         cfg.train.seed,
     )
-    return Trainer(cfg, model, sampler, device)
+    return Trainer(cfg, model, sampler, device, eos_id=tokens.eos_id)

@@ -10,16 +10,18 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
 from data import DistributedBatchSampler
+from data.documents import document_inputs, mask_document_ends
 from launcher.config import Config
 from parallel.dtensor import local_part
 from parallel.grad_clip import clip_grad_norm
-from parallel.loss import cross_entropy, loss_context
+from parallel.loss import counted_token_weight, cross_entropy, loss_context, scale_gradients
 from parallel.parallelize import ParallelModel
 from parallel.tied_embeddings import sum_tied_gradients
 
@@ -95,6 +97,13 @@ def _set_gradient_sync(model: ParallelModel, enabled: bool) -> None:
             chunk.set_requires_gradient_sync(enabled)
 
 
+def _microbatches(batch: dict[str, torch.Tensor], m: int) -> list[dict[str, torch.Tensor]]:
+    """Keyword inputs of a batch split into m microbatches along the batch dim."""
+    if not batch:
+        return [{}] * m
+    return [dict(zip(batch, parts)) for parts in zip(*(t.chunk(m) for t in batch.values()))]
+
+
 @dataclass
 class StepResult:
     """What one optimizer step produced, as tensors (no host sync until someone reads them)."""
@@ -115,6 +124,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer = field(init=False)
     lr_scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
     step: int = 0
+    eos_id: int | None = None  # the token source's end-of-document id (data.document_mask etc.)
 
     def __post_init__(self) -> None:
         self.optimizer = build_optimizer(self.model, self.cfg)
@@ -143,24 +153,49 @@ class Trainer:
                 **kernel,
             )
 
+    def documents(self, inputs: torch.Tensor) -> dict[str, Any]:
+        """The model's document inputs (doc_ids, positions) for a whole [b, s] batch, as
+        data.document_mask / data.reset_position_ids ask: whole sequences on every cp rank
+        (attention needs the ids of the K/V it sees) and every pp stage (torch's schedules pass
+        step()'s keyword arguments, split by microbatch, to every stage's forward)."""
+        d = self.cfg.data
+        if self.eos_id is None:
+            return {}
+        return document_inputs(
+            inputs, self.eos_id, mask=d.document_mask, reset_positions=d.reset_position_ids
+        )
+
+    def loss_targets(
+        self, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(targets, weight): under data.eod_mask_loss the EOS -> next-document targets are
+        masked and weight is counted_token_weight's global factor; else (targets, None)."""
+        if not self.cfg.data.eod_mask_loss or self.eos_id is None:
+            return targets, None
+        targets = mask_document_ends(inputs, targets, self.eos_id).to(self.device)
+        return targets, counted_token_weight(targets, self.model.mesh["dp"])
+
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Accumulate gradients over the microbatches of this rank's batch; return its mean loss."""
         m = self.cfg.parallel.microbatches
+        inputs = inputs.to(self.device)
+        docs = self.documents(inputs)  # from the whole sequence, before cp takes its chunks
         inputs, targets = (self.model.local_sequence(t.to(self.device)) for t in (inputs, targets))
         with autocast(self.device, self.cfg.precision), loss_context(self._tp):
             if self.model.schedule is not None:
                 losses: list[torch.Tensor] = []
                 args = (inputs,) if self.model.has_first_stage else ()
                 target = targets if self.model.has_last_stage else None
-                self.model.schedule.step(*args, target=target, losses=losses)
+                self.model.schedule.step(*args, target=target, losses=losses, **docs)
                 if not losses:
                     return torch.zeros((), device=self.device)
                 return local_part(torch.stack([local_part(x) for x in losses]).mean())
             chunk = self.model.chunks[0]
             total = torch.zeros((), device=self.device)
+            parts = _microbatches(docs, m)
             for i, (x, y) in enumerate(zip(inputs.chunk(m), targets.chunk(m))):
                 _set_gradient_sync(self.model, i == m - 1)  # reduce across dp once, at the end
-                loss = cross_entropy(chunk(x), y) / m
+                loss = cross_entropy(chunk(x, **parts[i]), y) / m
                 loss.backward()
                 total += local_part(loss.detach())
             return total
@@ -168,7 +203,11 @@ class Trainer:
     def train_step(self) -> StepResult:
         """One optimizer step on the next global batch."""
         inputs, targets = self.sampler.next_batch()
+        targets, weight = self.loss_targets(inputs, targets)
         loss = self.forward_backward(inputs, targets)
+        if weight is not None:  # the mean over the counted tokens of the global batch
+            scale_gradients(self.model.parameters(), weight)
+            loss = loss * weight
         tied = self.model.tied
         if tied is not None:  # the copies of a tied matrix get one gradient, before clipping
             sum_tied_gradients(tied)
@@ -195,19 +234,25 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         with autocast(self.device, self.cfg.precision), loss_context(self._tp):
             for inputs, targets in batches:
+                inputs = inputs.to(self.device)
+                targets, weight = self.loss_targets(inputs, targets)
+                docs = self.documents(inputs)
                 inputs, targets = (
                     self.model.local_sequence(t.to(self.device)) for t in (inputs, targets)
                 )
+                loss = torch.zeros((), device=self.device)
                 if self.model.schedule is None:
-                    total += local_part(cross_entropy(self.model.chunks[0](inputs), targets))
-                    continue
-                losses: list[torch.Tensor] = []
-                args = (inputs,) if self.model.has_first_stage else ()
-                target = targets if self.model.has_last_stage else None
-                schedule = self.model.eval_schedule or self.model.schedule  # V shapes: forward-only
-                schedule.eval(*args, target=target, losses=losses)
-                if losses:
-                    total += local_part(torch.stack([local_part(x) for x in losses]).mean())
+                    loss = local_part(cross_entropy(self.model.chunks[0](inputs, **docs), targets))
+                else:
+                    losses: list[torch.Tensor] = []
+                    args = (inputs,) if self.model.has_first_stage else ()
+                    target = targets if self.model.has_last_stage else None
+                    # V shapes: forward-only
+                    schedule = self.model.eval_schedule or self.model.schedule
+                    schedule.eval(*args, target=target, losses=losses, **docs)
+                    if losses:
+                        loss = local_part(torch.stack([local_part(x) for x in losses]).mean())
+                total += loss if weight is None else loss * weight
         return total / len(batches)
 
     def global_mean(self, value: torch.Tensor) -> torch.Tensor:

@@ -88,3 +88,19 @@ def test_every_bad_value_names_its_field(overrides: list[str], field: str) -> No
     with pytest.raises(ConfigError) as err:
         compose_config(overrides, world_size=1)
     assert err.value.field_name == field and str(err.value).startswith(f"config error: {field}=")
+
+
+def test_document_options_need_an_end_of_document_id(tmp_path) -> None:
+    from launcher.run.build import load_data
+    from launcher.validate import DOCUMENT_OPTIONS
+
+    tokens = tmp_path / "flat.bin"  # a flat token file: no end-of-document id
+    tokens.write_bytes(bytes(range(256)) * 200)
+    base = ["data=tokens", f"data.path={tokens}", "train.seq_len=16", "train.global_batch_size=4"]
+    for name in DOCUMENT_OPTIONS:
+        with pytest.raises(ConfigError, match=f"data.{name}=True: data.source=tokens has no end"):
+            load_data(compose_config([*base, f"data.{name}=true"], 1))
+    with pytest.raises(ConfigError, match="parallel.cp_comm='ring': data.document_mask on CUDA"):
+        compose_config(
+            ["device=cuda", "parallel.cp=2", "parallel.cp_comm=ring", "data.document_mask=true"], 2
+        )

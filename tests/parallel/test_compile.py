@@ -31,7 +31,14 @@ BASE = [
     "device=cpu",
 ]
 LAYOUTS = {
-    1: ["parallel.microbatches=8"],
+    # with the document options: the block-causal mask and per-document RoPE positions built
+    # and compiled (whether or not a window holds an EOS, the graph is the same)
+    1: [
+        "parallel.microbatches=8",
+        "data.document_mask=true",
+        "data.reset_position_ids=true",
+        "data.eod_mask_loss=true",
+    ],
     2: ["parallel.tp=2", "parallel.sequence_parallel=true"],
     # CP's all-gather (a functional collective in the graph, a custom attention op) under a
     # pipeline, FSDP2 sharding over the cp ranks: the pp x dp case this replaced is subsumed

@@ -63,10 +63,18 @@ def _inputs() -> tuple[torch.Tensor, ...]:
     return q, k, v, grad
 
 
-def _attend(core: torch.nn.Module, q, k, v, grad, shard) -> tuple[torch.Tensor, ...]:
+def _documents() -> torch.Tensor:
+    """Document ids [B, S]: short and long documents, some across chunk and rank boundaries (row
+    0), one document (row 1)."""
+    starts = torch.zeros(B, S, dtype=torch.long)
+    starts[0, [3, 4, 13, 20, 21, 30]] = 1
+    return starts.cumsum(1)
+
+
+def _attend(core: torch.nn.Module, q, k, v, grad, shard, **kw) -> tuple[torch.Tensor, ...]:
     """Output and q/k/v gradients of `core` on the sequence slices `shard` picks."""
     q, k, v = (shard(t).clone().requires_grad_() for t in (q, k, v))
-    out = core(q, k, v)
+    out = core(q, k, v, **kw)
     out.backward(shard(grad))
     return out.detach(), q.grad, k.grad, v.grad
 
@@ -77,6 +85,10 @@ def _cores_on_mesh(mesh) -> dict[str, tuple[torch.Tensor, ...]]:
     results = {}
     for name, core in (("all_gather", AllGatherCausalCore(cp)), ("ring", RingCausalCore(cp))):
         results[name] = _attend(core, q, k, v, grad, lambda t: shard_sequence(t, cp, dim=2))
+        # block-causal: the whole sequence's document ids on every rank
+        results[f"{name}_docs"] = _attend(
+            core, q, k, v, grad, lambda t: shard_sequence(t, cp, dim=2), doc_ids=_documents()
+        )
     # a model block: RoPE rows follow the chunks (attention output of the whole block)
     args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=S)
     torch.manual_seed(0)
@@ -130,13 +142,15 @@ def test_cp_attention_matches_whole_sequence(cp4: list[dict[str, Any]]) -> None:
     cp = CP
     q, k, v, grad = _inputs()
     # reference: one process, whole sequence; then each rank's chunks of it
-    ref_out, ref_dq, ref_dk, ref_dv = _attend(CausalCore(), q, k, v, grad, lambda t: t)
+    ref = _attend(CausalCore(), q, k, v, grad, lambda t: t)
+    ref_docs = _attend(CausalCore(), q, k, v, grad, lambda t: t, doc_ids=_documents())
     for rank, results in enumerate(cp4):
         full_block, local_block = results["block"]
         assert (local_block - full_block).abs().max() < 1e-6, rank
         rows = chunk_positions(S, cp, rank)
-        for name in ("all_gather", "ring"):
+        for name in ("all_gather", "ring", "all_gather_docs", "ring_docs"):
             out, dq, dk, dv = results[name]
+            ref_out, ref_dq, ref_dk, ref_dv = ref_docs if name.endswith("_docs") else ref
             assert (out - ref_out[:, :, rows]).abs().max() < 1e-6, (name, rank)
             assert (dq - ref_dq[:, :, rows]).abs().max() < 1e-5, (name, rank)
             # K/V gradients sum the contributions of every rank's queries
