@@ -12,10 +12,9 @@ object, then a delete). The guarantees, in the order a save runs:
    manifest first, so a half-deleted one reads as incomplete, never as complete);
 4. a save that fails before step 2 removes what it wrote; a killed one leaves a manifest-less
    folder, which readers skip and the next save removes.
-One difference from local storage: saving a step that is already committed (the same step again,
-e.g. right after resuming from it) first un-commits it (removes its manifest, then its files):
-if that save then fails, that step is gone and the checkpoint before it is the newest (keep it
-with checkpoint.keep >= 2). Locally the old one is swapped out by renames instead.
+One difference from local storage: a step that is already committed is never saved again
+(save.write_snapshot keeps it, the same training state): rewriting it in place would first
+un-commit it, and a failure then would lose it. Locally the old one is swapped out by renames.
 
 Reading: DCP's HuggingFaceStorageReader opens files with safetensors' `safe_open`, local paths
 only, so `SafetensorsReader` below is torch's FsspecReader (its fsspec FileSystem) with the

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,7 @@ from parallel.checkpoint.backends import storage_for
 from parallel.checkpoint.commit import UNTOUCHED, clear_tmp, discard, write_and_commit
 from parallel.checkpoint.format import (
     FORMAT,
+    MANIFEST,
     checkpoint_name,
     file_crc32,
     model_entry,
@@ -121,6 +122,13 @@ def write_snapshot(
     final, tmp = storage.join(root, name), storage.staging(root, name)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     failed = f"cannot save checkpoint step {snap.step} into {root}"
+    # a store that writes in place (no atomic rename) cannot replace a committed checkpoint
+    # without un-committing it first: the same step saved again (e.g. right after resuming
+    # from it) keeps the committed one, the same training state, rather than risk losing it
+    in_place = str(tmp) == str(final)
+    committed = rank == 0 and in_place and storage.is_file(storage.join(final, MANIFEST))
+    if _from_rank0(committed, group):
+        return final
     # rank 0's verdict on clearing tmp: no rank writes into it before, none at all if it failed
     if problem := _from_rank0(clear_tmp(root, tmp) if rank == 0 else None, group):
         raise CheckpointError(f"{failed}: {problem}")
@@ -180,11 +188,14 @@ def save_checkpoint(
     return write_snapshot(take_snapshot(root, step, model, optimizer, states, meta), keep)
 
 
+T = TypeVar("T")
+
+
 def _global(group_rank: int, group: dist.ProcessGroup | None) -> int:
     return dist.get_global_rank(group, group_rank) if group is not None else group_rank
 
 
-def _from_rank0(value: str | None, group: dist.ProcessGroup | None) -> str | None:
+def _from_rank0(value: T, group: dist.ProcessGroup | None) -> T:
     """Rank 0's value on every rank of `group`."""
     box = [value]
     dist.broadcast_object_list(box, src=_global(0, group), group=group)

@@ -23,6 +23,7 @@ from launcher.run.compose import compose_config
 from parallel.checkpoint.backends import storage_for
 from parallel.checkpoint.format import complete_checkpoints, find_latest, read_manifest
 from parallel.checkpoint.state import CheckpointError
+from parallel.checkpoint.storage import is_url
 from tests.helpers.run_training import make_config, train_and_report
 from tests.helpers.spawn import run_ranks
 
@@ -136,8 +137,12 @@ def _scenarios(kind: str, tmp: str) -> dict[str, Any]:
     step3 = storage.join(root, "step-00000003")
     seen["latest"] = storage.read_text(storage.join(root, "latest")).strip()
 
-    # the same step saved again (swapped locally, un-committed and rewritten on fsspec)
+    # the same step saved again: swapped locally; kept on fsspec, so even a save failing at
+    # its first write loses nothing
+    if is_url(root):
+        commit._write_text = lambda *a: (_ for _ in ()).throw(OSError(28, "No space left"))
     checkpoints.save(trainer)
+    commit._write_text = original_text
     seen["again_after"] = _names(root)
     fresh = build_trainer(cfg, load_data(cfg))
     seen["loaded_step"] = load_trainer(step3, fresh)["step"]
