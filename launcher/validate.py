@@ -8,6 +8,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from data.blend import parse_blend
+from data.build import SOURCES
 from launcher.config import (
     Config,
     ConfigError,
@@ -335,12 +337,14 @@ def _validate_stage_costs(par: ParallelConfig, n_stages: int) -> None:
 
 def _validate_data(d: DataConfig) -> None:
     _check(
-        d.source in ("stdlib", "tokens", "text"),
+        d.source in SOURCES,
         "data.source",
         d.source,
-        "use stdlib, tokens or text",
+        f"use {', '.join(SOURCES[:-1])} or {SOURCES[-1]}",
     )
-    if d.source != "stdlib":
+    if d.source == "indexed":
+        _validate_indexed_paths(d.paths)
+    elif d.source != "stdlib":
         _check(
             d.path is not None and os.path.exists(d.path),
             "data.path",
@@ -355,6 +359,25 @@ def _validate_data(d: DataConfig) -> None:
             "must be a readable Hugging Face tokenizer.json file",
         )
     _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "use a value in (0, 1)")
+
+
+def _validate_indexed_paths(paths: list[Any]) -> None:
+    """A well-formed blend whose prefixes all have their .bin and .idx (contents: load_data)."""
+    try:
+        _, prefixes = parse_blend(list(paths))
+    except ValueError as err:
+        raise ConfigError(
+            "data.paths", list(paths), f"{err}, e.g. data.paths=[0.3,corpus/a,0.7,corpus/b]"
+        ) from None
+    for prefix in prefixes:
+        missing = [s for s in (".bin", ".idx") if not os.path.isfile(prefix + s)]
+        _check(
+            not missing,
+            "data.paths",
+            prefix,
+            f"{prefix}{'/'.join(missing)} not found: give prefixes written by "
+            "`python -m launcher.preprocess` (or Megatron's tools), without .bin/.idx",
+        )
 
 
 def _validate_batch(global_batch: int, dp: int, microbatches: int) -> None:
