@@ -48,6 +48,16 @@ def test_folder_of_every_format_byte_level(tmp_path: Path) -> None:
     assert IndexedDataset(tmp_path / "out/all").dtype == np.uint16  # Megatron's pick for < 65500
 
 
+def test_saved_hugging_face_dataset(tmp_path: Path) -> None:
+    import datasets
+
+    saved = datasets.Dataset.from_dict({"body": ["first doc", "", "second"], "n": [1, 2, 3]})
+    saved.save_to_disk(str(tmp_path / "hf"), num_shards=2)
+    args = ["--input", str(tmp_path / "hf"), "--output-prefix", str(tmp_path / "o")]
+    assert main([*args, "--text-key", "body"]) == 0
+    assert _documents(tmp_path / "o") == [list(b"first doc") + [0], list(b"second") + [0]]
+
+
 def test_tokenizer_and_two_workers_write_the_same_pair(tmp_path: Path) -> None:
     tok = _train_bpe(tmp_path)
     from tokenizers import Tokenizer
