@@ -51,9 +51,9 @@ def dtype_code(dtype: type[np.generic] | np.dtype) -> int:
     raise ValueError(f"dtype {np.dtype(dtype)} has no Megatron indexed-dataset code")
 
 
-def _deepspeed_hint(code: int, lengths: np.ndarray, bin_bytes: int) -> str:
+def _deepspeed_hint(code: int, tokens: int, bin_bytes: int) -> str:
     ds = _DEEPSPEED_CODES.get(code)
-    if ds is not None and int(lengths.sum(dtype=np.int64)) * np.dtype(ds).itemsize == bin_bytes:
+    if ds is not None and tokens * np.dtype(ds).itemsize == bin_bytes:
         return (
             f" (it matches DeepSpeed's dtype code {code} = {np.dtype(ds).name}: rewrite it with "
             "`python -m launcher.preprocess` or Megatron's tools)"
@@ -97,38 +97,52 @@ class IndexedDataset:
         self.bin = (
             np.memmap(bin_path, self.dtype, "r") if bin_bytes else np.zeros(0, dtype=self.dtype)
         )
+        self._bin_file = open(bin_path, "rb")  # for read(): closed when the dataset is collected
+
+    def _array(self, dtype: type[np.generic], offset: int, count: int) -> np.ndarray:
+        """Part of the index read (not mapped), so scanning it leaves no pages resident."""
+        return np.fromfile(self.prefix + ".idx", dtype=dtype, count=count, offset=offset)
 
     def _check(self, code: int, bin_bytes: int, idx_path: Path) -> None:
         """Pointers, lengths, documents and `.bin` size agree; refuse float (or DeepSpeed) codes."""
-        lengths, item = self.lengths, self.dtype.itemsize
-        total = int(lengths.sum(dtype=np.int64)) if len(lengths) else 0
+        n_seq, item = len(self.lengths), self.dtype.itemsize
+        chunks = range(0, n_seq, _CHECK_CHUNK)
+        lengths = (
+            self._array(np.int32, HEADER_BYTES + 4 * s, min(_CHECK_CHUNK, n_seq - s))
+            for s in chunks
+        )
+        total = sum(int(c.sum(dtype=np.int64)) for c in lengths)
         if total * item != bin_bytes:
             raise IndexedFormatError(
                 f"{self.prefix}.bin has {bin_bytes} bytes but {idx_path.name} describes {total} "
                 f"{self.dtype.name} tokens ({total * item} bytes)"
-                + _deepspeed_hint(code, lengths, bin_bytes)
+                + _deepspeed_hint(code, total, bin_bytes)
             )
         if self.dtype.kind == "f":
             raise IndexedFormatError(
                 f"{idx_path} declares {self.dtype.name} tokens (code {code}); token ids must be "
-                f"integers{_deepspeed_hint(code, lengths, bin_bytes) or ' (DeepSpeed writes uint32 as code 7)'}"
+                f"integers{_deepspeed_hint(code, total, bin_bytes) or ' (DeepSpeed writes uint32 as code 7)'}"
             )
         offset = 0
-        for start in range(0, len(lengths), _CHECK_CHUNK):
-            chunk = lengths[start : start + _CHECK_CHUNK].astype(np.int64)
+        for start in chunks:
+            count = min(_CHECK_CHUNK, n_seq - start)
+            chunk = self._array(np.int32, HEADER_BYTES + 4 * start, count).astype(np.int64)
+            pointers = self._array(np.int64, HEADER_BYTES + 4 * n_seq + 8 * start, count)
             want = offset + np.concatenate(([0], np.cumsum(chunk)[:-1])) * item
-            if (chunk < 0).any() or not np.array_equal(
-                self.pointers[start : start + len(chunk)], want
-            ):
+            if (chunk < 0).any() or not np.array_equal(pointers, want):
                 raise IndexedFormatError(
                     f"{idx_path} is corrupt: byte pointers disagree with lengths"
                 )
             offset = int(want[-1] + chunk[-1] * item)
-        docs = self.document_indices
-        if docs[0] != 0 or docs[-1] != len(lengths) or (np.diff(docs) < 0).any():
+        docs = self._documents()
+        if docs[0] != 0 or docs[-1] != n_seq or (np.diff(docs) < 0).any():
             raise IndexedFormatError(
                 f"{idx_path} is corrupt: document indices must rise from 0 to the sequence count"
             )
+
+    def _documents(self) -> np.ndarray:
+        n_seq = len(self.lengths)
+        return self._array(np.int64, HEADER_BYTES + 12 * n_seq, len(self.document_indices))
 
     def __len__(self) -> int:
         """Number of sequences."""
@@ -139,6 +153,14 @@ class IndexedDataset:
         start = int(self.pointers[i]) // self.dtype.itemsize
         return self.bin[start : start + int(self.lengths[i])]
 
+    def read(self, start: int, count: int) -> np.ndarray:
+        """`count` tokens from token offset `start`, read rather than mapped: training reads
+        scattered documents, and mapped pages (with the kernel's read-around) would stay
+        resident in this process, growing its memory with the corpus."""
+        item = self.dtype.itemsize
+        raw = os.pread(self._bin_file.fileno(), count * item, start * item)
+        return np.frombuffer(raw, dtype=self.dtype)
+
     @property
     def n_documents(self) -> int:
         """Number of documents (the document index holds one more entry)."""
@@ -147,9 +169,13 @@ class IndexedDataset:
     def document_token_ranges(self) -> tuple[np.ndarray, np.ndarray]:
         """(start, length) in tokens of every document's span in `.bin`, int64 arrays."""
         # sequences lie back to back (checked on open): a document is one contiguous span
-        seq_starts = np.append(self.pointers // self.dtype.itemsize, len(self.bin))
-        starts = seq_starts[self.document_indices[:-1]]
-        return starts, seq_starts[self.document_indices[1:]] - starts
+        n_seq = len(self.lengths)
+        pointers = self._array(np.int64, HEADER_BYTES + 4 * n_seq, n_seq)
+        seq_starts = np.append(pointers // self.dtype.itemsize, len(self.bin))
+        del pointers
+        docs = self._documents()
+        starts = seq_starts[docs[:-1]]
+        return starts, seq_starts[docs[1:]] - starts
 
 
 class IndexedWriter:

@@ -6,7 +6,7 @@ preprocessing appended, and sample j of the epoch is tokens [j*L, j*L + L + 1) o
 (L = seq_len; the extra token is the last target), so an epoch holds (tokens - 1) // L samples.
 EOS tokens stay in the samples: document boundaries can be derived from the inputs. Memory is
 O(documents) small ints per source (lengths, one epoch's order and its offsets); tokens are
-read from the `.bin` memory map only for the rows asked for.
+read from the `.bin` (pread, not mapped) only for the rows asked for.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ class PackedDocuments:
             key,
             shuffle,
         )
+        self.starts = starts[first:stop].copy()  # file offsets: rows never touch the index
         self.lengths = lengths[first:stop].astype(np.int32)
+        del starts, lengths
         self.n_tokens = int(self.lengths.sum(dtype=np.int64))
         self.n_samples = max(0, (self.n_tokens - 1) // seq_len)
         self._epoch_key: tuple[int, int] | None = None
@@ -65,11 +67,9 @@ class PackedDocuments:
             order = int(self._order[doc])
             end = int(self._ends[doc])
             begin = end - int(self.lengths[order])
-            seq_first = int(self.dataset.document_indices[self.first + order])
-            base = int(self.dataset.pointers[seq_first]) // self.dataset.dtype.itemsize
             take = min(need, end - offset)
-            start = base + offset - begin
-            pieces.append(self.dataset.bin[start : start + take])
+            start = int(self.starts[order]) + offset - begin
+            pieces.append(self.dataset.read(start, take))
             need, offset, doc = need - take, offset + take, doc + 1
         return np.concatenate(pieces).astype(np.int64)
 

@@ -56,6 +56,9 @@ _ENCODE: Callable[[str, list[Any]], tuple[np.ndarray, np.ndarray]] | None = None
 
 def _start_worker(encoder: Encoder) -> None:
     global _ENCODE
+    # the worker processes are the parallelism: a tokenizer thread pool in each would
+    # oversubscribe the cores
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _ENCODE = make_encode(encoder)
 
 
