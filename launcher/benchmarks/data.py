@@ -1,4 +1,5 @@
-"""`python -m launcher.benchmarks.data {preprocess,rss}`: the data pipeline's measurements.
+"""`python -m launcher.benchmarks.data {preprocess,rss,demo-corpus}`: the data pipeline's
+measurements, and the README's example corpus.
 
 preprocess: launcher.preprocess's tokens/s at 1 and 2 workers against the tokenizer's own
 `encode_batch` on the same texts in this process (single-threaded: the per-worker limit).
@@ -78,6 +79,27 @@ def preprocess_rates(
     return rows
 
 
+def demo_corpus(folder: Path, max_bytes: int) -> None:
+    """The README's example inputs from the standard library's sources: two jsonl shards
+    (.zst and .gz) under web/, and books.parquet whose text column is `content`."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    texts = _stdlib_texts(max_bytes)
+    web, books = texts[: len(texts) // 2], texts[len(texts) // 2 :]
+    (folder / "web").mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"text": t}) + "\n" for t in web]
+    half = len(lines) // 2
+    zst = zstandard.ZstdCompressor().compress("".join(lines[:half]).encode())
+    (folder / "web" / "part-0.jsonl.zst").write_bytes(zst)
+    with gzip.open(folder / "web" / "part-1.jsonl.gz", "wt") as f:
+        f.write("".join(lines[half:]))
+    pq.write_table(pa.table({"content": books}), folder / "books.parquet")
+
+
 def make_corpus(prefix: str, n_bytes: int, seed: int = 0) -> None:
     """A synthetic uint16 corpus of about n_bytes, documents of 200..1800 tokens, with the
     sidecar preprocess writes."""
@@ -133,6 +155,9 @@ def main() -> None:
     p.add_argument("--workdir", required=True)
     p.add_argument("--max-bytes", type=int, default=20_000_000)
     p.add_argument("--vocab", type=int, default=8000)
+    d = sub.add_parser("demo-corpus", help="the README's example inputs, from the stdlib")
+    d.add_argument("--output", required=True)
+    d.add_argument("--max-bytes", type=int, default=4_000_000)
     r = sub.add_parser("rss")
     r.add_argument("--prefix", required=True)
     r.add_argument("--make-bytes", type=int, default=0, help="write a synthetic corpus first")
@@ -140,7 +165,9 @@ def main() -> None:
     r.add_argument("--batch", type=int, default=16)
     r.add_argument("--steps", type=int, default=300)
     args = parser.parse_args()
-    if args.command == "preprocess":
+    if args.command == "demo-corpus":
+        demo_corpus(Path(args.output), args.max_bytes)
+    elif args.command == "preprocess":
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         for what, rate in preprocess_rates(Path(args.workdir), args.max_bytes, args.vocab):
             print(f"{what:40s} {rate:12,.0f} tokens/s")
