@@ -39,7 +39,7 @@ def _stdlib_texts(max_bytes: int) -> list[str]:
 
 
 def preprocess_rates(
-    workdir: Path, max_bytes: int, vocab: int, rounds: int = 2
+    workdir: Path, max_bytes: int, vocab: int, rounds: int = 3
 ) -> list[tuple[str, float]]:
     """(what, tokens/s): encode_batch alone, then preprocess at 1 and 2 workers."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
