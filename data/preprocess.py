@@ -210,7 +210,11 @@ def preprocess(
     writer = IndexedWriter(output_prefix, dtype)
     docs = tokens = 0
     start = last = time.perf_counter()
-    pool = mp.get_context("spawn").Pool(workers, _start_worker, (encoder,)) if workers > 1 else None
+    # fork where there is one (Megatron's preprocess does too): a spawned worker would import
+    # torch again through the data package, seconds of CPU per worker; the parent has used no
+    # tokenizer threads yet, so forking it is safe
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    pool = mp.get_context(method).Pool(workers, _start_worker, (encoder,)) if workers > 1 else None
     try:
         batches = read_batches(files, text_key)
         if pool is not None:
