@@ -140,11 +140,13 @@ def read_batches(files: list[Path], text_key: str) -> Iterator[tuple[str, list[A
             yield from _arrow_batches(path, text_key)
             continue
         batch: list[bytes] = []
+        checked = False
         for line in _json_lines(path):
             if not line.strip():
                 continue
-            if not batch and path is files[0]:
+            if not checked:  # each file's first record, here; the rest in the workers
                 _text(json.loads(line), text_key)
+                checked = True
             batch.append(line)
             if len(batch) == BATCH_DOCS:
                 yield "json", batch

@@ -81,14 +81,21 @@ def _stderr_line(capsys: pytest.CaptureFixture[str]) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "text_key", "no_eos", "workers"])
+@pytest.mark.parametrize(
+    "case", ["missing", "empty", "text_key", "late_text_key", "no_eos", "workers"]
+)
 def test_bad_input_is_one_line_and_exit_2(
     tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     src = tmp_path / "a.jsonl"
     _jsonl(src, ["", ""] if case == "empty" else TEXTS)
     args = ["--input", str(src), "--output-prefix", str(tmp_path / "o")]
-    field = {"missing": "--input", "empty": "--input", "text_key": "--text-key"}.get(case, "")
+    field = {"missing": "--input", "empty": "--input"}.get(case, "--text-key")
+    if case == "late_text_key":  # found by a worker, in a later batch: reported alike
+        with open(src, "a") as f:
+            f.write("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 300))
+            f.write(json.dumps({"body": "no text here"}) + "\n")
+        args += ["--workers", "2"]
     if case == "missing":
         args[1] = str(tmp_path / "nope.jsonl")
     elif case == "text_key":
