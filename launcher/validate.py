@@ -342,9 +342,13 @@ def _validate_data(d: DataConfig) -> None:
         d.source,
         f"use {', '.join(SOURCES[:-1])} or {SOURCES[-1]}",
     )
+    # an option that does not apply to the source is refused, not ignored
     if d.source == "indexed":
+        _check(d.path is None, "data.path", d.path, "data.source=indexed reads data.paths instead")
         _validate_indexed_paths(d.paths)
-    elif d.source != "stdlib":
+    else:
+        _check(not d.paths, "data.paths", list(d.paths), "only data.source=indexed blends paths")
+    if d.source not in ("stdlib", "indexed"):
         _check(
             d.path is not None and os.path.exists(d.path),
             "data.path",

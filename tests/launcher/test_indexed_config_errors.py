@@ -63,6 +63,20 @@ def test_refused_before_any_process_group(tmp_path: Path, case: str, words: str)
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (["data=tokens", "data.path=/tmp", "data.paths=[a]"], "data.paths"),  # not ignored
+        (["data=indexed", "data.paths=[a]", "data.path=/tmp"], "data.path"),
+        (["data=indexed", "data.paths=[0.5,1.0]"], "data.paths"),  # weights without prefixes
+    ],
+)
+def test_options_that_do_not_apply_are_refused(overrides: list[str], field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        compose_config(overrides, 1)
+    assert err.value.field_name == field
+
+
 def test_entry_point_exits_2_on_a_deepspeed_file(tmp_path: Path) -> None:
     prefix = _prefix(tmp_path)
     _damage(prefix, "dtype")
