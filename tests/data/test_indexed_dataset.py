@@ -56,6 +56,7 @@ def test_tridist_writes_megatron_reads(tmp_path: Path) -> None:
     assert theirs.document_indices.tolist() == [0, 1, 2, 3]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # megatron-core on numpy 2
 def test_megatron_writes_tridist_reads(tmp_path: Path) -> None:
     _, builder_class = _megatron()
     builder = builder_class(str(tmp_path / "m.bin"), dtype=np.int32)
