@@ -42,7 +42,10 @@ def _split(dataset: IndexedDataset, val_fraction: float, prefix: str) -> int:
     n = dataset.n_documents
     n_val = max(1, int(round(n * val_fraction)))
     if n < 2 or n_val >= n:
-        raise ValueError(f"{prefix} holds {n} documents; a train/validation split needs at least 2")
+        raise ValueError(
+            f"{prefix} holds {n} documents, too few to hold out data.val_fraction={val_fraction} "
+            "of them and train on the rest"
+        )
     return n - n_val
 
 
