@@ -1,7 +1,14 @@
-"""Data layer: token sources (stdlib, .bin token files, text) and the distributed batch sampler."""
+"""Data layer: token sources (stdlib, .bin token files, text, blended Megatron indexed datasets)
+and the distributed batch sampler."""
 
-from data.batch_sampler import DistributedBatchSampler, validation_batches
+from data.batch_sampler import DistributedBatchSampler, SampleRows, validation_batches
 from data.build import build_token_source
 from data.token_source import TokenSource
 
-__all__ = ["DistributedBatchSampler", "TokenSource", "build_token_source", "validation_batches"]
+__all__ = [
+    "DistributedBatchSampler",
+    "SampleRows",
+    "TokenSource",
+    "build_token_source",
+    "validation_batches",
+]

@@ -6,9 +6,38 @@ with epoch e = g // n_windows and perm_e = randperm(n_windows) seeded by seed + 
 step consumes global_batch_size consecutive samples and dp rank r takes the r-th contiguous
 slice, so the only state is the global sample counter and a checkpoint taken at one dp size
 resumes the same global sequence at any other.
+
+A source of packed rows (data/packing.py's BlendedSamples) replaces the windows: global sample g
+is then its row g, with the same counter, slicing and state.
 """
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import torch
+
+
+class SampleRows(Protocol):
+    """Rows of seq_len + 1 tokens addressed by global sample id (a packed, blended corpus)."""
+
+    n_samples: int  # samples per pass over the data: the resume check and validation's count
+
+    def rows(self, samples: Sequence[int], seed: int) -> torch.Tensor:
+        """int64 [len(samples), seq_len + 1]."""
+        ...
+
+    def __len__(self) -> int:
+        """Tokens held."""
+        ...
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        """A slice of the first row's tokens."""
+        ...
+
+
+def _split_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Contiguous copies: overlapping views of one buffer would break .view() in the model.
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
 def _window_count(tokens: torch.Tensor, seq_len: int) -> int:
@@ -33,8 +62,7 @@ def _stack_windows(
     rows = torch.stack(
         [tokens[w * seq_len : w * seq_len + seq_len + 1].to(torch.int64) for w in windows]
     )
-    # Contiguous copies: overlapping views of one buffer would break .view() in the model.
-    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    return _split_rows(rows)
 
 
 class DistributedBatchSampler:
@@ -42,7 +70,7 @@ class DistributedBatchSampler:
 
     def __init__(
         self,
-        tokens: torch.Tensor,
+        tokens: torch.Tensor | SampleRows,
         seq_len: int,
         global_batch_size: int,
         dp_rank: int,
@@ -59,7 +87,9 @@ class DistributedBatchSampler:
             )
         self.tokens = tokens
         self.seq_len = seq_len
-        self.n_windows = _window_count(tokens, seq_len)
+        self.n_windows = (
+            _window_count(tokens, seq_len) if isinstance(tokens, torch.Tensor) else tokens.n_samples
+        )
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // dp_size
         self.dp_rank = dp_rank
@@ -80,9 +110,11 @@ class DistributedBatchSampler:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (inputs, targets), each int64 [global_batch_size // dp_size, seq_len]."""
         start = self.samples_consumed + self.dp_rank * self.local_batch_size
-        windows = [self._window_of(g) for g in range(start, start + self.local_batch_size)]
         self.samples_consumed += self.global_batch_size
-        return _stack_windows(self.tokens, windows, self.seq_len)
+        ids = range(start, start + self.local_batch_size)
+        if not isinstance(self.tokens, torch.Tensor):
+            return _split_rows(self.tokens.rows(ids, self.seed))
+        return _stack_windows(self.tokens, [self._window_of(g) for g in ids], self.seq_len)
 
     def state_dict(self) -> dict[str, int]:
         """The global position; independent of dp_rank and dp_size, so it can be re-split."""
@@ -106,7 +138,7 @@ class DistributedBatchSampler:
 
 
 def validation_batches(
-    tokens: torch.Tensor,
+    tokens: torch.Tensor | SampleRows,
     seq_len: int,
     batch_size: int,
     n_batches: int,
@@ -123,13 +155,26 @@ def validation_batches(
         raise ValueError(
             f"batch_size {batch_size} must split evenly over dp_size {dp_size} (rank {dp_rank})"
         )
-    available = _window_count(tokens, seq_len) // batch_size
+    windows = (
+        _window_count(tokens, seq_len) if isinstance(tokens, torch.Tensor) else tokens.n_samples
+    )
+    available = windows // batch_size
     if available == 0:
         raise ValueError(
             f"validation stream of {len(tokens)} tokens cannot fill one batch of "
             f"{batch_size} x {seq_len + 1} tokens; lower batch_size or raise val_fraction"
         )
     local = batch_size // dp_size
+    if not isinstance(tokens, torch.Tensor):
+        return [
+            _split_rows(
+                tokens.rows(
+                    range(b * batch_size + dp_rank * local, b * batch_size + (dp_rank + 1) * local),
+                    0,
+                )
+            )
+            for b in range(min(n_batches, available))
+        ]
     return [
         _stack_windows(
             tokens,

@@ -26,3 +26,17 @@ def load_tokenizer_codec(path: str) -> Codec:
         return tok.decode([int(i) for i in ids])
 
     return tok.get_vocab_size(), encode, decode
+
+
+EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[SEP]")
+
+
+def tokenizer_eos_id(path: str) -> int | None:
+    """The id of the tokenizer's end-of-document token (the first of EOS_CANDIDATES it has)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(path)
+    for token in EOS_CANDIDATES:
+        if (found := tok.token_to_id(token)) is not None:
+            return int(found)
+    return None

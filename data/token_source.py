@@ -5,23 +5,26 @@ from dataclasses import dataclass
 
 import torch
 
+from data.batch_sampler import SampleRows
+
 BYTE_VOCAB_SIZE = 256
-# Byte-level corpora end each file (a document) with the NUL byte, which text files never hold.
-BYTE_EOS_ID = 0
+BYTE_EOS_ID = 0  # byte-level documents end with NUL (launcher.preprocess drops NULs from text)
 
 
 @dataclass
 class TokenSource:
     """A train/validation split of one token stream and the codec that produced it."""
 
-    train: torch.Tensor  # 1-D integer tensor, any dtype; the sampler widens to int64 per batch
-    val: torch.Tensor  # 1-D held-out tail of the same stream
+    # a 1-D integer tensor, any dtype (the sampler widens to int64 per batch), or packed rows
+    # of documents (source=indexed)
+    train: torch.Tensor | SampleRows
+    val: torch.Tensor | SampleRows  # the held-out tail of the same stream, or held-out documents
     vocab_size: int
     encode: Callable[[str], list[int]]
     decode: Callable[[list[int]], str]
     has_text: bool = True  # False: bare token ids with no tokenizer (decode prints the ids)
-    # the id that ends a document in the stream (data.document_mask etc. derive boundaries from
-    # it); None where the stream has no documents
+    # the end-of-document id appended per document (None: a stream without documents); samples
+    # keep it between documents, so boundaries can be derived from the input tokens
     eos_id: int | None = None
 
 

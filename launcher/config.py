@@ -43,8 +43,11 @@ class ModelConfig(ModelArgs):
 class DataConfig:
     """Where tokens come from."""
 
-    source: str = "stdlib"  # stdlib | tokens | text
+    source: str = "stdlib"  # stdlib | tokens | text | indexed
     path: str | None = None
+    # source=indexed: Megatron .bin/.idx prefixes, [w1, prefix1, w2, prefix2, ...] (weights
+    # normalised) or [prefix1, prefix2, ...] (equal weights), blended as Megatron blends them
+    paths: list[Any] = field(default_factory=list)
     tokenizer: str | None = None  # Hugging Face tokenizer.json, for source=text (or decoding)
     val_fraction: float = 0.05
     max_bytes: int = 4_000_000

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from data.blend import parse_blend
+from data.build import SOURCES
 from launcher.config import (
     Config,
     ConfigError,
@@ -373,12 +375,18 @@ def _validate_documents_device(cfg: Config) -> None:
 
 def _validate_data(d: DataConfig) -> None:
     _check(
-        d.source in ("stdlib", "tokens", "text"),
+        d.source in SOURCES,
         "data.source",
         d.source,
-        "use stdlib, tokens or text",
+        f"use {', '.join(SOURCES[:-1])} or {SOURCES[-1]}",
     )
-    if d.source != "stdlib":
+    # an option that does not apply to the source is refused, not ignored
+    if d.source == "indexed":
+        _check(d.path is None, "data.path", d.path, "data.source=indexed reads data.paths instead")
+        _validate_indexed_paths(d.paths)
+    else:
+        _check(not d.paths, "data.paths", list(d.paths), "only data.source=indexed blends paths")
+    if d.source not in ("stdlib", "indexed"):
         _check(
             d.path is not None and os.path.exists(d.path),
             "data.path",
@@ -393,6 +401,25 @@ def _validate_data(d: DataConfig) -> None:
             "must be a readable Hugging Face tokenizer.json file",
         )
     _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "use a value in (0, 1)")
+
+
+def _validate_indexed_paths(paths: list[Any]) -> None:
+    """A well-formed blend whose prefixes all have their .bin and .idx (contents: load_data)."""
+    try:
+        _, prefixes = parse_blend(list(paths))
+    except ValueError as err:
+        raise ConfigError(
+            "data.paths", list(paths), f"{err}, e.g. data.paths=[0.3,corpus/a,0.7,corpus/b]"
+        ) from None
+    for prefix in prefixes:
+        missing = [s for s in (".bin", ".idx") if not os.path.isfile(prefix + s)]
+        _check(
+            not missing,
+            "data.paths",
+            prefix,
+            f"{prefix}{'/'.join(missing)} not found: give prefixes written by "
+            "`python -m launcher.preprocess` (or Megatron's tools), without .bin/.idx",
+        )
 
 
 def _validate_batch(global_batch: int, dp: int, microbatches: int) -> None:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from data import DistributedBatchSampler
+from data import DistributedBatchSampler, SampleRows
 from launcher.benchmarks.machine import machine
 from launcher.config import Config
 from launcher.run.build import build_trainer, load_data, model_args
@@ -26,7 +26,7 @@ from models.llama import Transformer
 class BareLoop:
     """The same training step written as plain PyTorch, as a user would without tridist."""
 
-    def __init__(self, cfg: Config, model: nn.Module, tokens: torch.Tensor) -> None:
+    def __init__(self, cfg: Config, model: nn.Module, tokens: torch.Tensor | SampleRows) -> None:
         o, t = cfg.optim, cfg.train
         self.model, self.clip = model, o.grad_clip
         self.sampler = DistributedBatchSampler(tokens, t.seq_len, t.global_batch_size, 0, 1, t.seed)

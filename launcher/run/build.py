@@ -71,11 +71,18 @@ def load_data(cfg: Config) -> TokenSource:
     """Build the token source; a missing or unreadable file is a config error."""
     d = cfg.data
     try:
-        source = build_token_source(d.source, d.path, d.tokenizer, d.val_fraction, d.max_bytes)
+        source = build_token_source(
+            d.source, d.path, d.tokenizer, d.val_fraction, d.max_bytes, d.paths, cfg.train.seq_len
+        )
     except (FileNotFoundError, ValueError) as err:
         field_name = "data.tokenizer" if d.tokenizer and d.tokenizer in str(err) else "data.path"
+        if d.source == "indexed" and field_name == "data.path":
+            raise ConfigError("data.paths", list(d.paths), str(err)) from None
         raise ConfigError(field_name, getattr(d, field_name.split(".")[1]), str(err)) from None
     validate_documents(d, source.eos_id)
+    if d.source == "indexed":
+        _check_packed_samples(cfg, source)
+        return _check_vocab(cfg, source)
     needed = cfg.train.global_batch_size * cfg.train.seq_len + 1  # one batch; targets shift by 1
     if len(source.val) < needed:
         raise ConfigError(
@@ -92,6 +99,23 @@ def load_data(cfg: Config) -> TokenSource:
             f"the training split holds {len(source.train):,} tokens, fewer than one batch of "
             f"{needed:,}; use more data or lower train.global_batch_size or train.seq_len",
         )
+    return _check_vocab(cfg, source)
+
+
+def _check_packed_samples(cfg: Config, source: TokenSource) -> None:
+    """The blend's validation split fills one global batch of packed samples."""
+    gbs = cfg.train.global_batch_size
+    n_val = getattr(source.val, "n_samples", 0)
+    if n_val < gbs:
+        raise ConfigError(
+            "data.val_fraction",
+            cfg.data.val_fraction,
+            f"the validation documents pack into {n_val} samples of train.seq_len + 1 tokens, "
+            f"fewer than train.global_batch_size={gbs}; raise data.val_fraction or use more data",
+        )
+
+
+def _check_vocab(cfg: Config, source: TokenSource) -> TokenSource:
     if source.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             "model.vocab_size",
