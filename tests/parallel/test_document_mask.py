@@ -18,7 +18,8 @@ from parallel.context_parallel import chunk_positions
 from parallel.dtensor import full_value
 from parallel.init import init_parameters
 from parallel.mesh import build_mesh
-from parallel.parallelize import parallelize
+from parallel.parallelize import ParallelOptions, parallelize
+from parallel.pipeline.registry import pipeline_layout
 from tests.helpers.run_training import make_config, train_validate_and_report
 from tests.helpers.spawn import run_ranks
 from tests.parallel.test_parity import BASE, Layout, _overrides, _relative, _run_cases
@@ -61,7 +62,8 @@ def _leak_case() -> dict[str, list]:
     }
     for name, (tp, cp, pp, comm) in LEAK_LAYOUTS.items():
         mesh = build_mesh(torch.device("cpu"), 1, pp, tp, cp=cp)
-        model = parallelize(ARGS, mesh, torch.device("cpu"), SEED, microbatches=2, cp_comm=comm)
+        options = ParallelOptions(pipeline=pipeline_layout("1f1b", pp, 1, 2), cp_comm=comm)
+        model = parallelize(ARGS, mesh, torch.device("cpu"), SEED, options)
         results = []
         for tokens in inputs:
             docs = document_inputs(tokens, EOS, mask=True, reset_positions=False)
