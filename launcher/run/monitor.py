@@ -115,6 +115,11 @@ class RunMonitor:
     def _restart(self, step: int) -> None:
         self._window = (step, time.perf_counter(), self.data_wait.seconds)
 
+    def say(self, line: str) -> None:
+        """One line on rank 0's console (above the progress bar) and in train.log."""
+        if self.active and self.is_rank0:
+            self._console_line(line)
+
     def _console_line(self, line: str) -> None:
         self.progress.write(line)
         if self._record is not None:

@@ -1,0 +1,168 @@
+"""Every c10d call a rank makes, seen from Python: its wall time by phase (pp / dp / tp / cp /
+other group) and the last operation started and completed, with its group and sequence number.
+
+Counting itself is the process group's own: `ProcessGroup._get_sequence_number_for_group()`
+grows by one per collective or p2p operation on gloo and NCCL alike, whoever issues it (FSDP2,
+DTensor's functional collectives, pipelining, tridist), so the watchdog compares those. The
+wrappers here only name the operation and time it: torch.distributed's functions (looked up by
+module attribute at call time by FSDP2, pipelining and tridist) and `Work.wait`, where async
+collectives (FSDP2's all-gathers, pipeline receives) are waited for. Wall time is what can be
+measured without a host sync: on CPU/gloo it is the wait itself; on CUDA/NCCL a call returns once
+enqueued, so waits for the GPU show up in the phase that synchronizes (documented, not hidden).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.pipelining.schedules as pipeline_schedules
+
+# the torch.distributed functions a run reaches from Python (FSDP2, pipelining, DCP, tridist);
+# not isend/irecv: P2POp checks `op is isend`, and pipelining's sends go through batch_isend_irecv
+WRAPPED = (
+    "all_reduce",
+    "all_reduce_coalesced",
+    "all_gather",
+    "all_gather_single",
+    "all_gather_into_tensor",
+    "reduce_scatter_single",
+    "reduce_scatter_tensor",
+    "reduce_scatter",
+    "broadcast",
+    "reduce",
+    "gather",
+    "scatter",
+    "barrier",
+    "all_to_all",
+    "all_to_all_single",
+    "send",
+    "recv",
+    "batch_isend_irecv",
+    "all_gather_object",
+    "gather_object",
+    "broadcast_object_list",
+    "scatter_object_list",
+    "send_object_list",
+    "recv_object_list",
+)
+
+
+# pipelining's p2p: torch's schedules send and receive through this module function, which calls
+# isend/irecv itself for all-send or all-receive batches (batch_isend_irecv only for mixed ones)
+P2P = "_batch_p2p"
+
+
+@dataclass(frozen=True)
+class Op:
+    """One c10d call: its name, its group's name and the group's sequence number after it."""
+
+    name: str
+    group: str
+    seq: int
+    at: float  # time.time() when it started or completed
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return {"op": self.name, "group": self.group, "seq": self.seq, "time": self.at}
+
+
+def _group_of(name: str, args: tuple, kwargs: dict) -> Any:
+    group = kwargs.get("group")
+    if group is None and name in ("batch_isend_irecv", P2P) and args and args[0]:
+        group = args[0][0].group
+    return group if group is not None else dist.group.WORLD
+
+
+class CommTracker:
+    """Wraps torch.distributed's calls while installed; `seconds[phase]` accumulates their wall
+    time (outermost call only: all_gather_object's inner all_gather is not counted twice)."""
+
+    def __init__(self, phase_of_group: dict[str, str]) -> None:
+        """phase_of_group: group name -> phase (e.g. the mesh's pp group -> "pp_wait"); any other
+        group's calls count as "comm"."""
+        self.phase_of_group = phase_of_group
+        self.seconds: dict[str, float] = {}
+        self.last_started: Op | None = None
+        self.last_completed: Op | None = None
+        self.in_call: str | None = None  # the op the main thread is inside, if any
+        self._depth = threading.local()
+        self._pending: dict[int, str] = {}  # id(Work) of an async call -> its phase
+        self._originals: dict[str, Callable[..., Any]] = {}
+
+    def _phase(self, group: Any) -> tuple[str, str, int]:
+        name = getattr(group, "group_name", "?")
+        seq = group._get_sequence_number_for_group() if hasattr(group, "group_name") else -1
+        return self.phase_of_group.get(name, "comm"), name, seq
+
+    def _timed(self, phase: str, label: str, fn: Callable[[], Any]) -> Any:
+        depth = getattr(self._depth, "n", 0)
+        if depth:
+            return fn()
+        self._depth.n = 1
+        start = time.perf_counter()
+        previous, self.in_call = self.in_call, label
+        try:
+            return fn()
+        finally:
+            self._depth.n = 0
+            self.in_call = previous
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            group = _group_of(P2P if name == "pipeline_p2p" else name, args, kwargs)
+            phase, gname, seq = self._phase(group)
+            self.last_started = Op(name, gname, seq + 1, time.time())
+            out = self._timed(phase, name, lambda: fn(*args, **kwargs))
+            for work in out if isinstance(out, list) else [out]:
+                if isinstance(work, dist.Work):  # async: waited for later, in Work.wait
+                    self._pending[id(work)] = phase
+            self.last_completed = Op(name, gname, self._phase(group)[2], time.time())
+            return out
+
+        wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
+        return wrapper
+
+    def _wrap_wait(self, wait: Callable[..., Any]) -> Callable[..., Any]:
+        def timed_wait(work: Any, *args: Any, **kwargs: Any) -> Any:
+            phase = self._pending.pop(id(work), "comm")
+            return self._timed(phase, "wait", lambda: wait(work, *args, **kwargs))
+
+        timed_wait.__wrapped__ = wait  # type: ignore[attr-defined]
+        return timed_wait
+
+    def install(self) -> None:
+        """Replace the functions on torch.distributed (and Work.wait) with timed wrappers."""
+        if self._originals:
+            return
+        for name in WRAPPED:
+            self._originals[name] = getattr(dist, name)
+            setattr(dist, name, self._wrap(name, self._originals[name]))
+        self._originals[P2P] = getattr(pipeline_schedules, P2P)
+        setattr(pipeline_schedules, P2P, self._wrap("pipeline_p2p", self._originals[P2P]))
+        self._originals["Work.wait"] = dist.Work.wait
+        dist.Work.wait = self._wrap_wait(dist.Work.wait)  # type: ignore[method-assign]
+
+    def uninstall(self) -> None:
+        """Put torch.distributed's own functions back."""
+        wait = self._originals.pop("Work.wait", None)
+        if wait is not None:
+            dist.Work.wait = wait  # type: ignore[method-assign]
+        p2p = self._originals.pop(P2P, None)
+        if p2p is not None:
+            setattr(pipeline_schedules, P2P, p2p)
+        for name, fn in self._originals.items():
+            setattr(dist, name, fn)
+        self._originals.clear()
+        self._pending.clear()
+
+    def take(self) -> dict[str, float]:
+        """The seconds per phase since the last take, and start again from zero."""
+        out, self.seconds = self.seconds, {}
+        self._pending.clear()  # a work never waited for (e.g. fire-and-forget sends) is dropped
+        return out

@@ -1,0 +1,98 @@
+"""The straggler report on real gloo ranks: a slow data fetch or backward on one rank is named
+with its phase within two intervals; a balanced run names nobody."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers.run_training import TINY_RUN
+from tests.helpers.spawn import run_ranks
+
+TINY = [*TINY_RUN, "observe.interval=5"]
+SLEEP_S = 0.2
+
+
+def _observed(run_dir: str, overrides: list[str], slow_rank: int, where: str) -> list[dict]:
+    """Train on this rank with a test-only sleep patched into one rank; rank 0 returns
+    observe.jsonl's records."""
+    from data import DistributedBatchSampler
+    from launcher.run.build import load_data
+    from launcher.run.compose import compose_config
+    from launcher.run.loop import train
+
+    rank = int(os.environ["RANK"])
+    if rank == slow_rank and where == "data":
+        fetch = DistributedBatchSampler.next_batch
+
+        def slow_fetch(self: DistributedBatchSampler) -> tuple[torch.Tensor, torch.Tensor]:
+            time.sleep(SLEEP_S)
+            return fetch(self)
+
+        DistributedBatchSampler.next_batch = slow_fetch  # type: ignore[method-assign]
+    if rank == slow_rank and where == "backward":
+        backward = torch.autograd.backward
+
+        def slow_backward(*args: object, **kwargs: object) -> None:
+            time.sleep(SLEEP_S)
+            backward(*args, **kwargs)  # type: ignore[arg-type]
+
+        torch.autograd.backward = slow_backward  # type: ignore[assignment]
+    cfg = compose_config([*TINY, *overrides], int(os.environ["WORLD_SIZE"]))
+    train(cfg, load_data(cfg), Path(run_dir))
+    if rank != 0:
+        return []
+    lines = (Path(run_dir) / "observe.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.mark.long(7)
+@pytest.mark.parametrize("where,phase", [("data", "data"), ("backward", "compute")])
+def test_a_slow_rank_is_named_with_its_phase(tmp_path: Path, where: str, phase: str) -> None:
+    slow = 2 if where == "data" else 1
+    records = run_ranks(
+        4, _observed, str(tmp_path), ["parallel.dp=4", "train.steps=10"], slow, where
+    )[0]
+    assert [r["step"] for r in records] == [5, 10]
+    named = {(s["rank"], s["phase"]) for r in records for s in r["stragglers"]}
+    assert named == {(slow, phase)}, records
+    times = records[0]["phase_s"][phase]
+    assert times[slow] >= SLEEP_S * 0.9 > 5 * min(times), times
+
+
+@pytest.mark.long(15)
+def test_a_balanced_run_names_nobody_and_raises_no_false_alarm(tmp_path: Path) -> None:
+    # the watchdog at a 5 s timeout over a run of > 15 s (the issue's 60 s at 20 s, shortened)
+    overrides = ["parallel.dp=4", "train.steps=50", "observe.hang_timeout_s=5"]
+    records = run_ranks(4, _observed, str(tmp_path), overrides, -1, "")[0]
+    assert len(records) == 10
+    assert [r["stragglers"] for r in records] == [[]] * 10, records
+    assert not (tmp_path / "hang-report.json").exists()
+
+
+def _profiled(run_dir: str, overrides: list[str]) -> None:
+    from launcher.run.build import load_data
+    from launcher.run.compose import compose_config
+    from launcher.run.loop import train
+
+    cfg = compose_config([*TINY, *overrides], 8)
+    train(cfg, load_data(cfg), Path(run_dir))
+
+
+@pytest.mark.long(12)
+def test_a_profiled_3d_run_writes_one_loadable_trace_per_chosen_rank(tmp_path: Path) -> None:
+    layout = ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "parallel.microbatches=2"]
+    profile = ["train.steps=3", "profile.steps=[2,3]", "profile.ranks=[0,5]"]
+    run_ranks(8, _profiled, str(tmp_path), [*layout, *profile])
+    traces = sorted((tmp_path / "profile").iterdir())
+    assert [t.name for t in traces] == ["trace-rank0-steps2-3.json", "trace-rank5-steps2-3.json"]
+    for trace in traces:
+        events = json.loads(trace.read_text())["traceEvents"]
+        names = {e.get("name", "") for e in events}
+        assert any("ProfilerStep" in n or "aten::" in n for n in names), sorted(names)[:20]
+        assert any(e.get("name") == "[memory]" for e in events)  # profile_memory=True
