@@ -92,10 +92,14 @@ class RunObserver:
         data_wait: Any,
         logger: MetricsLogger | None,
         say: Callable[[str], None],
+        always: bool = False,
     ) -> None:
-        """data_wait: an object whose `.seconds` grows by the time spent fetching batches."""
+        """data_wait: an object whose `.seconds` grows by the time spent fetching batches.
+        Without a run folder (training called as a library) it observes nothing unless
+        `always` (a benchmark measuring its cost): a library call adds no collective."""
         o, p = cfg.observe, cfg.profile
-        self.enabled, self.interval = o.enabled, o.interval
+        self.enabled = o.enabled and (run_dir is not None or always)
+        self.interval = o.interval
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.run_dir, self.data_wait, self.logger, self.say = run_dir, data_wait, logger, say
         self.profiler = None

@@ -112,6 +112,13 @@ class Watchdog(threading.Thread):
 
     def run(self) -> None:
         """Poll: progress, the store's flag, the timeout."""
+        try:
+            self._watch()
+        except Exception as err:  # e.g. the group destroyed under it after a failed run
+            if not self._stop.is_set():
+                print(f"observe: watchdog stopped: {err}", file=sys.stderr, flush=True)
+
+    def _watch(self) -> None:
         last = self._seqs()
         while not self._stop.wait(self.poll_s):
             seqs = self._seqs()
