@@ -168,7 +168,7 @@ class RunObserver:
         self._warm = True
         if self.watchdog is not None:
             self.watchdog.beat(step)
-        if step % self.interval == 0:
+        if step % self.interval == 0 and self._steps:  # the same steps on every rank
             self._report(step)
 
     @contextlib.contextmanager
