@@ -66,7 +66,13 @@ def _ab_rank(
     # observe.* as the training loop runs it; its wrappers are installed for its side's blocks only
     observers = {
         name: RunObserver(
-            cfgs[name], t, None, RunMonitor(cfgs[name], t, None).data_wait, None, print, always=True
+            cfgs[name],
+            t,
+            None,
+            RunMonitor(cfgs[name], t, None).data_wait,
+            print,
+            print,
+            always=True,
         )
         for name, t in trainers.items()
         if cfgs[name].observe.enabled

@@ -66,7 +66,9 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
         cfg.parallel.dp,
     )
     monitor = RunMonitor(cfg, trainer, run_dir, record=console.record)  # progress, sinks, timeline
-    observer = RunObserver(cfg, trainer, run_dir, monitor.data_wait, monitor.logger, monitor.say)
+    observer = RunObserver(
+        cfg, trainer, run_dir, monitor.data_wait, monitor.add_fields, monitor.say
+    )
     summary = TrainSummary(trainer=trainer)
     local_losses: list[torch.Tensor] = []  # this rank's, as tensors: no host sync per step
     stop = StopSignal()

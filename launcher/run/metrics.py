@@ -124,7 +124,7 @@ class MetricsLogger:
         if enabled and tensorboard:
             self._sinks.append(TensorBoardSink(run_dir))
 
-    def log(self, record: dict[str, Any], console: bool = True) -> None:
+    def log(self, record: dict[str, Any]) -> None:
         """Append one record to metrics.jsonl, send it to the sinks and print its main fields."""
         if self._file is None:  # not rank 0, or no run folder
             return
@@ -132,8 +132,7 @@ class MetricsLogger:
         self._file.flush()
         for sink in self._sinks:
             sink.log(record)
-        if console:
-            self.console(console_line(record))
+        self.console(console_line(record))
 
     def close(self) -> None:
         """Close the file and finish the sinks."""

@@ -5,7 +5,8 @@ The loop calls `before_step` / `after_step` around each step, `checkpoint()` aro
 `close()` at the end. Nothing here syncs the host with a device inside a step: phases are host
 wall time (launcher/run/monitor.py measures data time the same way), and the interval's one
 all_gather is the only collective added. Rank 0 writes observe.jsonl (every rank's seconds per
-phase and scores) and sends a summary to the metrics sinks; a straggler prints one line.
+phase and scores) and adds a summary to the next logged step's record (metrics.jsonl, wandb,
+TensorBoard); a straggler prints one line.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import Any
 import torch.distributed as dist
 
 from launcher.config import Config
-from launcher.run.metrics import MetricsLogger
 from launcher.run.trainer import Trainer
 from parallel.mesh import resolve_device
 from parallel.observe.comm import CommTracker
@@ -90,18 +90,19 @@ class RunObserver:
         trainer: Trainer,
         run_dir: Path | None,
         data_wait: Any,
-        logger: MetricsLogger | None,
+        publish: Callable[[dict[str, Any]], None],
         say: Callable[[str], None],
         always: bool = False,
     ) -> None:
-        """data_wait: an object whose `.seconds` grows by the time spent fetching batches.
+        """data_wait: an object whose `.seconds` grows by the time spent fetching batches;
+        publish: takes the report's summary fields for the metrics sinks (the next logged step).
         Without a run folder (training called as a library) it observes nothing unless
         `always` (a benchmark measuring its cost): a library call adds no collective."""
         o, p = cfg.observe, cfg.profile
         self.enabled = o.enabled and (run_dir is not None or always)
         self.interval = o.interval
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.run_dir, self.data_wait, self.logger, self.say = run_dir, data_wait, logger, say
+        self.run_dir, self.data_wait, self.publish, self.say = run_dir, data_wait, publish, say
         self.profiler = None
         if p.steps and run_dir is not None and self.rank in p.ranks:
             self.profiler = StepProfiler(
@@ -205,8 +206,8 @@ class RunObserver:
             }
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
-        if self.logger is not None:
-            summary: dict[str, Any] = {"step": step}
+        if self._file is not None:
+            summary: dict[str, Any] = {}
             for i, p in enumerate(PHASES_ALL):
                 summary[f"phase/{p}_s_max"] = times[:, i].max().item()
                 summary[f"phase/{p}_s_min"] = times[:, i].min().item()
@@ -216,7 +217,7 @@ class RunObserver:
                 summary["straggler/rank"] = worst.rank
                 summary["straggler/relative"] = worst.relative
                 summary["straggler/individual"] = worst.individual
-            self.logger.log(summary, console=False)
+            self.publish(summary)
 
     def pause(self) -> None:
         """Put torch.distributed's own functions back until resume (benchmarks: the other side)."""

@@ -48,17 +48,20 @@ def _observed(run_dir: str, overrides: list[str], slow_rank: int, where: str) ->
     if rank != 0:
         return []
     lines = (Path(run_dir) / "observe.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    metrics = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines] + [json.loads(metrics[-1])]
 
 
 @pytest.mark.long(7)
 @pytest.mark.parametrize("where,phase", [("data", "data"), ("backward", "compute")])
 def test_a_slow_rank_is_named_with_its_phase(tmp_path: Path, where: str, phase: str) -> None:
     slow = 2 if where == "data" else 1
-    records = run_ranks(
+    *records, logged = run_ranks(
         4, _observed, str(tmp_path), ["parallel.dp=4", "train.steps=10"], slow, where
     )[0]
     assert [r["step"] for r in records] == [5, 10]
+    # the metrics sinks get the summary with the logged step (the last, here)
+    assert logged["step"] == 10 and "loss" in logged and logged["straggler/rank"] == slow
     named = {(s["rank"], s["phase"]) for r in records for s in r["stragglers"]}
     assert named == {(slow, phase)}, records
     times = records[0]["phase_s"][phase]
@@ -69,8 +72,8 @@ def test_a_slow_rank_is_named_with_its_phase(tmp_path: Path, where: str, phase: 
 def test_a_balanced_run_names_nobody_and_raises_no_false_alarm(tmp_path: Path) -> None:
     # the watchdog at a 5 s timeout over a run of > 15 s (the 60 s at 20 s, shortened)
     overrides = ["parallel.dp=4", "train.steps=50", "observe.hang_timeout_s=5"]
-    records = run_ranks(4, _observed, str(tmp_path), overrides, -1, "")[0]
-    assert len(records) == 10
+    *records, logged = run_ranks(4, _observed, str(tmp_path), overrides, -1, "")[0]
+    assert len(records) == 10 and logged["straggler/count"] == 0
     assert [r["stragglers"] for r in records] == [[]] * 10, records
     assert not (tmp_path / "hang-report.json").exists()
 
