@@ -99,3 +99,26 @@ def test_a_profiled_3d_run_writes_one_loadable_trace_per_chosen_rank(tmp_path: P
         names = {e.get("name", "") for e in events}
         assert any("ProfilerStep" in n or "aten::" in n for n in names), sorted(names)[:20]
         assert any(e.get("name") == "[memory]" for e in events)  # profile_memory=True
+
+
+def test_nccl_runs_turn_on_the_flight_recorder_into_the_run_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from launcher.config import Config, ObserveConfig
+    from launcher.run.observe import prepare_environment
+    from parallel.observe.watchdog import flight_recorder_env
+
+    for key in flight_recorder_env(tmp_path):
+        monkeypatch.delenv(key, raising=False)
+    prepare_environment(Config(device="cpu"), tmp_path)  # gloo: nothing to turn on
+    prepare_environment(
+        Config(device="cuda", observe=ObserveConfig(flight_recorder=False)), tmp_path
+    )
+    assert not set(flight_recorder_env(tmp_path)) & set(os.environ)
+    monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "77")  # a variable the user set wins
+    prepare_environment(Config(device="cuda"), tmp_path)  # set before init_process_group
+    assert os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "77"
+    for key in ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"):
+        assert os.environ[key] == str(tmp_path / "flight_recorder" / "rank_")
+    assert (tmp_path / "flight_recorder").is_dir()
