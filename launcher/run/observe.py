@@ -14,9 +14,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch.distributed as dist
@@ -81,6 +84,25 @@ def _my_groups(trainer: Trainer) -> tuple[dict[str, Any], dict[str, str]]:
     return groups, labels
 
 
+def _running(frame: FrameType) -> Callable[[], bool]:
+    """Whether `frame` (the training loop's) is still on the main thread's stack: a loop that
+    ended by an error never reaches close(), and its watchdog must not fire later in a process
+    that goes on (a test session, a notebook). Drops the frame once it has ended."""
+    main = threading.main_thread().ident
+    held: list[FrameType] = [frame]
+
+    def running() -> bool:
+        current = sys._current_frames().get(main or -1)
+        while held and current is not None:
+            if current is held[0]:
+                return True
+            current = current.f_back
+        held.clear()
+        return False
+
+    return running
+
+
 class RunObserver:
     """Phase clock, straggler scores, watchdog and profiler of one run, built from the config."""
 
@@ -129,7 +151,13 @@ class RunObserver:
         if o.hang_timeout_s > 0:
             store = dist.distributed_c10d._get_default_store()
             self.watchdog = Watchdog(
-                store, _groups_now, labels, self.tracker, run_dir, o.hang_timeout_s
+                store,
+                _groups_now,
+                labels,
+                self.tracker,
+                run_dir,
+                o.hang_timeout_s,
+                alive=_running(sys._getframe(1)),
             )
             self.watchdog.beat(trainer.step)
             self.watchdog.start()

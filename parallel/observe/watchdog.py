@@ -84,16 +84,18 @@ class Watchdog(threading.Thread):
         timeout_s: float,
         poll_s: float = 1.0,
         exit_fn: Callable[[int], None] = os._exit,
+        alive: Callable[[], bool] = lambda: True,
     ) -> None:
         """groups: name -> ProcessGroup of every group this rank is in, now (groups made after
         the start, e.g. lazily by a library, count too), labels: name -> what it
         is (world, dp, pp, ...); folder: where the
-        report goes (the run folder, shared by all ranks), None to print it only."""
+        report goes (the run folder, shared by all ranks), None to print it only; alive: False
+        once the watched code has ended by any way (an error included): the thread then stops."""
         super().__init__(name="tridist-watchdog", daemon=True)
         self.store = dist.PrefixStore("tridist/observe/", store)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.groups, self.labels, self.tracker, self.folder = groups, labels, tracker, folder
-        self.timeout_s, self.poll_s, self.exit_fn = timeout_s, poll_s, exit_fn
+        self.timeout_s, self.poll_s, self.exit_fn, self.alive = timeout_s, poll_s, exit_fn, alive
         self.step = 0
         self._progress = time.monotonic()
         self._stop = threading.Event()
@@ -121,6 +123,8 @@ class Watchdog(threading.Thread):
     def _watch(self) -> None:
         last = self._seqs()
         while not self._stop.wait(self.poll_s):
+            if not self.alive():
+                return
             seqs = self._seqs()
             if seqs != last:
                 last, self._progress = seqs, time.monotonic()

@@ -68,13 +68,13 @@ def test_a_slow_rank_is_named_with_its_phase(tmp_path: Path, where: str, phase: 
     assert times[slow] >= SLEEP_S * 0.9 > 5 * min(times), times
 
 
-@pytest.mark.long(15)
+@pytest.mark.long(18)
 def test_a_balanced_run_names_nobody_and_raises_no_false_alarm(tmp_path: Path) -> None:
-    # the watchdog at a 5 s timeout over a run of > 15 s (the 60 s at 20 s, shortened)
-    overrides = ["parallel.dp=4", "train.steps=50", "observe.hang_timeout_s=5"]
+    # the watchdog at a 5 s timeout over ~15 s of steps (the 60 s at 20 s, shortened)
+    overrides = ["parallel.dp=4", "train.steps=80", "observe.hang_timeout_s=5"]
     *records, logged = run_ranks(4, _observed, str(tmp_path), overrides, -1, "")[0]
-    assert len(records) == 10 and logged["straggler/count"] == 0
-    assert [r["stragglers"] for r in records] == [[]] * 10, records
+    assert len(records) == 16 and logged["straggler/count"] == 0
+    assert [r["stragglers"] for r in records] == [[]] * 16, records
     assert not (tmp_path / "hang-report.json").exists()
 
 
@@ -122,3 +122,17 @@ def test_nccl_runs_turn_on_the_flight_recorder_into_the_run_folder(
     for key in ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"):
         assert os.environ[key] == str(tmp_path / "flight_recorder" / "rank_")
     assert (tmp_path / "flight_recorder").is_dir()
+
+
+def test_the_watchdog_stops_once_the_loop_that_started_it_has_ended() -> None:
+    import sys
+
+    from launcher.run.observe import _running
+
+    def loop() -> object:
+        running = _running(sys._getframe())
+        assert running()  # inside the loop, and from deeper calls too
+        return running
+
+    running = loop()
+    assert not running()  # returned (or raised): a later timeout must not end the process
