@@ -126,6 +126,7 @@ class CommTracker:
             return out
 
         wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
+        wrapper.tracker = self  # type: ignore[attr-defined]
         return wrapper
 
     def _wrap_wait(self, wait: Callable[..., Any]) -> Callable[..., Any]:
@@ -140,6 +141,9 @@ class CommTracker:
         """Replace the functions on torch.distributed (and Work.wait) with timed wrappers."""
         if self._originals:
             return
+        left = getattr(dist.all_reduce, "tracker", None)
+        if isinstance(left, CommTracker):  # a run that failed before uninstalling: undo it first
+            left.uninstall()
         for name in WRAPPED:
             self._originals[name] = getattr(dist, name)
             setattr(dist, name, self._wrap(name, self._originals[name]))

@@ -54,3 +54,17 @@ def test_every_kind_of_operation_moves_the_sequence_number_and_is_timed() -> Non
         assert result["last"] == "pipeline_p2p"
         # p2p on a group mapped to dp_comm counts there; the functional one is not a Python call
         assert result["phases"] == ["dp_comm"], result
+
+
+def test_a_tracker_left_installed_by_a_failed_run_is_undone_not_stacked() -> None:
+    import torch.distributed as dist
+
+    from parallel.observe.comm import CommTracker
+
+    bare = dist.all_reduce
+    CommTracker({}).install()  # its run raised before uninstall
+    second = CommTracker({})
+    second.install()
+    assert dist.all_reduce.__wrapped__ is bare  # type: ignore[attr-defined]
+    second.uninstall()
+    assert dist.all_reduce is bare
