@@ -139,6 +139,11 @@ class Watchdog(threading.Thread):
                 self._respond(reporter)
                 return
 
+    def _group_state(self, name: str, group: Any) -> dict[str, Any]:
+        ranks = dist.get_process_group_ranks(group)
+        label = self.labels.get(name) or ("world" if len(ranks) == self.world else "")
+        return {"label": label, "ranks": ranks, "seq": group._get_sequence_number_for_group()}
+
     def state(self) -> dict[str, Any]:
         """What this rank posts: its step, groups, last operations and stacks."""
         t = self.tracker
@@ -146,14 +151,7 @@ class Watchdog(threading.Thread):
             "rank": self.rank,
             "step": self.step,
             "seconds_since_progress": round(time.monotonic() - self._progress, 1),
-            "groups": {
-                n: {
-                    "label": self.labels.get(n, ""),
-                    "ranks": dist.get_process_group_ranks(g),
-                    "seq": g._get_sequence_number_for_group(),
-                }
-                for n, g in self.groups().items()
-            },
+            "groups": {n: self._group_state(n, g) for n, g in self.groups().items()},
             "in_call": t.in_call if t else None,
             "last_started": t.last_started.as_dict() if t and t.last_started else None,
             "last_completed": t.last_completed.as_dict() if t and t.last_completed else None,
