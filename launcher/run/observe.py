@@ -143,8 +143,10 @@ class RunObserver:
         self._steps = 0
         self._warm = False  # the first step (lazy allocation, compilation) is nobody's phase
         self._optimizer_s = 0.0
-        trainer.optimizer.register_step_pre_hook(self._optimizer_start)
-        trainer.optimizer.register_step_post_hook(self._optimizer_end)
+        self._hooks = [
+            trainer.optimizer.register_step_pre_hook(self._optimizer_start),
+            trainer.optimizer.register_step_post_hook(self._optimizer_end),
+        ]
         self._file = (
             open(run_dir / OBSERVE_NAME, "a") if run_dir is not None and self.rank == 0 else None
         )
@@ -263,5 +265,7 @@ class RunObserver:
             self.watchdog.close()
         if self.tracker is not None:
             self.tracker.uninstall()
+            for hook in self._hooks:
+                hook.remove()
         if self._file is not None:
             self._file.close()
