@@ -16,8 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch.distributed as dist
 import torch.distributed.pipelining.schedules as pipeline_schedules
@@ -57,8 +56,7 @@ WRAPPED = (
 P2P = "_batch_p2p"
 
 
-@dataclass(frozen=True)
-class Op:
+class Op(NamedTuple):
     """One c10d call: its name, its group's name and the group's sequence number after it."""
 
     name: str
@@ -94,35 +92,31 @@ class CommTracker:
         self._pending: dict[int, str] = {}  # id(Work) of an async call -> its phase
         self._originals: dict[str, Callable[..., Any]] = {}
 
-    def _phase(self, group: Any) -> tuple[str, str, int]:
-        name = getattr(group, "group_name", "?")
-        seq = group._get_sequence_number_for_group() if hasattr(group, "group_name") else -1
-        return self.phase_of_group.get(name, "comm"), name, seq
-
-    def _timed(self, phase: str, label: str, fn: Callable[[], Any]) -> Any:
-        depth = getattr(self._depth, "n", 0)
-        if depth:
-            return fn()
-        self._depth.n = 1
-        start = time.perf_counter()
-        previous, self.in_call = self.in_call, label
-        try:
-            return fn()
-        finally:
-            self._depth.n = 0
-            self.in_call = previous
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
     def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        lookup = P2P if name == "pipeline_p2p" else name
+        depth, seconds, pending = self._depth, self.seconds, self._pending
+
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            group = _group_of(P2P if name == "pipeline_p2p" else name, args, kwargs)
-            phase, gname, seq = self._phase(group)
-            self.last_started = Op(name, gname, seq + 1, time.time())
-            out = self._timed(phase, name, lambda: fn(*args, **kwargs))
-            for work in out if isinstance(out, list) else [out]:
-                if isinstance(work, dist.Work):  # async: waited for later, in Work.wait
-                    self._pending[id(work)] = phase
-            self.last_completed = Op(name, gname, self._phase(group)[2], time.time())
+            if getattr(depth, "n", 0):  # inside another wrapped call (all_gather_object's)
+                return fn(*args, **kwargs)
+            group = _group_of(lookup, args, kwargs)
+            gname = getattr(group, "group_name", "?")
+            phase = self.phase_of_group.get(gname, "comm")
+            read = getattr(group, "_get_sequence_number_for_group", None)
+            self.last_started = Op(name, gname, read() + 1 if read else -1, time.time())
+            depth.n, self.in_call = 1, name
+            start = time.perf_counter()
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
+                depth.n, self.in_call = 0, None
+            if isinstance(out, dist.Work):  # async: waited for later, in Work.wait
+                pending[id(out)] = phase
+            elif isinstance(out, list):
+                for work in out:
+                    pending[id(work)] = phase
+            self.last_completed = Op(name, gname, read() if read else -1, time.time())
             return out
 
         wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
@@ -130,9 +124,19 @@ class CommTracker:
         return wrapper
 
     def _wrap_wait(self, wait: Callable[..., Any]) -> Callable[..., Any]:
+        depth, seconds, pending = self._depth, self.seconds, self._pending
+
         def timed_wait(work: Any, *args: Any, **kwargs: Any) -> Any:
-            phase = self._pending.pop(id(work), "comm")
-            return self._timed(phase, "wait", lambda: wait(work, *args, **kwargs))
+            if getattr(depth, "n", 0):  # a synchronous wrapped call waiting for its own work
+                return wait(work, *args, **kwargs)
+            phase = pending.pop(id(work), "comm")
+            depth.n, self.in_call = 1, "wait"
+            start = time.perf_counter()
+            try:
+                return wait(work, *args, **kwargs)
+            finally:
+                seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
+                depth.n, self.in_call = 0, None
 
         timed_wait.__wrapped__ = wait  # type: ignore[attr-defined]
         return timed_wait
@@ -167,6 +171,7 @@ class CommTracker:
 
     def take(self) -> dict[str, float]:
         """The seconds per phase since the last take, and start again from zero."""
-        out, self.seconds = self.seconds, {}
+        out = dict(self.seconds)
+        self.seconds.clear()  # in place: the wrappers hold this dict
         self._pending.clear()  # a work never waited for (e.g. fire-and-forget sends) is dropped
         return out
