@@ -174,6 +174,29 @@ class LoggingConfig:
 
 
 @dataclass
+class ObserveConfig:
+    """Straggler report and hang watchdog (launcher/run/observe.py); on by default, < 1% cost."""
+
+    enabled: bool = True
+    interval: int = 10  # steps between the phase-time gathers (one all_gather each)
+    # a working phase (data, compute, optimizer, checkpoint) stands out when its relative score
+    # (the best rank's time / this rank's) is below this and it exceeds the median rank's by 10%
+    # of the step
+    straggler_score: float = 0.5
+    hang_timeout_s: float = 600.0  # seconds without progress before the hang report; 0: no watchdog
+    flight_recorder: bool = True  # NCCL runs: torch's flight recorder dumps into the run folder
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler traces of chosen steps on chosen ranks (parallel/observe/profile.py)."""
+
+    steps: list[int] = field(default_factory=list)  # [first, last], 1-based; []: no profile
+    ranks: list[int] = field(default_factory=lambda: [0])
+    memory: bool = True  # CPU memory profile; on CUDA also the allocator's memory snapshot
+
+
+@dataclass
 class HardwareConfig:
     """Peak dense TFLOP/s per device, for MFU and the planner; null = from the GPU's name
     (required on CPU for MFU), or H100 SXM's for a plan."""
@@ -204,6 +227,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    observe: ObserveConfig = field(default_factory=ObserveConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     device: str = "auto"  # auto | cpu | cuda

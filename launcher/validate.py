@@ -95,6 +95,13 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("parallel.virtual_stages", lambda v: v > 0, "must be > 0"),
     ("parallel.microbatches", lambda v: v > 0, "must be > 0"),
     ("parallel.p2p_ms", lambda v: _finite(v) and v >= 0, "must be finite and >= 0"),
+    ("observe.interval", lambda v: v > 0, "must be > 0 (steps between phase-time gathers)"),
+    ("observe.straggler_score", lambda v: 0 < v <= 1, "use a value in (0, 1], e.g. 0.7"),
+    (
+        "observe.hang_timeout_s",
+        lambda v: _finite(v) and v >= 0,
+        "must be finite and >= 0 seconds (0: no watchdog), e.g. 600",
+    ),
 ]
 
 
@@ -106,6 +113,14 @@ def _value(cfg: Config, field_name: str) -> Any:
 def _validate_ranges(cfg: Config) -> None:
     for field_name, accepts, fix in RANGES:
         _check(accepts(_value(cfg, field_name)), field_name, _value(cfg, field_name), fix)
+
+
+def _validate_profile(cfg: Config, world_size: int) -> None:
+    steps, ranks, n = cfg.profile.steps, cfg.profile.ranks, cfg.train.steps
+    ok = steps == [] or (len(steps) == 2 and 1 <= steps[0] <= steps[1] <= n)
+    _check(ok, "profile.steps", steps, f"use [first, last] with 1 <= first <= last <= {n}, or []")
+    bad = [r for r in ranks if not 0 <= r < world_size]
+    _check(not bad, "profile.ranks", ranks, f"ranks must be in [0, {world_size - 1}]")
 
 
 def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) -> None:
@@ -122,6 +137,7 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
         "use auto, fp32 or bf16",
     )
     _validate_ranges(cfg)
+    _validate_profile(cfg, world_size)
     _check(
         cfg.optim.implementation in OPTIM_IMPLEMENTATIONS,
         "optim.implementation",

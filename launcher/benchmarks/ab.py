@@ -19,6 +19,8 @@ import torch.multiprocessing as mp
 
 from launcher.run.build import build_trainer, load_data
 from launcher.run.compose import compose_config
+from launcher.run.monitor import RunMonitor
+from launcher.run.observe import RunObserver
 from launcher.run.ports import free_port, local_rank_env
 
 SIDES = ("a", "b")
@@ -61,13 +63,40 @@ def _ab_rank(
     cfgs = {name: compose_config(base + overrides, world) for name, overrides in sides.items()}
     tokens = load_data(cfgs["a"])
     trainers = {name: build_trainer(cfg, tokens) for name, cfg in cfgs.items()}
+    # observe.* as the training loop runs it; its wrappers are installed for its side's blocks only
+    observers = {
+        name: RunObserver(
+            cfgs[name],
+            t,
+            None,
+            RunMonitor(cfgs[name], t, None).data_wait,
+            print,
+            print,
+            always=True,
+        )
+        for name, t in trainers.items()
+        if cfgs[name].observe.enabled
+    }
+    for paused in observers.values():
+        paused.pause()
     ms: dict[str, list[float]] = {name: [] for name in trainers}
     losses: dict[str, list[float]] = {name: [] for name in trainers}
     for block in range(blocks + 1):
         for name, trainer in trainers.items():
             dist.barrier()  # every rank starts the block together
+            observer = observers.get(name)
+            if observer is not None:
+                observer.resume()
             start = time.perf_counter()
-            step_losses = [trainer.train_step().loss for _ in range(steps)]
+            step_losses = []
+            for _ in range(steps):
+                if observer is not None:
+                    observer.before_step(trainer.step + 1)
+                step_losses.append(trainer.train_step().loss)
+                if observer is not None:
+                    observer.after_step(trainer.step)
+            if observer is not None:
+                observer.pause()
             dist.barrier()  # the block ends when the slowest rank is done
             if block:
                 ms[name].append((time.perf_counter() - start) / steps * 1000)

@@ -17,6 +17,7 @@ from launcher.run.checkpointing import RunCheckpoints
 from launcher.run.console import Console
 from launcher.run.generate import generate
 from launcher.run.monitor import RunMonitor
+from launcher.run.observe import RunObserver, prepare_environment
 from launcher.run.preemption import StopSignal
 from launcher.run.resume import resume_changes
 from launcher.run.trainer import StepResult, Trainer
@@ -54,6 +55,7 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
     if run_dir is not None:
         for line in banner_lines(cfg, tokens, run_dir, checkpoints.root, resume):
             console.say(line)
+    prepare_environment(cfg, run_dir)  # before the process group starts: NCCL's flight recorder
     trainer = _start(cfg, tokens, checkpoints, resume, console)
     val = validation_batches(
         tokens.val,
@@ -64,18 +66,23 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
         cfg.parallel.dp,
     )
     monitor = RunMonitor(cfg, trainer, run_dir, record=console.record)  # progress, sinks, timeline
+    observer = RunObserver(
+        cfg, trainer, run_dir, monitor.data_wait, monitor.add_fields, monitor.say
+    )
     summary = TrainSummary(trainer=trainer)
     local_losses: list[torch.Tensor] = []  # this rank's, as tensors: no host sync per step
     stop = StopSignal()
     skipped = 0  # non-finite steps in a row
     tune_step = searched_order_step(cfg, trainer)
     while trainer.step < t.steps and not summary.preempted:
+        observer.before_step(trainer.step + 1)  # phase times, profiler
         if tune_step == trainer.step + 1:
             result = tune(cfg, trainer, monitor)  # zbv, zb_1p, zb_2p: searched at measured costs
         elif monitor.timeline_step == trainer.step + 1:
             result = monitor.record_timeline(trainer)  # the same step, every action timed
         else:
             result = trainer.train_step()
+        observer.after_step(trainer.step)  # every observe.interval: stragglers (a collective)
         monitor.progress.update(trainer.step)
         checkpoints.raise_if_failed()  # a background save that failed stops the run now
         local_losses.append(result.loss)
@@ -94,8 +101,9 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
             )
         summary.preempted = stop.agreed()  # any rank signalled: all save and stop after this step
         if checkpoints.due(trainer.step, done) or summary.preempted:
-            with console.phase(f"saving checkpoint step {trainer.step}"):
+            with console.phase(f"saving checkpoint step {trainer.step}"), observer.checkpoint():
                 console.say(f"  {checkpoints.save(trainer)}")
+    observer.close()  # the watchdog stops before the steps-free end (losses, sample)
     monitor.close()
     stop.restore()
     checkpoints.close()

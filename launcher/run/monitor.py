@@ -101,6 +101,7 @@ class RunMonitor:
             cfg.hardware.peak_tflops, self.device
         )  # validated: > 0 or None
         self.data_wait = _DataWait(trainer.sampler)
+        self._pending: dict[str, Any] = {}
         self.timeline_step = None
         if cfg.parallel.timeline and self.active:
             if trainer.model.schedule is None:
@@ -114,6 +115,11 @@ class RunMonitor:
 
     def _restart(self, step: int) -> None:
         self._window = (step, time.perf_counter(), self.data_wait.seconds)
+
+    def say(self, line: str) -> None:
+        """One line on rank 0's console (above the progress bar) and in train.log."""
+        if self.active and self.is_rank0:
+            self._console_line(line)
 
     def _console_line(self, line: str) -> None:
         self.progress.write(line)
@@ -156,8 +162,13 @@ class RunMonitor:
         out["peak_memory_gib"] = memory.item()
         return out
 
+    def add_fields(self, fields: dict[str, Any]) -> None:
+        """Fields for the next logged record (e.g. the straggler report's summary)."""
+        self._pending.update(fields)
+
     def log(self, record: dict[str, Any]) -> None:
         """Send a record to the sinks and start the next throughput window (eval time excluded)."""
+        record, self._pending = {**record, **self._pending}, {}
         if self.logger is not None:
             self.logger.log(record)
         self._restart(record["step"])

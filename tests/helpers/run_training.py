@@ -11,6 +11,16 @@ from launcher.run.compose import compose_config
 from launcher.run.loop import train
 from parallel.parallelize import full_state_dict
 
+# a run of a few seconds a step on gloo ranks: the debug model, tiny batches, no sample or checkpoint
+TINY_RUN = [
+    "model=debug",
+    "train.global_batch_size=4",
+    "train.seq_len=16",
+    "train.sample_tokens=0",
+    "train.log_interval=100",
+    "checkpoint.final=false",
+]
+
 
 def make_config(overrides: list[str], world_size: int = 1) -> Config:
     """The validated config `python -m launcher.train *overrides` would use."""

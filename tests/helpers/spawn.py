@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -113,3 +114,25 @@ def run_on_mesh(
     """fn(mesh, *args) on dp*pp*cp*tp ranks, `mesh` the real (dp, pp, cp, tp) gloo DeviceMesh."""
     dp, pp, tp = shape
     return run_ranks(dp * pp * cp * tp, _on_mesh, shape, cp, fn, args, timeout=timeout)
+
+
+def exit_codes(world: int, fn: Callable[..., Any], *args: Any, timeout: float) -> list[int | None]:
+    """fn(*args) on `world` ranks that may end the process themselves (os._exit); each rank's
+    exit code once all have ended, None for one still running after `timeout` s (then killed)."""
+    queue = _CONTEXT.Queue()
+    env, cwd, port = dict(os.environ), os.getcwd(), free_port()
+    procs = [
+        _CONTEXT.Process(target=_rank_main, args=(fn, r, world, port, args, queue, env, cwd))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return codes

@@ -38,6 +38,7 @@ def _train(*overrides: str, env: dict | None = None) -> subprocess.CompletedProc
         (["train.seq_len=abc"], "train.seq_len"),  # wrong type
         (["cluster.peak_tflops=312"], "cluster.peak_tflops"),  # moved to hardware.peak_tflops
         (["model=llama3_8b"], "model"),  # 120 GiB of state on one rank
+        (["profile.ranks=[3]"], "profile.ranks"),  # outside the world (1 rank)
     ],
 )
 def test_refused_with_exit_2(overrides: list[str], field: str) -> None:
@@ -82,6 +83,11 @@ def test_unreadable_tokenizer(tmp_path) -> None:
         (["data.max_bytes=0"], "data.max_bytes"),
         (["parallel.layers_per_stage=[3,3]"], "parallel.layers_per_stage"),  # pp=1: not ignored
         (["train.nonfinite=ignore"], "train.nonfinite"),
+        (["observe.hang_timeout_s=-1"], "observe.hang_timeout_s"),
+        (["observe.interval=0"], "observe.interval"),
+        (["train.steps=5", "profile.steps=[4,6]"], "profile.steps"),  # past the run's end
+        (["profile.steps=[0,2]"], "profile.steps"),  # steps count from 1
+        (["profile.ranks=[0,1]"], "profile.ranks"),  # world size 1
     ],
 )
 def test_every_bad_value_names_its_field(overrides: list[str], field: str) -> None:
