@@ -9,6 +9,7 @@ import torch
 
 from data import DistributedBatchSampler, TokenSource, build_token_source
 from launcher.config import Config, ConfigError
+from launcher.run.fault_tolerance import dp_offset, group_dp, replica_group
 from launcher.run.trainer import Trainer, uses_bf16
 from models.llama import ModelArgs
 from parallel.init import InitialValues
@@ -89,7 +90,10 @@ def build_trainer(
     initial_values: where the weights come from (default: drawn from train.seed)."""
     par = cfg.parallel
     device = resolve_device(cfg.device)
-    mesh = build_mesh(device, par.dp, par.pp, par.tp, cp=par.cp)
+    ft = (
+        cfg.fault_tolerance.enable
+    )  # the replicate dim spans torch worlds: torchft's, not a mesh dim
+    mesh = build_mesh(device, group_dp(cfg), par.pp, par.tp, cp=par.cp)
     torch.manual_seed(cfg.train.seed)
     model = parallelize(
         model_args(cfg),
@@ -101,7 +105,7 @@ def build_trainer(
         microbatches=par.microbatches,
         layers=split.counts if (split := pipeline_split(cfg)) else None,
         dp_shard=par.dp_shard,
-        dp_replicate=par.dp_replicate,
+        dp_replicate=1 if ft else par.dp_replicate,
         cp_comm=par.cp_comm,
         activation_checkpointing=cfg.model.activation_checkpointing,
         sequence_parallel=par.sequence_parallel,
@@ -115,8 +119,11 @@ def build_trainer(
         tokens.train,
         cfg.train.seq_len,
         cfg.train.global_batch_size,
-        mesh["dp"].get_local_rank(),
+        dp_offset(cfg) + mesh["dp"].get_local_rank(),
         par.dp,
         cfg.train.seed,
     )
-    return Trainer(cfg, model, sampler, device)
+    trainer = Trainer(cfg, model, sampler, device)
+    if ft:
+        trainer.replicas = replica_group(cfg, trainer)
+    return trainer

@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from launcher.config import Config, ConfigError
 from launcher.run.build import model_args
+from launcher.run.fault_tolerance import replica_root
 from launcher.run.trainer import Trainer
 from models.hf_llama import HFLlamaWeights
 from parallel.checkpoint.async_save import AsyncCheckpointer
@@ -37,7 +38,7 @@ def _size(n: int) -> str:
 def checkpoint_root(cfg: Config, run_dir: Path | None) -> Path | None:
     """`checkpoint.dir`, else `<run dir>/checkpoints`; None when neither is known (no saving)."""
     if cfg.checkpoint.dir:
-        return Path(cfg.checkpoint.dir)
+        return replica_root(cfg, Path(cfg.checkpoint.dir))
     return run_dir / "checkpoints" if run_dir is not None else None
 
 

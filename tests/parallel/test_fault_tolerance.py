@@ -1,0 +1,106 @@
+"""Fault-tolerant HSDP replica groups (torchft) on real gloo processes: parity with plain HSDP,
+and a group SIGKILLed mid-run that comes back, heals from a live peer and finishes with the
+others."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.helpers.replica_groups import ReplicaGroups
+from tests.helpers.run_training import train_and_report
+from tests.helpers.spawn import run_ranks
+
+pytest.importorskip("torchft")  # the [ft] extra; in [dev], so CI always runs these
+
+TINY = [
+    "model=debug",
+    "train.global_batch_size=12",
+    "train.seq_len=32",
+    "train.sample_tokens=0",
+    "train.log_interval=1",
+    "train.val_interval=1000",
+    "train.val_batches=1",
+    "checkpoint.final=false",
+    "optim.warmup_steps=2",
+]
+FT = ["fault_tolerance.enable=true", "fault_tolerance.timeout_s=15"]
+
+
+@pytest.fixture
+def lighthouse() -> Iterator[str]:
+    """An embedded torchft lighthouse; it drops a replica whose heartbeats stop for 3 s, and waits up to 10 s for live stragglers."""
+    from parallel.fault_tolerance import start_lighthouse
+
+    server = start_lighthouse("[::]:0", min_replicas=1)
+    yield server.address()
+    server.shutdown()
+
+
+def _weights_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.long(40)
+def test_without_faults_losses_equal_plain_hsdp(lighthouse: str, tmp_path: Path) -> None:
+    steps = ["train.steps=4", "parallel.dp=4", "parallel.dp_replicate=2"]
+    groups = ReplicaGroups(
+        [*TINY, *steps, *FT, "fault_tolerance.min_replicas=2"], 2, lighthouse, tmp_path
+    )
+    try:
+        for g in range(2):
+            groups.start(g)
+        per_group = [groups.results(g) for g in range(2)]
+    finally:
+        groups.stop_all()
+    ref = run_ranks(4, train_and_report, [*TINY, *steps], 4)
+    ref_losses = ref[0][0]
+    # each group's loss is its own slices' mean; the global batch's is their average
+    ft_losses = [sum(v) / 2 for v in zip(per_group[0][0][0], per_group[1][0][0])]
+    assert len(ft_losses) == 4
+    assert max(abs(a - b) / b for a, b in zip(ft_losses, ref_losses)) <= 1e-5
+    ref_weights = {k: v for _, w in ref[:2] for k, v in w.items()}
+    for group in per_group:
+        for (_, w, _), (_, rw) in zip(group, ref[:2]):
+            assert all(torch.allclose(w[k], rw[k], atol=1e-6) for k in w)
+    assert _weights_equal(per_group[0][0][1], per_group[1][0][1])
+    assert ref_weights
+
+
+def _logged_steps(records: list[dict[str, Any]]) -> list[int]:
+    return [r["step"] for r in records]
+
+
+@pytest.mark.long(90)
+def test_killed_group_heals_from_a_peer_and_rejoins(lighthouse: str, tmp_path: Path) -> None:
+    steps = 12
+    run = [*TINY, f"train.steps={steps}", "parallel.dp=6", "parallel.dp_replicate=3"]
+    groups = ReplicaGroups([*run, *FT, "fault_tolerance.min_replicas=2"], 2, lighthouse, tmp_path)
+    try:
+        for g in range(3):
+            groups.start(g)
+        groups.wait_for_step(2, 5)
+        groups.kill(2)  # SIGKILL both ranks of group 2 after its step 5
+        groups.start(2, attempt=1)  # as torchrun would restart it: fresh weights, step 0
+        results = {g: groups.results(g) for g in range(3)}
+    finally:
+        groups.stop_all()
+    for g in (0, 1):  # never restarted, no gap: every step logged once, in order
+        assert _logged_steps(groups.steps_logged(g)) == list(range(1, steps + 1))
+        assert len(results[g][0][0]) == steps
+    killed = _logged_steps(groups.steps_logged(2, attempt=0))
+    assert killed[:5] == [1, 2, 3, 4, 5] and killed[-1] < steps
+    healed = _logged_steps(groups.steps_logged(2, attempt=1))
+    # it joined mid-run at the live groups' step (healed, not from step 1) and ran to the end
+    assert healed[0] > 5 and healed == list(range(healed[0], steps + 1)), healed
+    finals = [results[g][0][1] for g in range(3)]
+    assert _weights_equal(finals[0], finals[1]) and _weights_equal(finals[0], finals[2])
+    for rank in range(2):  # each rank's shard of every group agrees, too
+        assert _weights_equal(results[0][rank][1], results[2][rank][1])
+    # the healed group loaded its peer's sampler before drawing its first batch: its data
+    # position is every other group's, not one batch behind
+    assert {results[g][r][2] for g in range(3) for r in range(2)} == {steps * 12}
