@@ -4,6 +4,9 @@ others."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from launcher.run.ports import free_port
 from tests.helpers.replica_groups import ReplicaGroups
 from tests.helpers.run_training import train_and_report
 from tests.helpers.spawn import run_ranks
@@ -104,3 +108,67 @@ def test_killed_group_heals_from_a_peer_and_rejoins(lighthouse: str, tmp_path: P
     # the healed group loaded its peer's sampler before drawing its first batch: its data
     # position is every other group's, not one batch behind
     assert {results[g][r][2] for g in range(3) for r in range(2)} == {steps * 12}
+
+
+def _lighthouse_process(port: int) -> subprocess.Popen:
+    """torchft's lighthouse CLI as its own process, so it can disappear as a lost host would."""
+    cli = Path(sys.executable).with_name("torchft_lighthouse")
+    return subprocess.Popen(
+        [str(cli), "--min_replicas", "2", "--bind", f"[::]:{port}", "--join_timeout_ms", "10000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _wait_listening(port: int) -> str:
+    from launcher.run.fault_tolerance import check_lighthouse
+
+    address = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while check_lighthouse(address, 0.5) is not None:
+        assert time.monotonic() < deadline, "the lighthouse did not start"
+        time.sleep(0.1)
+    return address
+
+
+@pytest.mark.long(40)
+def test_lighthouse_lost_stops_with_a_checkpoint_that_resumes(tmp_path: Path) -> None:
+    # two groups of one rank: no sharding inside a group, gradients averaged after backward
+    run = [
+        *TINY,
+        "train.steps=40",
+        "parallel.dp=2",
+        "parallel.dp_replicate=2",
+        f"checkpoint.dir={tmp_path / 'ckpt'}",
+        "fault_tolerance.enable=true",
+        "fault_tolerance.timeout_s=4",
+        "fault_tolerance.min_replicas=2",
+    ]
+    port = free_port()
+    server = _lighthouse_process(port)
+    groups = ReplicaGroups(run, 1, _wait_listening(port), tmp_path)
+    try:
+        for g in range(2):
+            groups.start(g)
+        groups.wait_for_step(0, 3)
+        server.kill()  # the lighthouse disappears mid-run
+        server.wait()
+        for g in range(2):
+            with pytest.raises(RuntimeError, match="LighthouseLost") as err:
+                groups.results(g)
+            line = [x for x in str(err.value).splitlines() if "LighthouseLost:" in x][-1]
+            assert "no quorum from the lighthouse" in line and "checkpoint saved" in line, line
+        stopped = [_logged_steps(groups.steps_logged(g))[-1] for g in range(2)]
+        assert stopped[0] == stopped[1] < 40
+        server = _lighthouse_process(port)  # back: both groups resume from their checkpoints
+        resumed = ReplicaGroups([*run, "train.resume=auto"], 1, _wait_listening(port), tmp_path)
+        for g in range(2):
+            resumed.start(g, attempt=1)
+        finals = [resumed.results(g)[0][1] for g in range(2)]
+    finally:
+        groups.stop_all()
+        server.kill()
+    for g in range(2):
+        steps = _logged_steps(resumed.steps_logged(g, attempt=1))
+        assert steps == list(range(stopped[0] + 1, 41)), steps
+    assert _weights_equal(finals[0], finals[1])
