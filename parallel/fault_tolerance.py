@@ -15,6 +15,7 @@ shard across the replicas; the shards line up because every group has the same l
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -113,6 +114,22 @@ class ReplicaParts:
         self.set_step(int(state["step"]))
 
 
+def _weights_only_transport(timeout: timedelta) -> Any:
+    """torchft's HTTP checkpoint transport, but what a healing rank receives is read with
+    torch's weights-only unpickler (tensors, numbers, strings, containers; no code): torchft
+    itself reads it with full pickle. ReplicaParts.state_dict() sends nothing else."""
+    from torchft.checkpointing._serialization import _streaming_load
+    from torchft.checkpointing.http_transport import HTTPTransport
+
+    class WeightsOnlyHTTPTransport(HTTPTransport):
+        @classmethod
+        def _load_from_address(cls, address: str, timeout: timedelta) -> object:
+            with urllib.request.urlopen(address, timeout=timeout.total_seconds()) as f:
+                return _streaming_load(f, weights_only=True)
+
+    return WeightsOnlyHTTPTransport(timeout=timeout, num_chunks=0)
+
+
 class ReplicaGroup:
     """This rank's seat in a fault-tolerant replica group: quorum per step, gradients averaged
     over the live replicas, commit or retry, heal from a peer."""
@@ -147,6 +164,7 @@ class ReplicaGroup:
             lighthouse_addr=lighthouse,
             replica_id=f"replica_{replica_id}",
             init_sync=False,  # every group draws the same initial weights from train.seed
+            checkpoint_transport=_weights_only_transport(timeout),
         )
         self._manual: list[torch.nn.Parameter] = []
         for module in parts.modules:

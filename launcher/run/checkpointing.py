@@ -39,7 +39,7 @@ def checkpoint_root(cfg: Config, run_dir: Path | None) -> Path | None:
     """`checkpoint.dir`, else `<run dir>/checkpoints`; None when neither is known (no saving)."""
     if cfg.checkpoint.dir:
         return replica_root(cfg, Path(cfg.checkpoint.dir))
-    return run_dir / "checkpoints" if run_dir is not None else None
+    return replica_root(cfg, run_dir / "checkpoints") if run_dir is not None else None
 
 
 def checkpoint_layout(cfg: Config) -> dict[str, Any]:
