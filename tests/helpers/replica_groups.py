@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
+import socket
 import time
 import traceback
 from pathlib import Path
@@ -15,6 +17,22 @@ from typing import Any
 
 from launcher.run.ports import free_port, local_rank_env
 from tests.helpers.spawn import _CONTEXT
+
+
+def store_port() -> int:
+    """A free port below Linux's ephemeral range (32768+): torchft's manager, HTTP and gloo
+    sockets bind ephemeral ports all the time, and one could take an ephemeral free_port()
+    before the group's TCPStore binds it."""
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(20_000, 32_000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 def _group_rank(
@@ -61,7 +79,7 @@ class ReplicaGroups:
 
     def start(self, group: int, attempt: int = 0) -> None:
         """Start the group's ranks on a fresh port (its own TCPStore)."""
-        queue, port = _CONTEXT.Queue(), free_port()
+        queue, port = _CONTEXT.Queue(), store_port()
         overrides = [*self.overrides, f"fault_tolerance.replica_id={group}"]
         self.run_dir(group, attempt).mkdir(parents=True)
         run_dir = str(self.run_dir(group, attempt))
