@@ -49,8 +49,18 @@ def _weights_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bo
 
 
 @pytest.mark.long(40)
-def test_without_faults_losses_equal_plain_hsdp(lighthouse: str, tmp_path: Path) -> None:
-    steps = ["train.steps=4", "parallel.dp=4", "parallel.dp_replicate=2"]
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["parallel.dp=4"],  # each group: FSDP2 over 2 ranks
+        ["parallel.dp=2", "parallel.pp=2", "parallel.microbatches=2"],  # each group: a pipeline
+    ],
+    ids=["dp_shard2", "pp2"],
+)
+def test_without_faults_losses_equal_plain_hsdp(
+    layout: list[str], lighthouse: str, tmp_path: Path
+) -> None:
+    steps = ["train.steps=4", *layout, "parallel.dp_replicate=2"]
     groups = ReplicaGroups(
         [*TINY, *steps, *FT, "fault_tolerance.min_replicas=2"], 2, lighthouse, tmp_path
     )
