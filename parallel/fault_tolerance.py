@@ -15,6 +15,7 @@ shard across the replicas; the shards line up because every group has the same l
 
 from __future__ import annotations
 
+import re
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -184,7 +185,12 @@ class ReplicaGroup:
         try:
             self.manager.start_quorum()
         except Exception as err:  # the Rust client's timeouts and connection errors
-            raise LighthouseLost(f"no quorum from the lighthouse: {err}".splitlines()[0]) from err
+            text = str(err).splitlines()[0] if str(err) else type(err).__name__
+            grpc = re.search(r'message: "([^"]*)"', text)  # tonic's Status: keep its message
+            why = grpc.group(1) if grpc else text
+            raise LighthouseLost(
+                f"no quorum from the lighthouse within fault_tolerance.timeout_s: {why}"
+            ) from err
 
     def finish_backward(self) -> None:
         """Average gradients FSDP2 did not hook (a group without sharding)."""
