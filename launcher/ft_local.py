@@ -16,7 +16,7 @@ import sys
 from launcher.config import ConfigError
 from launcher.errors import exit_config_error
 from launcher.run.compose import compose_config
-from launcher.run.fault_tolerance import LIGHTHOUSE_ENV
+from launcher.run.fault_tolerance import LIGHTHOUSE_ENV, quiet_torchft
 from parallel.fault_tolerance import start_lighthouse
 
 MAX_RESTARTS = 3
@@ -45,6 +45,7 @@ def main(overrides: list[str]) -> int:
         cfg = compose_config(overrides)
         par, ft = cfg.parallel, cfg.fault_tolerance
         groups = max(1, par.dp_replicate)
+        quiet_torchft()  # before the lighthouse starts; the groups inherit it
         lighthouse = start_lighthouse("[::]:0", min_replicas=ft.min_replicas)
         address = lighthouse.address()
         os.environ[LIGHTHOUSE_ENV] = address

@@ -4,6 +4,7 @@ and the ReplicaGroup (parallel/fault_tolerance.py) built from a Trainer's parts.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import socket
 from pathlib import Path
@@ -104,6 +105,15 @@ def validate_fault_tolerance(cfg: Config) -> None:
         )
 
 
+def quiet_torchft() -> None:
+    """torchft's Rust side logs every quorum and commit at INFO; keep its warnings and errors
+    unless the user asked for more (RUST_LOG=info). Read once, when torchft starts logging."""
+    os.environ.setdefault("RUST_LOG", "warn")
+    if os.environ["RUST_LOG"] == "warn":  # its Python loggers too (Hydra's root logs INFO)
+        for name in ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def group_dp(cfg: Config) -> int:
     """dp ranks inside this torch world: one replica group's under fault tolerance, else all."""
     par = cfg.parallel
@@ -125,6 +135,7 @@ def replica_root(cfg: Config, root: Path) -> Path:
 
 def replica_group(cfg: Config, trainer: Trainer) -> ReplicaGroup:
     """This rank's ReplicaGroup over the trainer's chunks, optimizer, sampler and LR schedule."""
+    quiet_torchft()
     from parallel.fault_tolerance import ReplicaGroup, ReplicaParts
 
     def set_step(step: int) -> None:
