@@ -103,12 +103,15 @@ def test_killed_group_heals_from_a_peer_and_rejoins(lighthouse: str, tmp_path: P
         results = {g: groups.results(g) for g in range(3)}
     finally:
         groups.stop_all()
-    # A group slower to start than the others' first quorum heals in at step 1 (its first
-    # logged step is 2): the lighthouse forms a quorum from the groups already heartbeating.
+    # The survivors never restarted and ran to the end, each step at most once. One of them can
+    # heal without restarting: a group slower to start than the others' first quorum heals in at
+    # step 1, and when the kill breaks one group's collective but another group's completed,
+    # only the latter commits that step and the former takes its state at the next quorum. The
+    # run's loss curve (over the groups) has every step.
     survivors = [_logged_steps(groups.steps_logged(g)) for g in (0, 1)]
-    assert {min(s) for s in survivors} <= {1, 2} and 1 in {min(s) for s in survivors}
-    for logged in survivors:  # never restarted, no gap: every step once, in order, to the end
-        assert logged == list(range(logged[0], steps + 1)), logged
+    for logged in survivors:
+        assert logged == sorted(set(logged)) and logged[-1] == steps, logged
+    assert set(survivors[0]) | set(survivors[1]) == set(range(1, steps + 1)), survivors
     killed = _logged_steps(groups.steps_logged(2, attempt=0))
     assert 5 in killed and killed == list(range(killed[0], killed[-1] + 1)) and killed[-1] < steps
     healed = _logged_steps(groups.steps_logged(2, attempt=1))
