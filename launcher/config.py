@@ -217,6 +217,24 @@ class ClusterConfig:
 
 
 @dataclass
+class FaultToleranceConfig:
+    """torchft replica groups: the HSDP replicate dim (parallel.dp_replicate groups) survives a
+    group that dies; each group is its own torchrun of dp/dp_replicate * pp * cp * tp ranks."""
+
+    enable: bool = False
+    replica_id: int = 0  # this group's index in [0, group_size): its slice of every batch
+    group_size: int | None = None  # replica groups; null = parallel.dp_replicate (must equal it)
+    min_replicas: int = 1  # fewer live groups than this: no step is committed, they wait
+    # the torchft lighthouse, http://host:port; null: $TORCHFT_LIGHTHOUSE (python -m
+    # launcher.ft_local starts one and sets it)
+    lighthouse: str | None = None
+    # a missing replica's share of the global batch: shrink (the step averages the live groups'
+    # slices; the only mode so far, see README "Fault tolerance")
+    missing_batch: str = "shrink"
+    timeout_s: float = 30.0  # quorum, cross-replica collectives and healing transfers
+
+
+@dataclass
 class Config:
     """Everything a training run needs."""
 
@@ -231,6 +249,7 @@ class Config:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16
 

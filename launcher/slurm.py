@@ -23,7 +23,9 @@ from launcher.validate import validate
 def check_fits_allocation(cfg: Config, nodes: int, ranks_per_node: int) -> None:
     """dp*pp*cp*tp must equal nodes x ranks per node, and a TP group must stay inside one node."""
     par = cfg.parallel
-    layout, allocated = par.world_size, nodes * ranks_per_node
+    # fault tolerance: the allocation checked is one replica group's (each its own job step)
+    layout = par.world_size // (par.dp_replicate if cfg.fault_tolerance.enable else 1)
+    allocated = nodes * ranks_per_node
     if layout != allocated:
         other = allocated // (par.pp * par.cp * par.tp)
         fix = (

@@ -31,6 +31,7 @@ from launcher.run.multirun import run_worker_group
 from launcher.slurm import export_rank_env_from_slurm, is_submitit_task, requeue_if_slurm
 from launcher.validate import validate
 from parallel.checkpoint.state import CheckpointError
+from parallel.fault_tolerance import LighthouseLost
 
 __all__ = ["CONF_DIR", "main"]
 
@@ -79,7 +80,7 @@ def _hydra_main(raw: DictConfig) -> None:
         exit_config_error(err)
     except CheckpointError as err:  # a checkpoint to resume from that cannot be loaded
         _exit_run_error("checkpoint error", err)
-    except NonFiniteError as err:  # a NaN/inf loss or gradient: never applied, never saved
+    except (NonFiniteError, LighthouseLost) as err:  # NaN/inf never applied; no more quorum
         _exit_run_error("training stopped", err)
     finally:
         if dist.is_initialized():

@@ -20,6 +20,7 @@ from launcher.config import (
     ParallelConfig,
     TrainConfig,
 )
+from launcher.run.fault_tolerance import validate_fault_tolerance
 from parallel.checkpoint.backends import location_problem
 from parallel.checkpoint.storage import is_url
 from parallel.context_parallel import CP_COMM
@@ -187,13 +188,16 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
         cfg.logging.progress,
         "use auto, bar or lines",
     )
-    layout = par.world_size
+    ft = cfg.fault_tolerance
+    # under fault tolerance each replica group is its own world of dp/dp_replicate x pp x cp x tp
+    layout = par.world_size // (par.dp_replicate if ft.enable else 1)
     _check(
         layout == world_size,
         "parallel.dp",
         par.dp,
         f"{par.layout_product()} must equal the world size {world_size}; "
-        f"set parallel.dp={world_size // (par.pp * par.cp * par.tp) or 1} or launch {layout} ranks",
+        f"set parallel.dp={world_size // (par.pp * par.cp * par.tp) or 1} or launch {layout} ranks"
+        + (" per replica group (parallel.dp counts every group's ranks)" if ft.enable else ""),
     )
     split = par.layers_per_stage
     _check(
@@ -229,6 +233,8 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
     _validate_documents_device(cfg)
     _validate_hsdp(par)
     _validate_pipeline(m, par, t.seq_len, t.compile)
+    if ft.enable:
+        validate_fault_tolerance(cfg)
 
 
 def _validate_tensor_parallel(

@@ -43,7 +43,7 @@ def readme_commands() -> list[str]:
 
 
 def _shrunk(argv: list[str]) -> list[str]:
-    if "launcher.train" not in argv:
+    if "launcher.train" not in argv and "launcher.ft_local" not in argv:
         return argv
     kept = [a for a in argv if a.split("=")[0] not in SHRINK]
     return kept + [f"{k}={v}" for k, v in SHRINK.items()]

@@ -78,6 +78,12 @@ def banner_lines(
         else ""
     )
     layout = f"{dp} x pp={p.pp}{cp} x tp={p.tp} ({_plural(p.world_size, 'rank')})"
+    ft = cfg.fault_tolerance
+    if ft.enable:  # each replica group is its own world: say which one this is
+        layout += (
+            f"; fault tolerant: replica group {ft.replica_id} of {p.dp_replicate} "
+            f"({_plural(p.world_size // p.dp_replicate, 'rank')}), at least {ft.min_replicas} live"
+        )
     if p.pp > 1:
         pipeline = pipeline_of(cfg)
         v, bubble = pipeline.stages_per_rank, pipeline.bubble_fraction

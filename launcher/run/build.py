@@ -3,12 +3,13 @@ the sampler and the optimizer."""
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 
 from data import DistributedBatchSampler, TokenSource, build_token_source
 from launcher.config import Config, ConfigError
+from launcher.run.fault_tolerance import dp_offset, group_dp, replica_group
 from launcher.run.trainer import Trainer, uses_bf16
 from launcher.validate import validate_documents
 from models.llama import ModelArgs
@@ -133,17 +134,25 @@ def build_trainer(
     initial_values: where the weights come from (default: drawn from train.seed)."""
     par = cfg.parallel
     device = resolve_device(cfg.device)
-    mesh = build_mesh(device, par.dp, par.pp, par.tp, cp=par.cp)
+    ft = (
+        cfg.fault_tolerance.enable
+    )  # the replicate dim spans torch worlds: torchft's, not a mesh dim
+    mesh = build_mesh(device, group_dp(cfg), par.pp, par.tp, cp=par.cp)
     torch.manual_seed(cfg.train.seed)
     options = parallel_options(cfg, device)
+    if ft:  # the replicate dim is torchft's: FSDP2 (or nothing) inside the group only
+        options = replace(options, dp_replicate=1)
     model = parallelize(model_args(cfg), mesh, device, cfg.train.seed, options, initial_values)
     # every cp rank of a dp rank reads the same sequences, then keeps its chunks of them
     sampler = DistributedBatchSampler(
         tokens.train,
         cfg.train.seq_len,
         cfg.train.global_batch_size,
-        mesh["dp"].get_local_rank(),
+        dp_offset(cfg) + mesh["dp"].get_local_rank(),
         par.dp,
         cfg.train.seed,
     )
-    return Trainer(cfg, model, sampler, device, eos_id=tokens.eos_id)
+    trainer = Trainer(cfg, model, sampler, device, eos_id=tokens.eos_id)
+    if ft:
+        trainer.replicas = replica_group(cfg, trainer)
+    return trainer

@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from launcher.config import Config, ConfigError
 from launcher.run.build import model_args
+from launcher.run.fault_tolerance import replica_root
 from launcher.run.trainer import Trainer
 from models.hf_llama import HFLlamaWeights
 from parallel.checkpoint.async_save import AsyncCheckpointer
@@ -39,8 +40,8 @@ def checkpoint_root(cfg: Config, run_dir: Path | None) -> Location | None:
     """`checkpoint.dir` (a path, or an fsspec URL), else `<run dir>/checkpoints`; None when
     neither is known (no saving)."""
     if cfg.checkpoint.dir:
-        return as_location(cfg.checkpoint.dir)
-    return run_dir / "checkpoints" if run_dir is not None else None
+        return replica_root(cfg, as_location(cfg.checkpoint.dir))
+    return replica_root(cfg, run_dir / "checkpoints") if run_dir is not None else None
 
 
 def checkpoint_layout(cfg: Config) -> dict[str, Any]:

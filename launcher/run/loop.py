@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ from launcher.run.tuning import searched_order_step, tune
 from models.hf_llama import HFFormatError
 from parallel.checkpoint.format import read_manifest
 from parallel.checkpoint.state import CheckpointError
+from parallel.fault_tolerance import LighthouseLost
 
 
 class NonFiniteError(RuntimeError):
@@ -81,7 +83,12 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
         elif monitor.timeline_step == trainer.step + 1:
             result = monitor.record_timeline(trainer)  # the same step, every action timed
         else:
-            result = trainer.train_step()
+            try:
+                result = trainer.train_step()
+            except LighthouseLost as err:  # fault tolerance: no quorum, so no step, any more
+                _stop_without_lighthouse(err, trainer, checkpoints, console)
+            if not result.committed:  # a replica group failed mid-step: torchft runs it again
+                continue
         observer.after_step(trainer.step)  # every observe.interval: stragglers (a collective)
         monitor.progress.update(trainer.step)
         checkpoints.raise_if_failed()  # a background save that failed stops the run now
@@ -158,7 +165,21 @@ def _start(
             checkpoints.load(resume, trainer)
         trainer.apply_optim_config()  # the optimizer follows this run's optim.*, not the saved one
         console.say(f"resumed from {resume} at step {trainer.step}")
+    if trainer.replicas is not None:  # the quorum compares steps: a resumed group reports its own
+        trainer.replicas.sync_step(trainer.step)
     return trainer
+
+
+def _stop_without_lighthouse(
+    err: LighthouseLost, trainer: Trainer, checkpoints: RunCheckpoints, console: Console
+) -> NoReturn:
+    """Save the last committed step (nothing of the failed one was applied) and stop."""
+    saved = "no checkpoint.dir to save in"
+    if checkpoints.root is not None:
+        with console.phase(f"saving checkpoint step {trainer.step}"):
+            saved = f"checkpoint saved: {checkpoints.save(trainer)}"
+    checkpoints.close()
+    raise LighthouseLost(f"{err}; stopped after step {trainer.step}, {saved}")
 
 
 def _log_step(

@@ -20,6 +20,7 @@ from data import DistributedBatchSampler
 from data.documents import document_inputs, mask_document_ends
 from launcher.config import Config
 from parallel.dtensor import local_part
+from parallel.fault_tolerance import ReplicaGroup
 from parallel.grad_clip import clip_grad_norm
 from parallel.loss import counted_token_weight, cross_entropy, loss_context, scale_gradients
 from parallel.parallelize import ParallelModel
@@ -111,6 +112,7 @@ class StepResult:
     loss: torch.Tensor  # this rank's mean loss (0 on ranks without the last stage)
     grad_norm: torch.Tensor
     applied: bool = True  # False: the gradient norm was not finite and the update was skipped
+    committed: bool = True  # False: a replica failed during the step; it runs again (torchft)
 
 
 @dataclass
@@ -125,6 +127,7 @@ class Trainer:
     lr_scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
     step: int = 0
     eos_id: int | None = None  # the token source's end-of-document id (data.document_mask etc.)
+    replicas: ReplicaGroup | None = None  # fault_tolerance.enable: torchft's replica groups
 
     def __post_init__(self) -> None:
         self.optimizer = build_optimizer(self.model, self.cfg)
@@ -202,9 +205,13 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         """One optimizer step on the next global batch."""
+        if self.replicas is not None:  # the quorum first: a healing group loads step and sampler
+            self.replicas.start_step()
         inputs, targets = self.sampler.next_batch()
         targets, weight = self.loss_targets(inputs, targets)
         loss = self.forward_backward(inputs, targets)
+        if self.replicas is not None:
+            self.replicas.finish_backward()
         if weight is not None:  # the mean over the counted tokens of the global batch
             scale_gradients(self.model.parameters(), weight)
             loss = loss * weight
@@ -221,6 +228,12 @@ class Trainer:
         # (reduced over tp, dp and pp), so every rank takes the same decision; a non-finite loss
         # makes the gradients, and so the norm, non-finite too.
         applied = bool(torch.isfinite(grad_norm).item())
+        # torchft: every rank of the group agrees; False if a replica died mid-step
+        committed = self.replicas is None or self.replicas.should_commit()
+        if not committed:  # the same batch again, with the replicas that are left
+            self.optimizer.zero_grad(set_to_none=True)
+            self.sampler.samples_consumed -= self.sampler.global_batch_size
+            return StepResult(loss, grad_norm, applied, committed=False)
         if applied:
             self.optimizer.step()
         self.lr_scheduler.step()
