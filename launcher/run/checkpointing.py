@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from launcher.config import Config, ConfigError
 from launcher.run.build import model_args
 from launcher.run.trainer import Trainer
-from models.hf_llama import HFLlamaWeights
+from models.llama.hf import HFLlamaWeights
 from parallel.checkpoint.async_save import AsyncCheckpointer
 from parallel.checkpoint.format import read_manifest, resume_path
 from parallel.checkpoint.load import load_checkpoint

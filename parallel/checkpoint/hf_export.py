@@ -16,7 +16,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-from models.hf_llama import INDEX, SINGLE_FILE, hf_config, hf_name, to_hf_tensor
+from models.llama.hf import INDEX, SINGLE_FILE, hf_config, hf_name, to_hf_tensor
 from parallel.checkpoint.format import file_problems, model_args_of, part_tensors, read_manifest
 from parallel.checkpoint.state import CheckpointError
 

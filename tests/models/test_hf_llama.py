@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models.hf_llama import INDEX, SINGLE_FILE, HFFormatError, HFLlamaWeights, hf_config
+from models.llama.hf import INDEX, SINGLE_FILE, HFFormatError, HFLlamaWeights, hf_config
 from models.llama import ModelArgs
 
 ARGS = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16)

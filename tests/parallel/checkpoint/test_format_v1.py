@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from launcher.run.build import build_trainer, load_data
 from launcher.run.checkpointing import checkpoint_layout, trainer_states
-from models.hf_llama import hf_name
+from models.llama.hf import hf_name
 from models.llama import ModelArgs, Transformer
 from parallel.checkpoint.format import FORMAT_V1, model_args_of, read_manifest
 from parallel.checkpoint.hf_export import export_to_hf

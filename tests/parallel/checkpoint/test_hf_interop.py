@@ -20,7 +20,7 @@ from launcher import convert
 from launcher.run.build import build_trainer, load_data, model_args
 from launcher.run.loop import train
 from launcher.run.trainer import Trainer
-from models.hf_llama import HFFormatError, HFLlamaWeights, hf_name
+from models.llama.hf import HFFormatError, HFLlamaWeights, hf_name
 from parallel.checkpoint.hf_export import export_to_hf
 from parallel.checkpoint.state import CheckpointError
 from parallel.dtensor import full_value

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from launcher.run.build import build_trainer, load_data
 from launcher.run.checkpointing import load_trainer
 from launcher.run.loop import train
-from models.hf_llama import HFLlamaWeights
+from models.llama.hf import HFLlamaWeights
 from parallel.checkpoint.format import part_tensors
 from parallel.checkpoint.hf_export import export_to_hf
 from tests.helpers.run_training import make_config

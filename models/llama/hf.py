@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from models.llama import ModelArgs
+from models.llama.model import ModelArgs
 
 INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
