@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from models.llama import Transformer
+from models.decoder import Decoder
 from parallel.dtensor import local_part
 
 
@@ -31,7 +31,7 @@ class TiedCopies:
 
 
 def tie_across_stages(
-    chunks: Sequence[Transformer], last_stage_rank: int, mesh: DeviceMesh
+    chunks: Sequence[Decoder], last_stage_rank: int, mesh: DeviceMesh
 ) -> TiedCopies | None:
     """The tied copies of this rank, after making the groups that sum them (a collective on
     every rank: each group is created by all); None on ranks that hold neither copy."""

@@ -10,7 +10,7 @@ import torch
 from data import DistributedBatchSampler, TokenSource, build_token_source
 from launcher.config import Config, ConfigError
 from launcher.run.trainer import Trainer, uses_bf16
-from models.llama import ModelArgs
+from models.args import ModelArgs
 from parallel.init import InitialValues
 from parallel.mesh import build_mesh, resolve_device
 from parallel.parallelize import ParallelOptions, parallelize

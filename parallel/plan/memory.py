@@ -27,7 +27,7 @@ Assumptions (mixed precision as in ZeRO and Megatron, bf16 compute on GPUs):
 
 from __future__ import annotations
 
-from models.llama import ModelArgs
+from models.args import ModelArgs
 from parallel.plan.layout import RankContext
 
 WEIGHT_BYTES = 2

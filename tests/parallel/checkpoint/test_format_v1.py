@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from launcher.run.build import build_trainer, load_data
 from launcher.run.checkpointing import checkpoint_layout, trainer_states
-from models.llama.hf import hf_name
 from models.llama import ModelArgs, Transformer
+from models.llama.hf import LLAMA_HF
 from parallel.checkpoint.format import FORMAT_V1, model_args_of, read_manifest
 from parallel.checkpoint.hf_export import export_to_hf
 from parallel.checkpoint.load import load_checkpoint
@@ -133,7 +133,7 @@ def test_v1_checkpoint_exports_to_hugging_face(tmp_path: Path) -> None:
     )
     saved = load_file(next((V1 / "model").glob("*.safetensors")))
     exported = load_file(files[0])
-    assert sorted(exported) == sorted(hf_name(n) for n in saved)
+    assert sorted(exported) == sorted(LLAMA_HF.hf_name(n) for n in saved)
     assert torch.equal(exported["model.embed_tokens.weight"], saved["tok_embeddings.weight"])
     transformers = pytest.importorskip("transformers")
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
