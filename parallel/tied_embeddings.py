@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from models.decoder import Decoder
 from parallel.dtensor import local_part
@@ -61,6 +62,11 @@ def tie_across_stages(
 @torch.no_grad()
 def sum_tied_gradients(tied: TiedCopies) -> None:
     """Give every copy of the tied matrix the sum of the copies' gradients (no host sync)."""
+    for p in tied.params:
+        if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+            # TP without FSDP2 can leave a gradient laid out unlike its weight (the embedding's
+            # under SP): lay it out as the weight is, so both copies hold the same elements
+            p.grad = p.grad.redistribute(placements=p.placements)
     grads = [local_part(p.grad) for p in tied.params if p.grad is not None]
     if not grads:
         return
