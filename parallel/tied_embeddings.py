@@ -63,7 +63,11 @@ def tie_across_stages(
 def sum_tied_gradients(tied: TiedCopies) -> None:
     """Give every copy of the tied matrix the sum of the copies' gradients (no host sync)."""
     for p in tied.params:
-        if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+        if (
+            isinstance(p, DTensor)
+            and isinstance(p.grad, DTensor)
+            and p.grad.placements != p.placements
+        ):
             # TP without FSDP2 can leave a gradient laid out unlike its weight (the embedding's
             # under SP): lay it out as the weight is, so both copies hold the same elements
             p.grad = p.grad.redistribute(placements=p.placements)
