@@ -1,4 +1,4 @@
-"""Export a tridist checkpoint (any layout) to the Hugging Face Llama layout, on one process.
+"""Export a tridist checkpoint (any layout) to its family's Hugging Face layout, on one process.
 
 Full tensors are assembled from the per-rank shards by DCP itself (`dcp.load(no_dist=True)`
 into full-size tensors), a group of tensors at a time so memory stays near one output file.
