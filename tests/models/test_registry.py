@@ -82,7 +82,7 @@ def _train(overrides: list[str], world: int) -> tuple[list[float], dict[str, tor
     return train_and_report(overrides, world)
 
 
-@pytest.mark.long(25)
+@pytest.mark.long(8)
 def test_a_family_registered_in_a_test_trains_at_pp2_tp2_like_one_process() -> None:
     assert "toy" in families() and model_spec("toy") is TOY
     ref_losses, ref_weights = train_and_report(BASE, 1)

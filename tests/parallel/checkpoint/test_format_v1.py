@@ -109,7 +109,10 @@ def test_v1_manifest_reads_in_the_current_shape() -> None:
     assert manifest["states"] == {"sampler": raw["sampler"], "lr_scheduler": raw["lr_scheduler"]}
     args = model_args_of(manifest)
     assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads) == (16, 2, 2, 1)
-    assert set(manifest["model"]) == set(ModelArgs.__dataclass_fields__)  # build settings dropped
+    # build settings dropped; fields added since (family, head_size, ffn_dim) take their defaults
+    later = {"family", "head_size", "ffn_dim"}
+    assert set(manifest["model"]) == set(ModelArgs.__dataclass_fields__) - later
+    assert (args.family, args.head_size, args.ffn_dim) == ("llama", None, None)
 
 
 def test_v1_checkpoint_loads_the_saved_weights_and_state(resumed: dict[str, Any]) -> None:

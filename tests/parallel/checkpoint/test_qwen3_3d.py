@@ -92,7 +92,7 @@ def qwen3(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     }
 
 
-@pytest.mark.long(60)
+@pytest.mark.long(20)
 def test_trains_saves_and_resumes_equal_to_one_process(qwen3: dict) -> None:
     for rank in qwen3["ranks"]:
         losses = rank["losses"] + rank["resumed"]
