@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from models.llama import ModelArgs
+from models.args import ModelArgs
 
 
 class ConfigError(ValueError):
@@ -36,7 +36,7 @@ class ModelConfig(ModelArgs):
     n_kv_heads: int | None = 4
     max_seq_len: int = 1024
     activation_checkpointing: str = "none"  # none | full | selective
-    init_from: str | None = None  # a Hugging Face Llama directory
+    init_from: str | None = None  # a Hugging Face directory of the model's family
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""`python -m launcher.convert to-hf CKPT OUT`: a tridist checkpoint as a Hugging Face Llama.
+"""`python -m launcher.convert to-hf CKPT OUT`: a tridist checkpoint as a Hugging Face model of its family.
 
 The other direction needs no conversion step: `python -m launcher.train model.init_from=HF_DIR`
-starts training from a Hugging Face Llama directory in any (dp, pp, tp) layout.
+starts training from a Hugging Face directory of the configured family in any (dp, pp, tp) layout.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     """Parse the command line and convert; exits 1 with one line on a bad checkpoint."""
     parser = argparse.ArgumentParser(prog="python -m launcher.convert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    to_hf = sub.add_parser("to-hf", help="write config.json + safetensors for LlamaForCausalLM")
+    to_hf = sub.add_parser(
+        "to-hf", help="write config.json + safetensors for the family's *ForCausalLM"
+    )
     to_hf.add_argument(
         "checkpoint",
         type=Path,

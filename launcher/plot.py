@@ -30,7 +30,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from models.llama import ModelArgs
+from models.args import ModelArgs
+from models.registry import parameter_count
 
 LABEL_WIDTH = 70  # characters per line of a legend label before it wraps
 MAX_LEFT_OUT = 0.05  # share of an axis' points robust_range may leave out
@@ -81,7 +82,7 @@ def run_facts(run_dir: Path) -> list[str]:
         try:
             args = ModelArgs(**{k: v for k, v in model.items() if k in known})
             facts.append(
-                f"{model.get('name', 'model')} ({_count(args.parameter_count)} parameters)"
+                f"{model.get('name', 'model')} ({_count(parameter_count(args))} parameters)"
             )
         except (TypeError, ValueError):  # a config from another version: the name alone
             facts.append(str(model.get("name", "model")))

@@ -8,6 +8,7 @@ import os
 import torch
 
 from launcher.config import Config, ConfigError
+from models.registry import parameter_count
 
 GIB = 2**30
 # fp32 weight and gradient, AdamW's two fp32 moments: what every parameter costs at least
@@ -26,7 +27,7 @@ def state_bytes_per_rank(cfg: Config) -> float:
     gradient, and of its optimizer state also divided by FSDP's shard group, dp x cp (within a
     replica group under HSDP) (activations come on top)."""
     par = cfg.parallel
-    share = cfg.model.parameter_count / (par.pp * par.tp)
+    share = parameter_count(cfg.model) / (par.pp * par.tp)
     b = BYTES_PER_PARAMETER
     optimizer = b["optimizer"] / (par.dp * par.cp // par.dp_replicate if par.dp_shard else 1)
     return share * (b["weights"] + b["gradients"] + optimizer)
@@ -42,7 +43,7 @@ def check_fits_machine(cfg: Config, ranks_per_node: int, available: int | None =
     raise ConfigError(
         "model",
         cfg.model.name,
-        f"{cfg.model.parameter_count / 1e9:.2f}B parameters need at least {need / GIB:,.1f} GiB per "
+        f"{parameter_count(cfg.model) / 1e9:.2f}B parameters need at least {need / GIB:,.1f} GiB per "
         f"rank for fp32 weights, gradients and AdamW state at pp={par.pp} tp={par.tp} dp={par.dp}, "
         f"but a rank has {available / GIB:,.1f} GiB; use a smaller model flavor or size, raise "
         "parallel.pp or parallel.tp, or shard the optimizer over more dp (parallel.dp_shard=true)",

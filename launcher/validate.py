@@ -21,6 +21,8 @@ from launcher.config import (
     TrainConfig,
 )
 from launcher.run.fault_tolerance import validate_fault_tolerance
+from models.hf import HFFormatError
+from models.registry import families, model_spec
 from parallel.checkpoint.backends import location_problem
 from parallel.checkpoint.storage import is_url
 from parallel.context_parallel import CP_COMM
@@ -55,6 +57,8 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("model.rope_theta", lambda v: _finite(v) and v > 0, "must be > 0, e.g. 10000 or 500000"),
     ("model.rope_scale_factor", lambda v: _finite(v) and v > 0, "must be > 0"),
     ("model.max_seq_len", lambda v: v > 0, "must be > 0"),
+    ("model.head_size", lambda v: v is None or 0 < v <= 2**16, "must be in [1, 65536], or null"),
+    ("model.ffn_dim", lambda v: v is None or 0 < v <= 2**24, "must be in [1, 16777216], or null"),
     (
         "optim.lr",
         lambda v: _finite(v) and v > 0,
@@ -130,6 +134,7 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
     ranks_per_node: processes per node (torchrun's LOCAL_WORLD_SIZE), to keep TP inside a node;
     None when unknown."""
     m, t, par = cfg.model, cfg.train, cfg.parallel
+    _check(m.family in families(), "model.family", m.family, f"use {', '.join(families())}")
     _check(cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "use auto, cpu or cuda")
     _check(
         cfg.precision in ("auto", "fp32", "bf16"),
@@ -145,14 +150,24 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
         cfg.optim.implementation,
         f"use {', '.join(OPTIM_IMPLEMENTATIONS)}",
     )
-    _check(m.dim % m.n_heads == 0, "model.n_heads", m.n_heads, f"must divide model.dim={m.dim}")
+    _check(
+        m.head_size is not None or m.dim % m.n_heads == 0,
+        "model.n_heads",
+        m.n_heads,
+        f"must divide model.dim={m.dim} (or set model.head_size)",
+    )
     _check(
         m.kv_heads > 0 and m.n_heads % m.kv_heads == 0,
         "model.n_kv_heads",
         m.n_kv_heads,
         f"must divide model.n_heads={m.n_heads} (e.g. {_divisor_near(m.n_heads, m.kv_heads)})",
     )
-    _check(m.head_dim % 2 == 0, "model.dim", m.dim, "dim / n_heads must be even for RoPE")
+    _check(
+        m.head_dim % 2 == 0,
+        "model.head_size" if m.head_size else "model.dim",
+        m.head_size or m.dim,
+        "the head width (head_size, or dim / n_heads) must be even for RoPE",
+    )
     _check(
         m.activation_checkpointing in ("none", "full", "selective"),
         "model.activation_checkpointing",
@@ -163,8 +178,13 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
         m.init_from is None or os.path.isdir(m.init_from),
         "model.init_from",
         m.init_from,
-        "must be a Hugging Face Llama directory that exists",
+        "must be a Hugging Face model directory that exists",
     )
+    if m.init_from is not None:
+        try:  # another family's or another shape's model is refused before any process starts
+            model_spec(m.family).hf.check_directory(m.init_from, m)
+        except HFFormatError as err:
+            raise ConfigError("model.init_from", m.init_from, str(err)) from None
     _check(
         t.seq_len <= m.max_seq_len,
         "train.seq_len",

@@ -8,7 +8,7 @@ import torch
 from torch.distributed._composable import checkpoint
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from models.llama import Transformer
+from models.decoder import Decoder
 from parallel.context_parallel import GATHERED_OP
 from parallel.ring_attention import RING_OP
 
@@ -29,7 +29,7 @@ def _policy(ctx: object, op: object, *args: object, **kwargs: object) -> Checkpo
     return CheckpointPolicy.MUST_SAVE if op in _SAVE else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
+def apply_activation_checkpointing(model: Decoder, mode: str) -> None:
     """`full` recomputes every block in backward; `selective` recomputes all but matmuls/attention."""
     if mode == "none":
         return

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from models.llama import Transformer
+from models.decoder import Decoder
 
 
 def _compiled(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -32,7 +32,7 @@ def _compiled(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tenso
     return run
 
 
-def apply_compile(model: Transformer) -> None:
+def apply_compile(model: Decoder) -> None:
     """Replace each block's forward by its torch.compile'd version (Inductor: C++ on CPU)."""
     for block in model.layers.values():
         block.forward = _compiled(block.forward)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed._functional_collectives import all_gather_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
-from models.llama import Attention, Transformer, document_causal_mask
+from models.decoder import Decoder, document_causal_mask
 from parallel.ring_attention import (
     RingCausalCore,
     chunk_positions,
@@ -240,13 +240,13 @@ def _rope_rows_hook(cp_mesh: DeviceMesh) -> Any:
     return hook
 
 
-def apply_context_parallel(model: Transformer, cp_mesh: DeviceMesh, comm: str) -> None:
+def apply_context_parallel(model: Decoder, cp_mesh: DeviceMesh, comm: str) -> None:
     """Make every attention of this (possibly partial) stage attend across the cp group."""
     if comm not in CP_COMM:
         raise ValueError(f"cp_comm must be one of {CP_COMM}, got {comm!r}")
     for block in model.layers.values():
-        attention = block.attention
-        assert isinstance(attention, Attention)
+        attention = block.attention  # a Decoder block's attention holds its softmax as `core`
+        assert isinstance(attention, nn.Module) and isinstance(attention.core, nn.Module)
         attention.core = (
             AllGatherCausalCore(cp_mesh) if comm == "all_gather" else RingCausalCore(cp_mesh)
         )

@@ -11,7 +11,7 @@ from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from models.llama import Transformer
+from models.decoder import Decoder
 
 
 def mixed_precision(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
@@ -35,7 +35,7 @@ def data_parallel_mesh(mesh: DeviceMesh, dp_replicate: int = 1) -> DeviceMesh:
 
 
 def apply_data_parallel(
-    model: Transformer,
+    model: Decoder,
     dp_mesh: DeviceMesh,
     shard: bool,
     pipelined: bool,

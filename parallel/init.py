@@ -9,7 +9,9 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from models.llama import ModelArgs, initial_value, tied_name
+from models.args import ModelArgs
+from models.decoder import tied_name
+from models.registry import model_spec
 
 # full value of a parameter by full-model name and shape, e.g. read from a Hugging Face checkpoint
 InitialValues = Callable[[str, torch.Size], torch.Tensor]
@@ -27,6 +29,7 @@ def init_parameters(
     """Fill every (possibly TP-sharded) parameter of `module` with its full-model initial value:
     drawn from the seed, or taken from `values` (e.g. pretrained weights). A tied head on a
     stage without the embedding takes the embedding's value: both copies start equal."""
+    initial_value = model_spec(args.family).initial_value
     for name, param in module.named_parameters():
         fqn = tied_name(name, args)
         if values is not None:

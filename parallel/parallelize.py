@@ -9,7 +9,9 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 
-from models.llama import ModelArgs, Transformer
+from models.args import ModelArgs
+from models.decoder import Decoder
+from models.registry import model_spec
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
 from parallel.context_parallel import apply_context_parallel, shard_sequence
@@ -50,7 +52,7 @@ class ParallelOptions:
 class ParallelModel:
     """The model chunks this rank owns and, under pipelining, the schedule that drives them."""
 
-    chunks: list[Transformer]
+    chunks: list[Decoder]
     stage_ids: list[int]
     pipeline: PipelineLayout
     schedule: _PipelineSchedule | None
@@ -99,8 +101,9 @@ def parallelize(
     dp, pp, cp, tp = (mesh[d].size() for d in ("dp", "pp", "cp", "tp"))
     if o.pipeline.pp != pp:
         raise ValueError(f"the pipeline layout has pp={o.pipeline.pp}, the mesh pp={pp}")
+    spec = model_spec(args.family)  # what to build and how to shard it: the family's
     with torch.device("meta"):
-        whole = Transformer(args)
+        whole = spec.build(args)
     if o.pipeline.n_stages == 1:
         stage_ids, chunks = [0], [whole]
     else:
@@ -112,7 +115,7 @@ def parallelize(
     dp_mesh = data_parallel_mesh(mesh, o.dp_replicate if shard else 1) if dp * cp > 1 else None
     for chunk in chunks:
         if tp > 1:
-            apply_tensor_parallel(chunk, mesh["tp"], sequence_parallel=o.sequence_parallel)
+            apply_tensor_parallel(chunk, spec, mesh["tp"], sequence_parallel=o.sequence_parallel)
         if cp > 1:
             apply_context_parallel(chunk, mesh["cp"], o.cp_comm)
         chunk.to_empty(device=device)

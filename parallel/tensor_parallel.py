@@ -1,10 +1,11 @@
-"""Tensor parallelism inside a node: the Llama TP plan, in torch's ParallelStyle vocabulary,
-applied with parallelize_module. Reading the plan tells the sharding; every collective is
-inserted by a style, not written here (the comments say which).
+"""Tensor parallelism inside a node: a family's TP plan (data in its spec, models/<family>/)
+turned into torch's ParallelStyles and applied with parallelize_module. Reading the plan tells
+the sharding; every collective is inserted by a style, not written here (the comments say which).
 """
 
 from __future__ import annotations
 
+import inspect
 from fnmatch import fnmatchcase
 
 from torch import nn
@@ -19,56 +20,71 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from models.spec import ModelSpec
 
-def llama_tp_plan(sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
-    """Module path pattern -> ParallelStyle for the Llama of models/llama.py.
 
-    Without sequence parallelism the hidden state between blocks is replicated across tp and
-    each block ends in an all-reduce. With it (Megatron-style) the residual stream and the
-    norms run on a 1/tp slice of the sequence: each block starts with an all-gather and ends
-    in a reduce-scatter.
-    """
+def _style(name: str, sequence_parallel: bool, module: nn.Module) -> ParallelStyle:
+    """The torch ParallelStyle of one plan entry (models/spec.py's vocabulary), given whether
+    the residual stream between blocks is sequence-sharded."""
     sp = Shard(1) if sequence_parallel else None  # the residual stream's layout between blocks
-    plan: dict[str, ParallelStyle] = {
+    if name == "embedding":
         # each rank embeds the ids of its vocabulary rows; the partial sums are all-reduced
         # (or reduce-scattered by sequence under SP)
-        "tok_embeddings": RowwiseParallel(
-            input_layouts=Replicate(), output_layouts=sp or Replicate()
-        ),
-        # q/k/v and w1/w3 split by heads / hidden units: no forward collective; backward
-        # all-reduces the input's partial gradient
-        "layers.*.attention.wq": ColwiseParallel(),
-        "layers.*.attention.wk": ColwiseParallel(),
-        "layers.*.attention.wv": ColwiseParallel(),
-        "layers.*.feed_forward.w1": ColwiseParallel(),
-        "layers.*.feed_forward.w3": ColwiseParallel(),
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=sp or Replicate())
+    if name == "colwise":
+        # split by heads / hidden units: no forward collective; backward all-reduces the
+        # input's partial gradient
+        return ColwiseParallel()
+    if name == "rowwise":
         # forward: all-reduce of the partial sums (reduce-scatter onto this rank's sequence
         # slice under SP)
-        "layers.*.attention.wo": RowwiseParallel(output_layouts=sp or Replicate()),
-        "layers.*.feed_forward.w2": RowwiseParallel(output_layouts=sp or Replicate()),
+        return RowwiseParallel(output_layouts=sp or Replicate())
+    if name == "head":
         # logits leave as a DTensor sharded by vocabulary: the loss runs under loss_parallel()
         # and the full logits are never gathered (under SP: after an all-gather of the norm)
-        "output": ColwiseParallel(
+        return ColwiseParallel(
             input_layouts=sp or Replicate(), output_layouts=Shard(-1), use_local_output=False
-        ),
-    }
-    if sequence_parallel:
-        plan |= {
-            # norms run on this rank's sequence slice; their replicated weights get partial
-            # gradients, which DTensor all-reduces across tp
-            "layers.*.attention_norm": SequenceParallel(),
-            "layers.*.ffn_norm": SequenceParallel(),
-            "norm": SequenceParallel(),
-            # attention needs every position: all-gather the sequence (cos/sin pass through);
-            # the input stays a DTensor so wq/wk/wv's partial input gradients are reduced once
-            "layers.*.attention": PrepareModuleInput(
-                input_layouts=(Shard(1), None, None),
-                desired_input_layouts=(Replicate(), None, None),
-            ),
-            "layers.*.feed_forward": PrepareModuleInput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
-            ),
-        }
+        )
+    if name == "per_head_norm":
+        # input [b, s, heads, head_dim] holds this rank's heads: mark it Shard(2) so the
+        # replicated weight's partial gradient is all-reduced across tp by DTensor
+        return SequenceParallel(sequence_dim=2, use_local_output=True)
+    if name == "sequence_norm":
+        # norms run on this rank's sequence slice; their replicated weights get partial
+        # gradients, which DTensor all-reduces across tp
+        return SequenceParallel()
+    if name == "gather_sequence":
+        # every position is needed: all-gather the sequence of the first input (the others,
+        # e.g. cos/sin, pass through); it stays a DTensor so the partial input gradients of
+        # the colwise projections are reduced once
+        inputs = _positional_inputs(module)
+        return PrepareModuleInput(
+            input_layouts=(Shard(1),) + (None,) * (inputs - 1),
+            desired_input_layouts=(Replicate(),) + (None,) * (inputs - 1),
+        )
+    raise ValueError(f"unknown TP style {name!r}")
+
+
+def _positional_inputs(module: nn.Module) -> int:
+    """How many positional inputs the module's forward takes without a default (its first is
+    the hidden state; optional extra inputs must be passed by keyword)."""
+    params = inspect.signature(module.forward).parameters.values()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in params if p.kind in kinds and p.default is inspect.Parameter.empty)
+
+
+def tp_plan(
+    spec: ModelSpec, model: nn.Module, sequence_parallel: bool = False
+) -> dict[str, ParallelStyle]:
+    """Module path pattern -> ParallelStyle: the family's plan (plus its SP entries under
+    sequence parallelism), for the modules this (possibly partial) stage really has."""
+    entries = {**spec.tp_plan, **(spec.sp_plan if sequence_parallel else {})}
+    modules = [(name, m) for name, m in model.named_modules() if name]
+    plan = {}
+    for pattern, style in entries.items():
+        found = [m for name, m in modules if matches(pattern, name)]
+        if found:  # a stage may lack the ends or blocks
+            plan[pattern] = _style(style, sequence_parallel, found[0])
     return plan
 
 
@@ -79,13 +95,7 @@ def matches(pattern: str, name: str) -> bool:
 
 
 def apply_tensor_parallel(
-    model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool = False
+    model: nn.Module, spec: ModelSpec, tp_mesh: DeviceMesh, *, sequence_parallel: bool = False
 ) -> None:
-    """Shard the modules of the Llama TP plan that this (possibly partial) stage really has."""
-    names = [name for name, _ in model.named_modules() if name]
-    plan = {
-        pattern: style
-        for pattern, style in llama_tp_plan(sequence_parallel).items()
-        if any(matches(pattern, name) for name in names)
-    }  # a stage may lack the ends or blocks
-    parallelize_module(model, tp_mesh, plan)
+    """Shard the modules of the family's TP plan that this (possibly partial) stage has."""
+    parallelize_module(model, tp_mesh, tp_plan(spec, model, sequence_parallel))

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
-from models.llama import Transformer
+from models.decoder import Decoder
 from parallel.dtensor import local_part
 
 
@@ -31,7 +32,7 @@ class TiedCopies:
 
 
 def tie_across_stages(
-    chunks: Sequence[Transformer], last_stage_rank: int, mesh: DeviceMesh
+    chunks: Sequence[Decoder], last_stage_rank: int, mesh: DeviceMesh
 ) -> TiedCopies | None:
     """The tied copies of this rank, after making the groups that sum them (a collective on
     every rank: each group is created by all); None on ranks that hold neither copy."""
@@ -61,6 +62,15 @@ def tie_across_stages(
 @torch.no_grad()
 def sum_tied_gradients(tied: TiedCopies) -> None:
     """Give every copy of the tied matrix the sum of the copies' gradients (no host sync)."""
+    for p in tied.params:
+        if (
+            isinstance(p, DTensor)
+            and isinstance(p.grad, DTensor)
+            and p.grad.placements != p.placements
+        ):
+            # TP without FSDP2 can leave a gradient laid out unlike its weight (the embedding's
+            # under SP): lay it out as the weight is, so both copies hold the same elements
+            p.grad = p.grad.redistribute(placements=p.placements)
     grads = [local_part(p.grad) for p in tied.params if p.grad is not None]
     if not grads:
         return

@@ -20,7 +20,7 @@ from launcher.config import Config
 from launcher.run.build import build_trainer, load_data, model_args
 from launcher.run.compose import compose_config
 from launcher.run.trainer import ADAMW_KERNELS, adamw_implementation, lr_multiplier, timed_steps
-from models.llama import Transformer
+from models.registry import model_spec
 
 
 class BareLoop:
@@ -105,7 +105,7 @@ def overhead(
     tokens = load_data(cfg)
     owns_group = not dist.is_initialized()
     trainer = build_trainer(cfg, tokens)  # a one-rank process group and mesh
-    bare_model = Transformer(model_args(cfg))
+    bare_model = model_spec(cfg.model.family).build(model_args(cfg))
     bare_model.load_state_dict(trainer.model.chunks[0].state_dict())  # the same initial weights
     bare = BareLoop(cfg, bare_model, tokens.train)
 

@@ -10,6 +10,7 @@ from data import TokenSource
 from launcher.config import Config
 from launcher.run.build import pipeline_of, pipeline_split
 from launcher.run.trainer import uses_bf16
+from models.registry import parameter_count
 from parallel.mesh import resolve_device
 from parallel.pipeline.split import SplitChoice
 
@@ -104,7 +105,7 @@ def banner_lines(
         or "only on a stop signal"
     )
     return [
-        f"tridist: model {m.name}, {m.parameter_count / 1e6:,.1f}M parameters ({m.n_layers} layers, "
+        f"tridist: model {m.name}, {parameter_count(m) / 1e6:,.1f}M parameters ({m.n_layers} layers, "
         f"dim {m.dim}, vocab {m.vocab_size:,}), {compute_dtype(cfg)}",
         f"  mesh {layout}",
         *([split_line(split, m.n_layers)] if split else []),

@@ -12,7 +12,7 @@ from launcher.config import Config, ConfigError
 from launcher.run.fault_tolerance import dp_offset, group_dp, replica_group
 from launcher.run.trainer import Trainer, uses_bf16
 from launcher.validate import validate_documents
-from models.llama import ModelArgs
+from models.args import ModelArgs
 from parallel.init import InitialValues
 from parallel.mesh import build_mesh, resolve_device
 from parallel.parallelize import ParallelOptions, parallelize

@@ -19,7 +19,8 @@ from launcher.config import Config, ConfigError
 from launcher.run.build import model_args
 from launcher.run.fault_tolerance import replica_root
 from launcher.run.trainer import Trainer
-from models.hf_llama import HFLlamaWeights
+from models.hf import HFWeights
+from models.registry import model_spec
 from parallel.checkpoint.async_save import AsyncCheckpointer
 from parallel.checkpoint.format import read_manifest, resume_path
 from parallel.checkpoint.load import load_checkpoint
@@ -146,7 +147,8 @@ class RunCheckpoints:
         """Where weights start when not resuming: `model.init_from` (Hugging Face) or the seed."""
         if resuming or not self.cfg.model.init_from:
             return None
-        return HFLlamaWeights(Path(self.cfg.model.init_from), self.cfg.model)
+        layout = model_spec(self.cfg.model.family).hf
+        return HFWeights(Path(self.cfg.model.init_from), self.cfg.model, layout)
 
     def load(self, path: Location, trainer: Trainer) -> None:
         """Restore model, optimizer, schedule, data position, RNG and step from `path` (any layout)."""

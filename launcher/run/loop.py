@@ -23,7 +23,7 @@ from launcher.run.preemption import StopSignal
 from launcher.run.resume import resume_changes
 from launcher.run.trainer import StepResult, Trainer
 from launcher.run.tuning import searched_order_step, tune
-from models.hf_llama import HFFormatError
+from models.hf import HFFormatError
 from parallel.checkpoint.format import read_manifest
 from parallel.checkpoint.state import CheckpointError
 from parallel.fault_tolerance import LighthouseLost

@@ -8,7 +8,7 @@
 
 manifest.json, format "tridist-checkpoint-2":
     format, step, tokens_seen, torch_version
-    model                   the architecture: every models.llama.ModelArgs field
+    model                   the architecture: every models.args.ModelArgs field
     layout                  the (dp, pp, tp, v, schedule, ...) it was saved in
     config                  the saver's resolved config (parallel/checkpoint never reads it)
     states                  {name: state_dict()} of each generic state (sampler, lr_scheduler)
@@ -31,7 +31,7 @@ from typing import Any
 
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from models.llama import ModelArgs
+from models.args import ModelArgs
 from parallel.checkpoint.backends import storage_for
 from parallel.checkpoint.state import CheckpointError
 from parallel.checkpoint.storage import Location, as_location

@@ -1,4 +1,4 @@
-"""Export a tridist checkpoint (any layout) to the Hugging Face Llama layout, on one process.
+"""Export a tridist checkpoint (any layout) to its family's Hugging Face layout, on one process.
 
 Full tensors are assembled from the per-rank shards by DCP itself (`dcp.load(no_dist=True)`
 into full-size tensors), a group of tensors at a time so memory stays near one output file.
@@ -15,7 +15,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
-from models.hf_llama import INDEX, SINGLE_FILE, hf_config, hf_name, to_hf_tensor
+from models.hf import INDEX, SINGLE_FILE
+from models.registry import model_spec
 from parallel.checkpoint.backends import storage_for
 from parallel.checkpoint.format import file_problems, model_args_of, part_tensors, read_manifest
 from parallel.checkpoint.state import CheckpointError
@@ -58,6 +59,7 @@ def export_to_hf(
         raise CheckpointError(f"cannot export {checkpoint}: " + "; ".join(problems))
     # the manifest's "model" entry (format 1's config.model, upgraded by read_manifest)
     args = model_args_of(manifest)
+    hf = model_spec(args.family).hf  # the family's Hugging Face names and config.json
     meta = part_tensors(model_dir)
     names = sorted(meta, key=_export_order)
     saved_dtype = meta[names[0]].properties.dtype
@@ -80,7 +82,8 @@ def export_to_hf(
         reader = storage_for(model_dir).dcp_reader(model_dir)
         dcp.load(full, storage_reader=reader, no_dist=True)
         tensors = {
-            hf_name(n): to_hf_tensor(n, t, args).to(dtype).contiguous() for n, t in full.items()
+            hf.hf_name(n): hf.to_hf_tensor(n, t, args).to(dtype).contiguous()
+            for n, t in full.items()
         }
         tmp = path.with_name(f".tmp-{path.name}")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -95,7 +98,7 @@ def export_to_hf(
         (out / INDEX).write_text(json.dumps(index, indent=2))
     if not args.tie_embeddings and "lm_head.weight" not in weight_map:
         raise CheckpointError(f"{checkpoint}: no output.weight in the checkpoint")
-    (out / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2))
+    (out / "config.json").write_text(json.dumps(hf.config(args, dtype), indent=2))
     return files
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
-from models.llama import ModelArgs
+from models.args import ModelArgs
 from parallel.checkpoint.backends import storage_for
 from parallel.checkpoint.commit import UNTOUCHED, clear_tmp, discard, write_and_commit
 from parallel.checkpoint.format import (

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from models.llama import TIED_PARAMETERS
+from models.decoder import TIED_PARAMETERS
 from parallel.parallelize import ParallelModel
 
 # what save and load take as "the model": a ParallelModel or its chunks (TorchTitan's model_parts)

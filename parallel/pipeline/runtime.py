@@ -25,7 +25,7 @@ from torch.distributed.pipelining.schedules import (
     get_schedule_class,
 )
 
-from models.llama import Transformer
+from models.decoder import Decoder
 from parallel.pipeline.costs import StageCosts
 from parallel.pipeline.registry import PipelineLayout
 
@@ -57,7 +57,7 @@ def layers_per_stage(n_layers: int, n_stages: int, explicit: list[int] | None = 
     )
 
 
-def build_stage_module(whole: Transformer, stage_id: int, counts: list[int]) -> Transformer:
+def build_stage_module(whole: Decoder, stage_id: int, counts: list[int]) -> Decoder:
     """A copy of `whole` keeping only stage `stage_id`'s blocks (plus embedding/head at the ends)."""
     stage = copy.deepcopy(whole)
     first = sum(counts[:stage_id])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from models.llama import ModelArgs
+from models.args import ModelArgs
 from parallel.pipeline.runtime import layers_per_stage
 from parallel.plan.comm import cp_bytes, hsdp_bytes, link_bytes_per_s, pp_bytes, tp_bytes
 from parallel.plan.flops import forward_flops_per_token, training_flops_per_token

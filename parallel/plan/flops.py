@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from models.llama import ModelArgs, Transformer
+from models.args import ModelArgs
+from models.registry import model_spec
 
 # dense bf16 tensor-core peaks per device, TFLOP/s, from the vendors' data sheets; matched in
 # order against the lower-cased device name, so the more specific names come first
@@ -38,7 +39,7 @@ def non_embedding_parameters(args: ModelArgs) -> int:
     the output head's matmul, so it stays in.
     """
     with torch.device("meta"):
-        model = Transformer(args)
+        model = model_spec(args.family).build(args)
     total = sum(p.numel() for p in model.parameters())  # a tied matrix is listed once
     assert model.tok_embeddings is not None  # a whole model has all its parts
     return total if args.tie_embeddings else total - model.tok_embeddings.weight.numel()

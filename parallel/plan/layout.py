@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.llama import ModelArgs
+from models.args import ModelArgs
 from parallel.pipeline.registry import PipelineLayout, pipeline_layout
 
 

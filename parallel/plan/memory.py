@@ -27,7 +27,7 @@ Assumptions (mixed precision as in ZeRO and Megatron, bf16 compute on GPUs):
 
 from __future__ import annotations
 
-from models.llama import ModelArgs
+from models.args import ModelArgs
 from parallel.plan.layout import RankContext
 
 WEIGHT_BYTES = 2
@@ -71,7 +71,8 @@ def block_activation_elements(
         return h / sp
     if recompute == "selective":
         # block input; q, k, v, w1, w3 outputs (sharded); SDPA output; wo/w2 partial sums (full)
-        return h / sp + (h + 2 * kv + 2 * f + h) / tp + 2 * h
+        q = args.n_heads * args.head_dim  # the width of q and of SDPA's output (Qwen3: != dim)
+        return h / sp + (q + 2 * kv + 2 * f + q) / tp + 2 * h
     if recompute != "none":
         raise ValueError(f"unknown recompute mode {recompute!r}; use none, full or selective")
     return 2 * (3 * h / sp + gathered) + (4 * h + 4 * f) / tp

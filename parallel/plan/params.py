@@ -1,7 +1,7 @@
 """Exact parameter counts per pipeline stage, from the real split and the real TP plan on meta.
 
 Nothing here is a formula: each kind of stage (so many blocks, with or without the embedding
-and the head) is cut by the real `build_stage_module` from a meta-device Transformer, sharded
+and the head) is cut by the real `build_stage_module` from a meta-device model (its family's spec), sharded
 by the real `apply_tensor_parallel` on a device mesh with no process group behind it, and its
 local DTensor shards are counted. The counts follow the model, the split and the TP plan
 wherever they go; the one assumption is that all blocks have the same shapes.
@@ -17,7 +17,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from models.llama import ModelArgs, Transformer
+from models.args import ModelArgs
+from models.decoder import Decoder
+from models.registry import model_spec
 from parallel.pipeline.runtime import build_stage_module
 from parallel.tensor_parallel import apply_tensor_parallel
 
@@ -48,7 +50,7 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if hasattr(p, "to_local") else p
 
 
-def count_stage(stage: Transformer) -> StageParams:
+def count_stage(stage: Decoder) -> StageParams:
     """Count the (possibly TP-sharded) parameters of one built stage module."""
     shapes: dict[tuple[int, int], int] = {}
     total = embedding = 0
@@ -74,7 +76,7 @@ class StageCounter:
 
     def __init__(self, args: ModelArgs) -> None:
         self.args = args
-        self._stages: dict[tuple[int, bool, bool], Transformer] = {}
+        self._stages: dict[tuple[int, bool, bool], Decoder] = {}
         self._counts: dict[tuple[int, bool, bool, int], StageParams] = {}
 
     def stage(self, stage_id: int, counts: list[int], tp: int) -> StageParams:
@@ -93,7 +95,9 @@ class StageCounter:
                 module = copy.deepcopy(module)  # the plan shards in place
                 with warnings.catch_warnings():  # a stage without blocks has no `layers.*` to match
                     warnings.simplefilter("ignore", UserWarning)
-                    apply_tensor_parallel(module, tp_mesh_without_process_group(tp))
+                    apply_tensor_parallel(
+                        module, model_spec(self.args.family), tp_mesh_without_process_group(tp)
+                    )
             self._counts[kind + (tp,)] = count_stage(module)
         return self._counts[kind + (tp,)]
 
@@ -101,10 +105,10 @@ class StageCounter:
         """The unsplit model's parameters on one rank of a `tp` group."""
         return self.stage(0, [self.args.n_layers], tp)
 
-    def _split(self, layers: int, first: bool, last: bool) -> Transformer:
+    def _split(self, layers: int, first: bool, last: bool) -> Decoder:
         # a neighbouring one-block stage on each side the kind lacks an end: the real
         # build_stage_module then strips the embedding / head exactly as on the full model
         counts = [1] * (not first) + [layers] + [1] * (not last)
         with torch.device("meta"):
-            model = Transformer(replace(self.args, n_layers=sum(counts)))
+            model = model_spec(self.args.family).build(replace(self.args, n_layers=sum(counts)))
         return build_stage_module(model, 0 if first else 1, counts)

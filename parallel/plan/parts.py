@@ -8,7 +8,8 @@ from dataclasses import fields, replace
 
 import torch
 
-from models.llama import ModelArgs, Transformer
+from models.args import ModelArgs
+from models.registry import model_spec
 from parallel.pipeline.split import PartCosts
 from parallel.plan.flops import forward_flops_per_token
 from parallel.plan.memory import block_activation_elements, head_activation_bytes
@@ -28,12 +29,13 @@ def part_costs(args: ModelArgs, seq_len: int) -> PartCosts:
 def _part_costs(key: tuple, seq_len: int) -> PartCosts:
     args = ModelArgs(*key)
     with torch.device("meta"):
-        model = Transformer(replace(args, n_layers=1))
+        model = model_spec(args.family).build(replace(args, n_layers=1))
     assert model.tok_embeddings is not None and model.norm is not None  # a whole model
     block = sum(p.numel() for p in model.layers["0"].parameters())
     width = args.n_heads * args.head_dim
     vocab, dim = model.tok_embeddings.weight.shape
-    head = 3 * forward_flops_per_token(model.norm.weight.numel() + vocab * dim, 0, width, seq_len)
+    norm = sum(p.numel() for p in model.norm.parameters())
+    head = 3 * forward_flops_per_token(norm + vocab * dim, 0, width, seq_len)
     return PartCosts(
         block=round(3 * forward_flops_per_token(block, 1, width, seq_len)),
         embedding=dim,  # the backward's row added per token; the forward is a lookup

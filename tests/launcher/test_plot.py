@@ -113,7 +113,7 @@ def test_titles_name_the_model_the_layout_and_the_time(tmp_path: Path) -> None:
     for name, fig in figures.items():
         title = fig.axes[0].get_title()
         assert title.startswith(("loss: tiny (", "throughput: tiny (")), (name, title)
-        assert "M parameters)" in title, title  # ModelArgs.parameter_count, 3.08M
+        assert "M parameters)" in title, title  # the family's parameter_count, 3.08M
         assert "dp=2 × pp=2 × tp=1 (interleaved_1f1b, v=2)" in title, title
         assert "started 2026-12-01 09:35:11" in title, title
     _close(figures)

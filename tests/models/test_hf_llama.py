@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models.hf_llama import INDEX, SINGLE_FILE, HFFormatError, HFLlamaWeights, hf_config
+from models.hf import INDEX, SINGLE_FILE, HFFormatError, HFWeights
 from models.llama import ModelArgs
+from models.llama.hf import LLAMA_HF
 
 ARGS = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16)
 
@@ -20,7 +21,7 @@ ARGS = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, mul
 def _hf_dir(tmp_path: Path) -> Path:
     d = tmp_path / "hf"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps(hf_config(ARGS, torch.float32)))
+    (d / "config.json").write_text(json.dumps(LLAMA_HF.config(ARGS, torch.float32)))
     return d
 
 
@@ -28,14 +29,14 @@ def test_invalid_config_json(tmp_path: Path) -> None:
     d = _hf_dir(tmp_path)
     (d / "config.json").write_text("{not json")
     with pytest.raises(HFFormatError, match=r"config.json: not valid JSON"):
-        HFLlamaWeights(d, ARGS)
+        HFWeights(d, ARGS, LLAMA_HF)
 
 
 def test_index_without_weight_map(tmp_path: Path) -> None:
     d = _hf_dir(tmp_path)
     (d / INDEX).write_text(json.dumps({"metadata": {}}))
     with pytest.raises(HFFormatError, match=r"index.json: no 'weight_map'"):
-        HFLlamaWeights(d, ARGS)
+        HFWeights(d, ARGS, LLAMA_HF)
 
 
 def test_index_pointing_outside_the_directory(tmp_path: Path) -> None:
@@ -43,14 +44,14 @@ def test_index_pointing_outside_the_directory(tmp_path: Path) -> None:
     save_file({"x": torch.zeros(1)}, tmp_path / "outside.safetensors")
     (d / INDEX).write_text(json.dumps({"weight_map": {"lm_head.weight": "../outside.safetensors"}}))
     with pytest.raises(HFFormatError, match=r"lies outside"):
-        HFLlamaWeights(d, ARGS)
+        HFWeights(d, ARGS, LLAMA_HF)
 
 
 def test_a_file_named_model_safetensors_that_is_not_one(tmp_path: Path) -> None:
     d = _hf_dir(tmp_path)
     (d / SINGLE_FILE).write_bytes(b"PK\x03\x04 a zip, say")
     with pytest.raises(HFFormatError, match=r"model.safetensors: not a safetensors file"):
-        HFLlamaWeights(d, ARGS)
+        HFWeights(d, ARGS, LLAMA_HF)
 
 
 def test_through_the_entry_point_one_line_exit_2(tmp_path: Path) -> None:

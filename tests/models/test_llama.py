@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models.llama import ModelArgs, Transformer
+from models.registry import parameter_count
 from parallel.init import init_parameters
 
 ARGS = ModelArgs(
@@ -90,4 +91,4 @@ def test_parameter_count_is_the_modules(tie: bool) -> None:
     args = dataclasses.replace(ARGS, ffn_dim_multiplier=1.3, tie_embeddings=tie)
     with torch.device("meta"):
         model = Transformer(args)
-    assert args.parameter_count == sum(p.numel() for p in model.parameters())
+    assert parameter_count(args) == sum(p.numel() for p in model.parameters())

@@ -10,6 +10,7 @@ import torch
 
 from launcher.benchmarks.gathered import AllGatherBytes
 from launcher.run.build import build_trainer, load_data
+from models.registry import parameter_count
 from parallel.plan.comm import fsdp_gather_bytes
 from tests.helpers.run_training import make_config
 from tests.helpers.spawn import run_ranks
@@ -41,7 +42,7 @@ def _one_step(precision: str) -> dict[str, object]:
         "gathered": counter.bytes * (2 - 1) / 2,  # what a ring all-gather sends per rank
         "param_dtypes": {p.dtype for p in params},
         "optim_dtypes": optim_dtypes,
-        "params": cfg.model.parameter_count,
+        "params": parameter_count(cfg.model),
     }
 
 

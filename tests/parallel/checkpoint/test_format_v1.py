@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from launcher.run.build import build_trainer, load_data
 from launcher.run.checkpointing import checkpoint_layout, trainer_states
-from models.hf_llama import hf_name
 from models.llama import ModelArgs, Transformer
+from models.llama.hf import LLAMA_HF
 from parallel.checkpoint.format import FORMAT_V1, model_args_of, read_manifest
 from parallel.checkpoint.hf_export import export_to_hf
 from parallel.checkpoint.load import load_checkpoint
@@ -109,7 +109,10 @@ def test_v1_manifest_reads_in_the_current_shape() -> None:
     assert manifest["states"] == {"sampler": raw["sampler"], "lr_scheduler": raw["lr_scheduler"]}
     args = model_args_of(manifest)
     assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads) == (16, 2, 2, 1)
-    assert set(manifest["model"]) == set(ModelArgs.__dataclass_fields__)  # build settings dropped
+    # build settings dropped; fields added since (family, head_size, ffn_dim) take their defaults
+    later = {"family", "head_size", "ffn_dim"}
+    assert set(manifest["model"]) == set(ModelArgs.__dataclass_fields__) - later
+    assert (args.family, args.head_size, args.ffn_dim) == ("llama", None, None)
 
 
 def test_v1_checkpoint_loads_the_saved_weights_and_state(resumed: dict[str, Any]) -> None:
@@ -133,7 +136,7 @@ def test_v1_checkpoint_exports_to_hugging_face(tmp_path: Path) -> None:
     )
     saved = load_file(next((V1 / "model").glob("*.safetensors")))
     exported = load_file(files[0])
-    assert sorted(exported) == sorted(hf_name(n) for n in saved)
+    assert sorted(exported) == sorted(LLAMA_HF.hf_name(n) for n in saved)
     assert torch.equal(exported["model.embed_tokens.weight"], saved["tok_embeddings.weight"])
     transformers = pytest.importorskip("transformers")
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()

@@ -20,7 +20,8 @@ from launcher import convert
 from launcher.run.build import build_trainer, load_data, model_args
 from launcher.run.loop import train
 from launcher.run.trainer import Trainer
-from models.hf_llama import HFFormatError, HFLlamaWeights, hf_name
+from models.hf import HFFormatError, HFWeights
+from models.llama.hf import LLAMA_HF
 from parallel.checkpoint.hf_export import export_to_hf
 from parallel.checkpoint.state import CheckpointError
 from parallel.dtensor import full_value
@@ -59,10 +60,10 @@ def _on_two_ranks(ckpt: str, hf_dir: str) -> dict[str, object]:
     cfg = make_config(
         BASE + ["parallel.pp=2", "parallel.microbatches=2", f"model.init_from={hf_dir}"], 2
     )
-    pp2 = build_trainer(cfg, load_data(cfg), HFLlamaWeights(Path(hf_dir), cfg.model))
+    pp2 = build_trainer(cfg, load_data(cfg), HFWeights(Path(hf_dir), cfg.model, LLAMA_HF))
     out["pp2_loss"] = pp2.global_mean(pp2.evaluate([_batch()])).item()
     cfg = make_config(BASE + ["parallel.tp=2", f"model.init_from={hf_dir}"], 2)
-    tp2 = build_trainer(cfg, load_data(cfg), HFLlamaWeights(Path(hf_dir), cfg.model))
+    tp2 = build_trainer(cfg, load_data(cfg), HFWeights(Path(hf_dir), cfg.model, LLAMA_HF))
     out["tp2_logits"] = _logits(tp2)
     return out
 
@@ -128,13 +129,16 @@ def test_mismatched_hf_model_is_refused_with_the_field(interop: dict) -> None:
     cfg = make_config(BASE + ["model.n_layers=4"])
     # models/ raises its own error (it cannot know parallel/'s CheckpointError)
     with pytest.raises(HFFormatError, match="num_hidden_layers=8 \\(model needs 4\\)"):
-        HFLlamaWeights(interop["tmp"] / "hf_in", cfg.model)
+        HFWeights(interop["tmp"] / "hf_in", cfg.model, LLAMA_HF)
 
 
 def test_every_parameter_has_a_hugging_face_name() -> None:
     from models.llama import Transformer
 
-    names = [hf_name(n) for n, _ in Transformer(model_args(make_config(BASE))).named_parameters()]
+    names = [
+        LLAMA_HF.hf_name(n)
+        for n, _ in Transformer(model_args(make_config(BASE))).named_parameters()
+    ]
     assert len(set(names)) == len(names) and "model.layers.7.mlp.down_proj.weight" in names
 
 

@@ -19,7 +19,8 @@ from safetensors import safe_open
 from launcher.run.build import build_trainer, load_data
 from launcher.run.checkpointing import load_trainer
 from launcher.run.loop import train
-from models.hf_llama import HFLlamaWeights
+from models.hf import HFWeights
+from models.llama.hf import LLAMA_HF
 from parallel.checkpoint.format import part_tensors
 from parallel.checkpoint.hf_export import export_to_hf
 from tests.helpers.run_training import make_config
@@ -77,7 +78,7 @@ def _on_two_ranks(ckpt: str, hf_dir: str) -> dict[str, object]:
         out[f"{name}_val"] = trainer.global_mean(trainer.evaluate([_batch()])).item()
         out[name] = [trainer.global_mean(trainer.train_step().loss).item() for _ in range(2)]
     cfg = make_config(BASE + PP2 + [f"model.init_from={hf_dir}"], 2)
-    from_hf = build_trainer(cfg, load_data(cfg), HFLlamaWeights(Path(hf_dir), cfg.model))
+    from_hf = build_trainer(cfg, load_data(cfg), HFWeights(Path(hf_dir), cfg.model, LLAMA_HF))
     out["from_hf_val"] = from_hf.global_mean(from_hf.evaluate([_batch()])).item()
     return out
 

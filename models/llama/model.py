@@ -1,4 +1,4 @@
-"""A Llama-3-style decoder written as plain single-device PyTorch.
+"""A Llama-3-style decoder written as plain single-device PyTorch (the shape: models/decoder.py).
 
 Parallelism is applied from outside (see parallel/): blocks live in an nn.ModuleDict keyed by
 layer index, and the embedding, final norm and output head may be None on pipeline stages that
@@ -8,68 +8,15 @@ do not own them, so parameter names stay the same however the model is split.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class ModelArgs:
-    """Architecture of a Llama-3-style decoder."""
-
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int | None = None
-    vocab_size: int = 256
-    multiple_of: int = 64
-    ffn_dim_multiplier: float | None = None
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: bool = False  # Llama 3.1 long-context frequency scaling
-    rope_scale_factor: float = 8.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_seq_len: int = 8192
-    max_seq_len: int = 2048
-    tie_embeddings: bool = False
-
-    @property
-    def kv_heads(self) -> int:
-        """Number of key/value heads (GQA); equals n_heads when unset."""
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.dim // self.n_heads
-
-    @property
-    def ffn_hidden_dim(self) -> int:
-        """SwiGLU hidden width, sized the way Llama sizes it."""
-        hidden = int(2 * 4 * self.dim / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * math.ceil(hidden / self.multiple_of)
-
-    @property
-    def parameter_count(self) -> int:
-        """Parameters of the whole model, by arithmetic (no tensor is built)."""
-        q, kv = self.n_heads * self.head_dim, self.kv_heads * self.head_dim
-        block = self.dim * (2 * q + 2 * kv) + 3 * self.dim * self.ffn_hidden_dim + 2 * self.dim
-        ends = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2) + self.dim
-        return self.n_layers * block + ends
-
-
-# under tie_embeddings, the parameter that is the same matrix as another: copy -> the one kept
-TIED_PARAMETERS = {"output.weight": "tok_embeddings.weight"}
-
-
-def tied_name(fqn: str, args: ModelArgs) -> str:
-    """The parameter whose value `fqn` shares under tied embeddings (`fqn` itself otherwise)."""
-    return TIED_PARAMETERS.get(fqn, fqn) if args.tie_embeddings else fqn
+from models.args import ModelArgs
+from models.decoder import TIED_PARAMETERS as TIED_PARAMETERS  # re-exported: its old home
+from models.decoder import Decoder, document_causal_mask
+from models.decoder import tied_name as tied_name
 
 
 def rope_frequencies(args: ModelArgs, device: torch.device | None = None) -> torch.Tensor:
@@ -104,13 +51,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).type_as(x)
 
 
-def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """[b, 1, s, s] boolean block-causal mask: a token sees the earlier tokens of its document."""
-    s = doc_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
-    return (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal
-
-
 class CausalCore(nn.Module):
     """softmax(q k^T / sqrt(d)) v under a causal mask, K/V heads shared by groups (GQA).
 
@@ -142,6 +82,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # per-head norms of q and k before RoPE (Qwen3's QK-norm); none in Llama
+        self.q_norm: nn.Module = nn.Identity()
+        self.k_norm: nn.Module = nn.Identity()
 
     def forward(
         self,
@@ -158,8 +101,8 @@ class Attention(nn.Module):
         """
         b, s, _ = x.shape
         cos, sin = cos[..., :s, :], sin[..., :s, :]
-        q = apply_rope(self.wq(x).view(b, s, -1, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(b, s, -1, self.head_dim), cos, sin)
+        q = apply_rope(self.q_norm(self.wq(x).view(b, s, -1, self.head_dim)), cos, sin)
+        k = apply_rope(self.k_norm(self.wk(x).view(b, s, -1, self.head_dim)), cos, sin)
         v = self.wv(x).view(b, s, -1, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         out = self.core(q, k, v, doc_ids)
@@ -183,10 +126,12 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm attention and feed-forward with residuals."""
 
+    attention_class: type[Attention] = Attention  # a family's own attention (Qwen3's QK-norm)
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.attention = Attention(args)
+        self.attention = self.attention_class(args)
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = FeedForward(args)
 
@@ -202,29 +147,25 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Transformer(nn.Module):
+class Transformer(Decoder):
     """The decoder: embedding, blocks keyed by layer index, final norm, output head.
 
     A pipeline stage is this same class with the parts it does not own set to None (or removed
     from `layers`); forward skips whatever is missing.
     """
 
+    block_class: type[TransformerBlock] = TransformerBlock  # a family's own block
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
-        self.norm: nn.RMSNorm | None = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): self.block_class(args) for i in range(args.n_layers)})
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._rope_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def tie_weights(self) -> None:
-        """Point the head at the embedding's weight again where this module holds both: moving
-        off the meta device or sharding replaces the shared parameter by two."""
-        if self.args.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
-            self.output.weight = self.tok_embeddings.weight
 
     def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables for positions [0, seq_len), cached per length and device."""
@@ -284,3 +225,11 @@ def initial_value(
     else:
         std = 0.02
     return torch.randn(shape, generator=generator).clamp_(-3, 3) * std
+
+
+def parameter_count(args: ModelArgs) -> int:
+    """Parameters of the whole model, by arithmetic (no tensor is built)."""
+    q, kv = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
+    block = args.dim * (2 * q + 2 * kv) + 3 * args.dim * args.ffn_hidden_dim + 2 * args.dim
+    ends = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2) + args.dim
+    return args.n_layers * block + ends
