@@ -128,6 +128,7 @@ PARALLEL_PARTS = {
     "parallel.parallelize": {"parallel", "parallel.pipeline"},
     "parallel.plan": {"parallel", "parallel.pipeline"},
     "parallel.checkpoint": {"parallel", "parallel.parallelize"},
+    "parallel.observe": {"parallel"},  # watches c10d from outside: imports no other part
 }
 
 
