@@ -65,7 +65,9 @@ def test_a_slow_rank_is_named_with_its_phase(tmp_path: Path, where: str, phase: 
     named = {(s["rank"], s["phase"]) for r in records for s in r["stragglers"]}
     assert named == {(slow, phase)}, records
     times = records[0]["phase_s"][phase]
-    assert times[slow] >= SLEEP_S * 0.9 > 5 * min(times), times
+    others = [t for r, t in enumerate(times) if r != slow]
+    # the sleep stands out side by side: what it adds, not the (load-dependent) compute around it
+    assert times[slow] >= SLEEP_S * 0.9 and times[slow] - max(others) >= SLEEP_S * 0.5, times
 
 
 @pytest.mark.long(18)
