@@ -106,11 +106,8 @@ class Watchdog(threading.Thread):
         self._progress = time.monotonic()
 
     def close(self) -> None:
-        """Stop watching (the end of the run, or before a long phase without steps), and wait
-        for the thread: it reads the process groups, which must outlive its last poll."""
+        """Stop watching (the end of the run, or before a long phase without steps)."""
         self._stop.set()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout=10.0)
 
     def _seqs(self) -> dict[str, int]:
         return {n: g._get_sequence_number_for_group() for n, g in self.groups().items()}
