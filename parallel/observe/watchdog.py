@@ -98,7 +98,7 @@ class Watchdog(threading.Thread):
         self.timeout_s, self.poll_s, self.exit_fn, self.alive = timeout_s, poll_s, exit_fn, alive
         self.step = 0
         self._progress = time.monotonic()
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def beat(self, step: int) -> None:
         """A finished step (no I/O: the thread reads it)."""
@@ -106,8 +106,11 @@ class Watchdog(threading.Thread):
         self._progress = time.monotonic()
 
     def close(self) -> None:
-        """Stop watching (the end of the run, or before a long phase without steps)."""
-        self._stop.set()
+        """Stop watching (the end of the run, or before a long phase without steps), and wait
+        for the thread: it reads the process groups, which must outlive its last poll."""
+        self._stopping.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=10.0)
 
     def _seqs(self) -> dict[str, int]:
         return {n: g._get_sequence_number_for_group() for n, g in self.groups().items()}
@@ -117,12 +120,12 @@ class Watchdog(threading.Thread):
         try:
             self._watch()
         except Exception as err:  # e.g. the group destroyed under it after a failed run
-            if not self._stop.is_set():
+            if not self._stopping.is_set():
                 print(f"observe: watchdog stopped: {err}", file=sys.stderr, flush=True)
 
     def _watch(self) -> None:
         last = self._seqs()
-        while not self._stop.wait(self.poll_s):
+        while not self._stopping.wait(self.poll_s):
             if not self.alive():
                 return
             seqs = self._seqs()
@@ -132,7 +135,7 @@ class Watchdog(threading.Thread):
                 self._respond(reporter=False)
                 return
             stalled = time.monotonic() - self._progress
-            if stalled > self.timeout_s and not self._stop.is_set():
+            if stalled > self.timeout_s and not self._stopping.is_set():
                 reporter = self.store.add("claims", 1) == 1  # the first rank to time out reports
                 if reporter:
                     self.store.set("hang", json.dumps({"rank": self.rank, "stalled_s": stalled}))
