@@ -69,6 +69,9 @@ class ParallelConfig:
     cp: int = 1  # context parallelism: each sequence split across cp ranks (between pp and tp)
     cp_comm: str = "all_gather"  # all_gather | ring: how attention reaches the other chunks' K/V
     dp_replicate: int = 1  # HSDP: dp = dp_replicate groups x (dp / dp_replicate) sharded ranks
+    # expert parallelism: a MoE model's experts split over ep ranks borrowed from dp x cp
+    # (TorchTitan's way): no ranks of its own, tokens reach their experts by all-to-all
+    ep: int = 1
     virtual_stages: int = 1
     schedule: str = "1f1b"
     microbatches: int = 1

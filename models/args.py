@@ -34,6 +34,14 @@ class ModelArgs:
     rope_original_max_seq_len: int = 8192
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    # Mixture-of-Experts feed-forwards (models/moe.py; family qwen3_moe): 0 experts is dense
+    n_experts: int = 0
+    experts_per_token: int = 2  # top-k routed experts per token
+    moe_ffn_dim: int | None = None  # one expert's SwiGLU width; None: ffn_hidden_dim
+    shared_expert_ffn_dim: int = 0  # a dense SwiGLU every token also goes through; 0: none
+    norm_topk_prob: bool = True  # renormalize the k routing weights to sum to 1 (Qwen3-MoE)
+    moe_aux_loss_coeff: float = 0.001  # sequence-wise load-balancing loss weight
+    moe_z_loss_coeff: float = 0.0  # router z-loss weight (ST-MoE)
 
     @property
     def kv_heads(self) -> int:
@@ -54,3 +62,8 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @property
+    def expert_hidden_dim(self) -> int:
+        """One routed expert's SwiGLU hidden width."""
+        return self.moe_ffn_dim or self.ffn_hidden_dim

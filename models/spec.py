@@ -43,6 +43,8 @@ class ModelSpec:
     build: Callable[[ModelArgs], Decoder]  # the whole model (on the current device, or meta)
     initial_value: InitialValue  # full value of a parameter by name: the same for any layout
     parameter_count: Callable[[ModelArgs], int]  # the whole model's, by arithmetic
+    # the parameters one token goes through (MoE: its k experts only); None: all of them
+    active_parameter_count: Callable[[ModelArgs], int] | None = None
     tp_plan: Mapping[str, str]  # module path pattern -> a TP_STYLES name
     sp_plan: Mapping[str, str]  # added under sequence parallelism -> a SP_STYLES name
     hf: HFLayout  # names, rotary permutation and config.json of the Hugging Face model

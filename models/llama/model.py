@@ -112,11 +112,12 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, hidden: int | None = None) -> None:
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.ffn_hidden_dim, bias=False)
-        self.w2 = nn.Linear(args.ffn_hidden_dim, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, args.ffn_hidden_dim, bias=False)
+        hidden = hidden or args.ffn_hidden_dim
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gated feed-forward."""
@@ -127,13 +128,14 @@ class TransformerBlock(nn.Module):
     """Pre-norm attention and feed-forward with residuals."""
 
     attention_class: type[Attention] = Attention  # a family's own attention (Qwen3's QK-norm)
+    feed_forward_class: type[nn.Module] = FeedForward  # a family's own (Qwen3-MoE's experts)
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.attention = self.attention_class(args)
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = self.feed_forward_class(args)
 
     def forward(
         self,
