@@ -40,6 +40,7 @@ def apply_data_parallel(
     shard: bool,
     pipelined: bool,
     param_dtype: torch.dtype | None = None,
+    ignored: set[torch.nn.Parameter] | None = None,
 ) -> None:
     """Wrap each block, then the root, so gradients reduce per block as backward proceeds.
 
@@ -47,15 +48,24 @@ def apply_data_parallel(
     parameters are sharded within a group and replicated across groups.
     Under pipelining the parameters stay unsharded after forward: resharding would cost an
     all-gather for every microbatch. param_dtype: the dtype parameters are all-gathered and
-    computed in (None: their own, fp32).
+    computed in (None: their own, fp32). ignored: parameters whose gradients are reduced
+    elsewhere (expert-parallel experts: parallel/expert_parallel.py).
     """
     policy = mixed_precision(param_dtype)
     if not shard:
         for block in model.layers.values():
-            replicate(block, mesh=dp_mesh, mp_policy=policy)
-        replicate(model, mesh=dp_mesh, mp_policy=policy)
+            replicate(block, mesh=dp_mesh, mp_policy=policy, ignored_params=ignored)
+        replicate(model, mesh=dp_mesh, mp_policy=policy, ignored_params=ignored)
         return
     reshard = not pipelined
     for block in model.layers.values():
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
+        fully_shard(
+            block,
+            mesh=dp_mesh,
+            reshard_after_forward=reshard,
+            mp_policy=policy,
+            ignored_params=ignored,
+        )
+    fully_shard(
+        model, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy, ignored_params=ignored
+    )

@@ -17,6 +17,7 @@ from parallel.compile import apply_compile
 from parallel.context_parallel import apply_context_parallel, shard_sequence
 from parallel.data_parallel import apply_data_parallel, data_parallel_mesh
 from parallel.dtensor import full_value
+from parallel.expert_parallel import ExpertGradients, apply_expert_parallel, expert_mesh
 from parallel.init import InitialValues, init_parameters
 from parallel.loss import cross_entropy
 from parallel.pipeline.costs import StageCosts
@@ -46,6 +47,7 @@ class ParallelOptions:
     stage_costs: StageCosts | None = None  # what a searched order is searched at
     compile: bool = False  # torch.compile each block (regional)
     param_dtype: torch.dtype | None = None  # FSDP2/replicate compute dtype (None: fp32)
+    ep: int = 1  # expert parallelism: MoE experts split over ep ranks of dp x cp
 
 
 @dataclass
@@ -59,6 +61,7 @@ class ParallelModel:
     mesh: DeviceMesh
     eval_schedule: _PipelineSchedule | None = None  # when evaluation needs its own order
     tied: TiedCopies | None = None  # tied embedding and head on different stages
+    experts: ExpertGradients | None = None  # ep > 1: the expert gradients FSDP leaves alone
 
     @property
     def n_stages(self) -> int:
@@ -113,9 +116,15 @@ def parallelize(
     # gradients are averaged over dp and cp: the cp ranks hold the same weights
     shard = o.dp_shard and dp * cp > o.dp_replicate  # a shard group of one rank is plain DDP
     dp_mesh = data_parallel_mesh(mesh, o.dp_replicate if shard else 1) if dp * cp > 1 else None
+    ep_mesh = expert_mesh(mesh, o.ep) if o.ep > 1 else None
+    expert_params: list[torch.nn.Parameter] = []
     for chunk in chunks:
         if tp > 1:
             apply_tensor_parallel(chunk, spec, mesh["tp"], sequence_parallel=o.sequence_parallel)
+        chunk_experts = []
+        if ep_mesh is not None:
+            chunk_experts = apply_expert_parallel(chunk, ep_mesh["ep"])
+            expert_params += chunk_experts
         if cp > 1:
             apply_context_parallel(chunk, mesh["cp"], o.cp_comm)
         chunk.to_empty(device=device)
@@ -126,7 +135,12 @@ def parallelize(
             apply_compile(chunk)
         if dp_mesh is not None:
             apply_data_parallel(
-                chunk, dp_mesh, shard=shard, pipelined=pp > 1, param_dtype=o.param_dtype
+                chunk,
+                dp_mesh,
+                shard=shard,
+                pipelined=pp > 1,
+                param_dtype=o.param_dtype,
+                ignored=set(chunk_experts),
             )
     tied = None
     if pp > 1 and args.tie_embeddings:
@@ -150,6 +164,9 @@ def parallelize(
         mesh=mesh,
         eval_schedule=eval_sched,
         tied=tied,
+        experts=ExpertGradients(expert_params, ep_mesh["dp_cp_mod_ep"], dp * cp)
+        if ep_mesh is not None
+        else None,
     )
 
 

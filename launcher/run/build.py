@@ -57,6 +57,7 @@ def parallel_options(cfg: Config, device: torch.device) -> ParallelOptions:
         stage_costs=stage_costs(par.stage_costs, par.p2p_ms),
         compile=cfg.train.compile,
         param_dtype=torch.bfloat16 if uses_bf16(device, cfg.precision) else None,
+        ep=par.ep,
     )
 
 

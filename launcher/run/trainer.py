@@ -19,6 +19,7 @@ from torch.distributed.fsdp import FSDPModule
 from data import DistributedBatchSampler
 from data.documents import document_inputs, mask_document_ends
 from launcher.config import Config
+from models.moe import set_aux_loss_scale
 from parallel.dtensor import local_part
 from parallel.fault_tolerance import ReplicaGroup
 from parallel.grad_clip import clip_grad_norm
@@ -133,6 +134,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cfg)
         self._tp = self.model.mesh["tp"].size()
+        # MoE auxiliary losses weigh as each microbatch's loss does: pipelining divides the
+        # gradients after backward, the loop below each microbatch's loss before it
+        scale = 1.0 if self.model.schedule is not None else 1 / self.cfg.parallel.microbatches
+        for chunk in self.model.chunks:
+            set_aux_loss_scale(chunk, scale)
 
     def apply_optim_config(self) -> None:
         """Make the optimizer and LR schedule follow cfg.optim from the current step on; after a
@@ -212,6 +218,8 @@ class Trainer:
         loss = self.forward_backward(inputs, targets)
         if self.replicas is not None:
             self.replicas.finish_backward()
+        if self.model.experts is not None:  # expert parallelism: the gradients FSDP leaves alone
+            self.model.experts.reduce()
         if weight is not None:  # the mean over the counted tokens of the global batch
             scale_gradients(self.model.parameters(), weight)
             loss = loss * weight
