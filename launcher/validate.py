@@ -21,6 +21,7 @@ from launcher.config import (
     TrainConfig,
 )
 from launcher.run.fault_tolerance import validate_fault_tolerance
+from launcher.validate_moe import validate_experts
 from models.hf import HFFormatError
 from models.registry import families, model_spec
 from parallel.checkpoint.backends import location_problem
@@ -252,6 +253,7 @@ def validate(cfg: Config, world_size: int, ranks_per_node: int | None = None) ->
     _validate_context_parallel(par, t)
     _validate_documents_device(cfg)
     _validate_hsdp(par)
+    validate_experts(cfg)
     _validate_pipeline(m, par, t.seq_len, t.compile)
     if ft.enable:
         validate_fault_tolerance(cfg)

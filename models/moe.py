@@ -36,7 +36,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     weight [E, out, in] transposed -> [n, out]. One grouped matmul (offsets stay on the device);
     a loop over experts (one host read of the counts) where the kernel refuses the shapes."""
     w = weight.transpose(-2, -1)
-    if hasattr(torch, "_grouped_mm") and _aligned(x, weight) and weight.shape[-2] % 4 == 0:
+    if hasattr(torch, "_grouped_mm") and _aligned(x, weight, w):
         offsets = counts.cumsum(0).to(torch.int32)
         return _ContiguousGradient.apply(torch._grouped_mm(x, w, offs=offsets))
     parts = x.split(counts.tolist())
