@@ -60,7 +60,9 @@ class ExpertParallelDispatch(nn.Module):
         order = ((segment % local) * ep + segment // local).argsort(stable=True)
         weights = (getattr(experts, w) for w in EXPERT_WEIGHTS)
         out = grouped_swiglu(
-            arrived[order], received.sum(0), *(w.to_local() if isinstance(w, DTensor) else w for w in weights)
+            arrived[order],
+            received.sum(0),
+            *(w.to_local() if isinstance(w, DTensor) else w for w in weights),
         )
         return funcol.all_to_all_single_autograd(out[order.argsort()], send, recv, self.group)
 
@@ -74,7 +76,9 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> list[nn.Para
         if moe.n_experts % ep:
             raise ValueError(f"{moe.n_experts} experts do not split over ep={ep} ranks")
         for name in EXPERT_WEIGHTS:
-            sharded = nn.Parameter(distribute_tensor(getattr(moe.experts, name), ep_mesh, [Shard(0)]))
+            sharded = nn.Parameter(
+                distribute_tensor(getattr(moe.experts, name), ep_mesh, [Shard(0)])
+            )
             setattr(moe.experts, name, sharded)
             params.append(sharded)
         moe.dispatch = ExpertParallelDispatch(ep_mesh.get_group(), ep)
@@ -93,11 +97,17 @@ class ExpertGradients:
     @torch.no_grad()
     def reduce(self) -> None:
         """Sum over the replicas (one all-reduce of all expert gradients), divide by dp x cp."""
-        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in self.params if p.grad is not None]
+        grads = [
+            p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            for p in self.params
+            if p.grad is not None
+        ]
         if not grads:
             return
         if self.group is not None:
             flat = torch.cat([g.flatten() for g in grads])
             dist.all_reduce(flat, group=self.group)
-            torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+            torch._foreach_copy_(
+                grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
+            )
         torch._foreach_div_(grads, float(self.dp_cp))

@@ -26,6 +26,7 @@ from launcher.run.tuning import searched_order_step, tune
 from models.hf import HFFormatError
 from parallel.checkpoint.format import read_manifest
 from parallel.checkpoint.state import CheckpointError
+from parallel.expert_load import expert_load
 from parallel.fault_tolerance import LighthouseLost
 
 
@@ -198,6 +199,9 @@ def _log_step(
         "grad_norm": result.grad_norm.item(),
         **monitor.throughput(trainer.step),
     }
+    args = trainer.cfg.model
+    if args.n_experts:  # before validation, whose forwards would count too
+        record.update(expert_load(trainer.model.chunks, args.n_layers, args.n_experts))
     if validate:
         record["val_loss"] = summary.val_loss = trainer.global_mean(trainer.evaluate(val)).item()
     monitor.log(record)

@@ -20,6 +20,8 @@ CONSOLE_FIELDS = (
     ("val_loss", "val", "{:.4f}"),
     ("lr", "lr", "{:.2e}"),
     ("grad_norm", "gnorm", "{:.3f}"),
+    ("moe/aux_loss", "aux", "{:.4f}"),  # MoE: the router's auxiliary losses
+    ("moe/load_max_over_mean", "expert_load", "{:.2f}"),  # busiest expert / mean, worst layer
     ("tokens_per_s", "tok/s", "{:,.0f}"),
     ("tokens_per_s_per_device", "tok/s/dev", "{:,.0f}"),
     ("step_time_s", "step_s", "{:.3f}"),

@@ -1,6 +1,7 @@
 """The Qwen3-MoE family: the model (model.py) and its spec (TP plan, expert weights, HF layout)."""
 
-from models.qwen3 import QWEN3_HF, SPEC as QWEN3_SPEC
+from models.qwen3 import QWEN3_HF
+from models.qwen3 import SPEC as QWEN3_SPEC
 from models.qwen3_moe.model import (
     Qwen3Moe,
     Qwen3MoeBlock,
@@ -24,7 +25,11 @@ SPEC = ModelSpec(
     sp_plan={},
     hf=QWEN3_HF,  # TODO(hf): Qwen3MoeForCausalLM's layout
     block_feed_forward="moe",
-    expert_parameters=("layers.*.feed_forward.experts.w1", "layers.*.feed_forward.experts.w2", "layers.*.feed_forward.experts.w3"),
+    expert_parameters=(
+        "layers.*.feed_forward.experts.w1",
+        "layers.*.feed_forward.experts.w2",
+        "layers.*.feed_forward.experts.w3",
+    ),
 )
 
 __all__ = ["SPEC", "Qwen3Moe", "Qwen3MoeBlock"]

@@ -58,7 +58,8 @@ def moe_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     ranks = run_ranks(8, _on_eight_ranks, str(tmp / "ckpt"))
     cfg = make_config(BASE + ["train.steps=3", "checkpoint.final=false"])
     no_aux = make_config(
-        BASE + ["train.steps=3", "checkpoint.final=false", "model.moe_aux_loss_coeff=0"]
+        BASE
+        + ["train.steps=3", "checkpoint.final=false", "model.moe_aux_loss_coeff=0"]
         + ["model.moe_z_loss_coeff=0"]
     )
     return {
