@@ -3,6 +3,8 @@ since the last read, summed over all ranks, and the mean auxiliary loss (one col
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -11,7 +13,7 @@ from models.moe import MoE
 
 
 @torch.no_grad()
-def expert_load(chunks: list[nn.Module], n_layers: int, n_experts: int) -> dict[str, float]:
+def expert_load(chunks: Sequence[nn.Module], n_layers: int, n_experts: int) -> dict[str, float]:
     """moe/load_max_over_mean (the busiest expert's tokens over the mean, in the worst layer; 1
     is balanced), moe/load_min_over_mean and moe/aux_loss (per layer and forward, summed over
     layers) since the last call, then resets the counts. A collective over all ranks: each
