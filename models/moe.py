@@ -163,9 +163,10 @@ class MoE(nn.Module):
         out = (per_choice * weights.unsqueeze(-1).to(per_choice.dtype)).sum(1)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
-        self._keep(counts, aux)
-        if torch.is_grad_enabled() and (self.aux_coeff or self.z_coeff):
-            out = _AuxLoss.apply(out, aux, self.aux_loss_scale)
+        if torch.is_grad_enabled():  # training forwards only (not evaluation's)
+            self._keep(counts, aux)
+            if self.aux_coeff or self.z_coeff:
+                out = _AuxLoss.apply(out, aux, self.aux_loss_scale)
         return out.view(b, s, dim)
 
     @torch.no_grad()

@@ -43,6 +43,8 @@ class ExpertParallelDispatch(nn.Module):
     def __init__(self, group: dist.ProcessGroup, ep: int) -> None:
         super().__init__()
         self.group, self.ep = group, ep
+        self.rank = dist.get_rank(group)
+        self.rows_sent = 0  # token rows this rank sent to other ranks in dispatch (host ints)
 
     def forward(
         self, x: torch.Tensor, counts: torch.Tensor, experts: GroupedExperts
@@ -52,6 +54,7 @@ class ExpertParallelDispatch(nn.Module):
         # rows each rank sends here, per source rank and local expert
         received = funcol.all_to_all_single(counts, None, None, self.group).view(ep, local)
         send, recv = torch.stack([counts.view(ep, local).sum(1), received.sum(1)]).tolist()
+        self.rows_sent += sum(send) - send[self.rank]
         arrived = funcol.all_to_all_single_autograd(x, recv, send, self.group)
         # arrived rows are grouped by (source rank, expert); the grouped matmul wants (expert, rank)
         segment = torch.repeat_interleave(

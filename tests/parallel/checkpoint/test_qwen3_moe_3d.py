@@ -14,6 +14,7 @@ from launcher.config import ConfigError
 from launcher.run.build import load_data
 from launcher.run.loop import train
 from models.moe import MoE
+from parallel.expert_load import expert_load
 from parallel.expert_parallel import ExpertParallelDispatch
 from tests.helpers.run_training import make_config
 from tests.helpers.spawn import run_ranks
@@ -43,12 +44,16 @@ def _on_eight_ranks(ckpt: str) -> dict[str, object]:
     saving = [f"checkpoint.dir={ckpt}", "checkpoint.interval=1", "parallel.microbatches=4"]
     cfg = make_config(BASE + EP2_PP2_TP2 + saving + ["train.steps=2"], 8)
     first = train(cfg, load_data(cfg))
+    assert first.trainer is not None
+    first.trainer.train_step()  # one more (unsaved) step: the metrics of its expert load
+    load = expert_load(first.trainer.model.chunks, n_layers=4, n_experts=8)
     resumed_layout = [f"checkpoint.dir={ckpt}", "parallel.microbatches=2"]
     cfg = make_config(BASE + EP4_PP2 + resumed_layout + ["train.steps=3", "train.resume=auto"], 8)
     resumed = train(cfg, load_data(cfg))
     return {
         "losses": first.losses + resumed.losses,
         "experts": [_experts_here(first), _experts_here(resumed)],
+        "load": load,
     }
 
 
@@ -78,6 +83,9 @@ def test_ep_pp_tp_trains_and_resumes_at_another_ep_equal_to_one_process(moe_runs
         assert len(losses) == 3, losses
         rel = max(abs(a - b) / b for a, b in zip(losses, moe_runs["losses"]))
         assert rel <= 1e-5, (losses, moe_runs["losses"])
+        load = rank["load"]  # the same on every rank: summed over all of them
+        assert load == moe_runs["ranks"][0]["load"]
+        assert 1 < load["moe/load_max_over_mean"] < 8 and 0 < load["moe/aux_loss"] < 1, load
     # the auxiliary losses train the router: without them the third step differs
     assert abs(moe_runs["no_aux"][2] - moe_runs["losses"][2]) > 1e-4
 
