@@ -1,4 +1,4 @@
-"""`python -m launcher.bench {overhead,pipeline,memory,checkpoint,split,cp,ab}`: measure what
+"""`python -m launcher.bench {overhead,pipeline,memory,checkpoint,split,cp,ab,moe}`: measure what
 tridist adds, pipeline bubbles and memory, checkpoint I/O, the pipeline split, context
 parallelism and any lever.
 
@@ -15,6 +15,8 @@ alternating on the same ranks, with the ratio the cost model predicts.
 cp: activation memory per rank at several cp for one long sequence, and tokens/s at cp=1 vs cp=2
 (both cp_comm variants) on 2 ranks, timed in alternation.
 ab: two configs' training steps on the same ranks, timed in alternation (e.g. compile on/off).
+moe: a MoE run under expert parallelism: all-to-all bytes measured against the plan, and the
+expert load step by step.
 Results: BENCHMARKS.md; the benchmarks themselves: launcher/benchmarks/.
 """
 
@@ -27,6 +29,7 @@ from launcher.benchmarks.ab import ab_benchmark, format_ab
 from launcher.benchmarks.checkpoint import checkpoint_io, drop_page_cache, format_checkpoint_io
 from launcher.benchmarks.context_parallel import cp_memory, cp_speed, format_cp
 from launcher.benchmarks.machine import machine
+from launcher.benchmarks.moe import format_moe, moe_run
 from launcher.benchmarks.overhead import format_overhead, overhead
 from launcher.benchmarks.pipeline import format_pipeline, pipeline
 from launcher.benchmarks.schedule_memory import format_schedule_memory, schedule_memory
@@ -95,8 +98,20 @@ def main(argv: list[str] | None = None) -> None:
     ab.add_argument("--b", nargs="*", default=["train.compile=true"], help="side b's own")
     ab.add_argument("--steps", type=int, default=3, help="steps per timed block")
     ab.add_argument("--blocks", type=int, default=4, help="timed blocks per side, alternating")
+    moe = sub.add_parser("moe", help="MoE under expert parallelism: a2a bytes, expert load")
+    moe.add_argument("--world", type=int, default=2, help="gloo ranks")
+    moe.add_argument(
+        "--set",
+        nargs="*",
+        default=["model=qwen3_moe_debug", "parallel.dp=2", "parallel.ep=2"],
+        help="the run's overrides",
+    )
+    moe.add_argument("--steps", type=int, default=40)
     a = parser.parse_args(argv)
-    if a.command == "ab":
+    if a.command == "moe":
+        print(machine())
+        print(format_moe(moe_run(a.set, a.world, a.steps), None))
+    elif a.command == "ab":
         print(machine())
         print(format_ab(ab_benchmark(a.base, a.a, a.b, a.world, a.steps, a.blocks)))
     elif a.command == "cp":
