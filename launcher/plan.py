@@ -27,8 +27,8 @@ from parallel.pipeline.registry import SCHEDULE_SPECS
 from parallel.pipeline.split import SplitChoice, imbalance
 from parallel.plan.estimate import GIB, MATMUL_EFFICIENCY, PlanEstimate, RankEstimate, estimate
 from parallel.plan.flops import PLAN_DEFAULT_PEAK_TFLOPS
-from parallel.plan.layout import Cluster, Layout
-from parallel.plan.params import StageCounter
+from parallel.plan.layout import Cluster, Layout, is_moe
+from parallel.plan.params import StageCounter, active_parameters
 
 MICROBATCH_SIZES = (1, 2, 4, 8)  # sequences per microbatch tried by --search
 CP_SIZES = (1, 2, 4, 8)  # context parallel sizes tried by --search (cp x tp inside a node)
@@ -61,6 +61,7 @@ def layout_of(cfg: Config) -> Layout:
         cp=p.cp,
         cp_comm=p.cp_comm,
         dp_replicate=p.dp_replicate,
+        ep=p.ep,
     )
 
 
@@ -105,10 +106,19 @@ def schedule_candidates(pp: int) -> list[tuple[str, int]]:
     ]
 
 
+def ep_candidates(cfg: Config, dp_cp: int) -> list[int]:
+    """The expert parallel sizes --search tries: for a MoE model every ep dividing both dp x cp
+    (the GPUs it borrows) and the number of experts; 1 alone for a dense model."""
+    if not is_moe(cfg.model):
+        return [1]
+    return [e for e in range(1, dp_cp + 1) if dp_cp % e == 0 and cfg.model.n_experts % e == 0]
+
+
 def candidates(cfg: Config) -> Iterator[Config]:
-    """Every (tp, cp, pp, dp, dp_replicate, v, m, schedule, recompute, sequence parallel) layout
-    of the cluster that passes `validate`; tp x cp stays inside a node, dp_shard and cp_comm are
-    kept from `cfg`; HSDP is tried with one replica group per node group when dp spans nodes."""
+    """Every (tp, cp, pp, dp, dp_replicate, ep, v, m, schedule, recompute, sequence parallel)
+    layout of the cluster that passes `validate`; tp x cp stays inside a node, dp_shard and
+    cp_comm are kept from `cfg`; HSDP is tried with one replica group per node group when dp
+    spans nodes; ep (MoE models only) divides dp x cp and the number of experts."""
     world, per_node = world_of(cfg), cfg.cluster.gpus_per_node
     for tp, cp in (
         (t, c) for t in range(1, per_node + 1) for c in CP_SIZES if per_node % (t * c) == 0
@@ -119,11 +129,12 @@ def candidates(cfg: Config) -> Iterator[Config]:
             # HSDP: shard inside a node's worth of ranks, replicate across those groups
             in_node = max(1, per_node // (tp * cp * pp))
             replicas = {1} | ({dp // in_node} if dp > in_node and dp % in_node == 0 else set())
-            for (schedule, v), mbs, rep in (
-                (s, b, r)
+            for (schedule, v), mbs, rep, ep in (
+                (s, b, r, e)
                 for s in schedule_candidates(pp)
                 for b in MICROBATCH_SIZES
                 for r in sorted(replicas)
+                for e in ep_candidates(cfg, dp * cp)
             ):
                 # shortcuts past validate: no split has more stages than blocks plus the two ends
                 if local % mbs or local < mbs or pp * v > cfg.model.n_layers + 2:
@@ -137,6 +148,7 @@ def candidates(cfg: Config) -> Iterator[Config]:
                             pp=pp,
                             dp=dp,
                             dp_replicate=rep if cfg.parallel.dp_shard else 1,
+                            ep=ep,
                             virtual_stages=v,
                             schedule=schedule,
                             microbatches=local // mbs,
@@ -186,8 +198,9 @@ def describe(cfg: Config) -> str:
     mbs = t.global_batch_size // (p.dp * p.microbatches)
     cp = f"cp={p.cp} ({p.cp_comm}) x " if p.cp > 1 else ""
     hsdp = f" (HSDP: {p.dp_replicate} replica groups)" if p.dp_replicate > 1 else ""
+    ep = f", ep={p.ep} over dp x cp" if p.ep > 1 else ""
     return (
-        f"tp={p.tp} x {cp}pp={p.pp} x dp={p.dp}{hsdp} ({plural(p.world_size, 'GPU')}), {p.schedule} "
+        f"tp={p.tp} x {cp}pp={p.pp} x dp={p.dp}{hsdp} ({plural(p.world_size, 'GPU')}){ep}, {p.schedule} "
         f"v={p.virtual_stages}, {plural(p.microbatches, 'microbatch', 'microbatches')} of "
         f"{plural(mbs, 'sequence')} x {t.seq_len} tokens, recompute "
         f"{cfg.model.activation_checkpointing}, {'FSDP' if p.dp_shard else 'replicated'} over dp"
@@ -237,17 +250,53 @@ def split_lines(cfg: Config, split: SplitChoice) -> list[str]:
     return lines
 
 
+def parameters_phrase(cfg: Config, counter: StageCounter) -> str:
+    """`8.03B parameters`, or for a MoE model `30.53B parameters, 3.35B active`: the meta
+    device's count, and the active ones by the family's arithmetic."""
+    total = f"{_count(counter.whole().total)} parameters"
+    return f"{total}, {_count(active_parameters(cfg.model))} active" if is_moe(cfg.model) else total
+
+
+def expert_lines(cfg: Config, plan: PlanEstimate) -> list[str]:
+    """For a MoE model: the experts each GPU holds, and what expert parallelism sends."""
+    if not is_moe(cfg.model):
+        return []
+    p, gb, m, w = cfg.parallel, 1e9, cfg.model, plan.worst
+    slow = max(plan.ranks, key=lambda r: r.ep_bytes)
+    held = (
+        f"{m.n_experts // p.ep} of {m.n_experts} routed experts per GPU (ep={p.ep}, not "
+        f"FSDP-sharded)"
+        if p.ep > 1
+        else f"all {m.n_experts} routed experts on every GPU (ep=1, FSDP-sharded as the rest)"
+    )
+    line = f"experts: {held}; {_count(w.experts)} of params/GPU on pp rank {w.pp_rank}"
+    if p.ep == 1:
+        return [line]
+    replicas = p.dp * p.cp // p.ep
+    gradients = (
+        f"their gradients all-reduced over {plural(replicas, 'GPU')}: "
+        f"{slow.expert_dp_bytes / gb:.2f} GB, counted in DP"
+        if replicas > 1
+        else "no gradient all-reduce (ep = dp x cp)"
+    )
+    return [
+        line,
+        f"    EP all-to-all per GPU per step (pp rank {slow.pp_rank}): {slow.ep_bytes / gb:.2f} GB "
+        f"(dispatch and combine, forward and backward: {m.experts_per_token} rows of {m.dim} per "
+        f"token, (ep-1)/ep of them sent); {gradients}",
+    ]
+
+
 def report(cfg: Config, plan: PlanEstimate, counter: StageCounter) -> str:
     """The per-pipeline-rank table and the totals, as printed."""
     c, p = cluster_of(cfg), cfg.parallel
-    total_params = counter.whole().total
     source = (
         "hardware.peak_tflops"
         if cfg.hardware.peak_tflops is not None
         else "H100 SXM's by default; set hardware.peak_tflops"
     )
     lines = [
-        f"plan: {cfg.model.name} ({_count(total_params)} parameters) on {plural(c.nodes, 'node')} x "
+        f"plan: {cfg.model.name} ({parameters_phrase(cfg, counter)}) on {plural(c.nodes, 'node')} x "
         f"{plural(c.gpus_per_node, 'GPU')} ({c.gpu_mem_gib:g} GiB, {c.peak_tflops:g} TFLOP/s "
         f"({source}), intra-node {c.intra_node_gbps:g} GB/s, inter-node {c.inter_node_gbps:g} GB/s)",
         f"layout: {describe(cfg)}",
@@ -265,6 +314,7 @@ def report(cfg: Config, plan: PlanEstimate, counter: StageCounter) -> str:
         "sharded: after; weights..activ: GiB; in flight: microbatches whose activations it "
         "holds at its peak; total: with 3 GiB runtime reserve)"
     )
+    lines += expert_lines(cfg, plan)
     split = pipeline_split(cfg)
     lines += split_lines(cfg, split) if split is not None else []
     slow = max(plan.ranks, key=lambda r: r.compute_s + r.comm_s)
@@ -277,15 +327,20 @@ def report(cfg: Config, plan: PlanEstimate, counter: StageCounter) -> str:
         f"communication per GPU per step (pp rank {slow.pp_rank}): TP {slow.tp_bytes / gb:.2f} GB, "
         f"PP {slow.pp_bytes / gb:.2f} GB, "
         + (f"CP {slow.cp_bytes / gb:.2f} GB ({p.cp_comm}), " if p.cp > 1 else "")
+        + (f"EP {slow.ep_bytes / gb:.2f} GB (all-to-all), " if p.ep > 1 else "")
         + f"DP {slow.dp_bytes / gb:.2f} GB"
         + (
-            f" ({(slow.dp_bytes - slow.dp_inter_bytes) / gb:.2f} GB inside replica groups, "
-            f"{slow.dp_inter_bytes / gb:.2f} GB across them)"
+            f" ({(slow.dp_bytes - slow.dp_inter_bytes - slow.expert_dp_bytes) / gb:.2f} GB inside "
+            "replica groups, "
+            f"{slow.dp_inter_bytes / gb:.2f} GB across them"
+            + (f", {slow.expert_dp_bytes / gb:.2f} GB the experts'" if p.ep > 1 else "")
+            + ")"
             if p.dp_replicate > 1
             else ""
         ),
         f"step: {plan.step_s:.3g} s = {plan.step_s - dp_rank.dp_exposed_s:.3g} s on pp rank "
-        f"{slow.pp_rank} (compute {slow.compute_s:.3g} s + TP+PP{'+CP' if p.cp > 1 else ''} {slow.comm_s:.3g} s{stretched}) + "
+        f"{slow.pp_rank} (compute {slow.compute_s:.3g} s + TP+PP{'+CP' if p.cp > 1 else ''}"
+        f"{'+EP' if p.ep > 1 else ''} {slow.comm_s:.3g} s{stretched}) + "
         f"{dp_rank.dp_exposed_s:.3g} s exposed DP; {plan.tokens_per_s:,.0f} tokens/s; MFU {plan.mfu:.1%}",
         _dp_overlap(dp_rank),
     ]
@@ -306,14 +361,16 @@ def report(cfg: Config, plan: PlanEstimate, counter: StageCounter) -> str:
 def search_report(
     cfg: Config, rows: list[tuple[Config, PlanEstimate]], valid: int, seconds: float
 ) -> str:
-    """The ranked layouts, as printed, with what the columns mean."""
-    c = cfg.cluster
+    """The ranked layouts, as printed, with what the columns mean (an ep column for a MoE)."""
+    c, moe = cfg.cluster, is_moe(cfg.model)
+    ep_column = f"{'ep':>3} " if moe else ""
     lines = [
         f"search: {cfg.model.name} on {plural(c.nodes, 'node')} x {plural(c.gpus_per_node, 'GPU')} "
         f"({c.gpu_mem_gib:g} GiB), global batch {plural(cfg.train.global_batch_size, 'sequence')} "
         f"x {cfg.train.seq_len} tokens: {plural(valid, 'valid layout')}, top {len(rows)} that fit "
         f"by estimated tokens/s ({seconds:.1f} s)",
-        f"{'#':>3} {'tp':>3} {'cp':>3} {'pp':>3} {'dp':>5} {'rep':>3} {'schedule':>16} {'v':>2} {'m':>4} {'mbs':>3} {'recompute':>9} "
+        f"{'#':>3} {'tp':>3} {'cp':>3} {'pp':>3} {'dp':>5} {'rep':>3} {ep_column}"
+        f"{'schedule':>16} {'v':>2} {'m':>4} {'mbs':>3} {'recompute':>9} "
         f"{'sp':>3} {'GiB':>6} {'headroom':>8} {'bubble':>6} {'step s':>7} {'tokens/s':>11} {'MFU':>6}",
     ]
     for i, (c2, p) in enumerate(rows, 1):
@@ -321,7 +378,7 @@ def search_report(
         mbs = c2.train.global_batch_size // (q.dp * q.microbatches)
         lines.append(
             f"{i:>3} {q.tp:>3} {q.cp:>3} {q.pp:>3} {q.dp:>5} {q.dp_replicate:>3} "
-            f"{q.schedule:>16} "
+            f"{f'{q.ep:>3} ' if moe else ''}{q.schedule:>16} "
             f"{q.virtual_stages:>2} {q.microbatches:>4} {mbs:>3} {c2.model.activation_checkpointing:>9} "
             f"{'y' if q.sequence_parallel else 'n':>3} {_gib(p.worst.total):>6} {_gib(p.headroom):>8} "
             f"{p.bubble:>6.1%} {p.step_s:>7.3g} {p.tokens_per_s:>11,.0f} {p.mfu:>6.1%}"
@@ -330,7 +387,9 @@ def search_report(
         lines.append("no layout fits: use more GPUs, a smaller global batch or a shorter sequence")
         return "\n".join(lines)
     lines.append(
-        "    (cp: context parallel; rep: HSDP replica groups of dp; v: stages per pipeline rank; "
+        "    (cp: context parallel; rep: HSDP replica groups of dp; "
+        + ("ep: expert parallel, over dp x cp; " if moe else "")
+        + "v: stages per pipeline rank; "
         "m: microbatches per step; mbs: sequences per "
         "microbatch; sp: sequence parallelism; GiB: the fullest GPU's peak; bubble: of the step)"
     )

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 
 from models.args import ModelArgs
 from models.registry import parameter_count
+from parallel.plan.params import active_parameters
 
 LABEL_WIDTH = 70  # characters per line of a legend label before it wraps
 MAX_LEFT_OUT = 0.05  # share of an axis' points robust_range may leave out
@@ -81,15 +82,18 @@ def run_facts(run_dir: Path) -> list[str]:
         known = {f.name for f in fields(ModelArgs)}
         try:
             args = ModelArgs(**{k: v for k, v in model.items() if k in known})
-            facts.append(
-                f"{model.get('name', 'model')} ({_count(parameter_count(args))} parameters)"
+            total, active = parameter_count(args), active_parameters(args)
+            count = f"{_count(total)} parameters" + (
+                f", {_count(active)} active" if active != total else ""
             )
+            facts.append(f"{model.get('name', 'model')} ({count})")
         except (TypeError, ValueError):  # a config from another version: the name alone
             facts.append(str(model.get("name", "model")))
         if p:
             extra = [p["schedule"]] if p["pp"] > 1 else []
             extra += [f"v={p['virtual_stages']}"] if p.get("virtual_stages", 1) > 1 else []
             layout = f"dp={p['dp']} × pp={p['pp']} × tp={p['tp']}"
+            extra += [f"ep={p['ep']}"] if p.get("ep", 1) > 1 else []
             facts.append(layout + (f" ({', '.join(extra)})" if extra else ""))
     return facts
 

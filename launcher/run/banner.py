@@ -10,9 +10,11 @@ from data import TokenSource
 from launcher.config import Config
 from launcher.run.build import pipeline_of, pipeline_split
 from launcher.run.trainer import uses_bf16
+from models.args import ModelArgs
 from models.registry import parameter_count
 from parallel.mesh import resolve_device
 from parallel.pipeline.split import SplitChoice
+from parallel.plan.params import active_parameters
 
 # torch.cpu's private probes (what Inductor uses); a torch without them counts as no bf16
 BF16_CPU_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
@@ -40,6 +42,14 @@ def compute_dtype(cfg: Config) -> str:
             "12x slower than fp32 on an AVX2 EPYC (BENCHMARKS.md section 5); precision=fp32"
         )
     return line
+
+
+def parameters_phrase(args: ModelArgs) -> str:
+    """`3.2M parameters`, or for a model whose tokens go through only some of them (a MoE's
+    k of E experts) `330.6M parameters (183.1M active)`, by the family's arithmetic."""
+    total, active = parameter_count(args), active_parameters(args)
+    phrase = f"{total / 1e6:,.1f}M parameters"
+    return phrase if active == total else f"{phrase} ({active / 1e6:,.1f}M active)"
 
 
 def split_line(split: SplitChoice, n_layers: int) -> str:
@@ -79,6 +89,10 @@ def banner_lines(
         else ""
     )
     layout = f"{dp} x pp={p.pp}{cp} x tp={p.tp} ({_plural(p.world_size, 'rank')})"
+    if p.ep > 1:
+        layout += (
+            f", ep={p.ep} over dp x cp ({m.n_experts // p.ep} of {m.n_experts} experts per rank)"
+        )
     ft = cfg.fault_tolerance
     if ft.enable:  # each replica group is its own world: say which one this is
         layout += (
@@ -105,7 +119,7 @@ def banner_lines(
         or "only on a stop signal"
     )
     return [
-        f"tridist: model {m.name}, {parameter_count(m) / 1e6:,.1f}M parameters ({m.n_layers} layers, "
+        f"tridist: model {m.name}, {parameters_phrase(m)} ({m.n_layers} layers, "
         f"dim {m.dim}, vocab {m.vocab_size:,}), {compute_dtype(cfg)}",
         f"  mesh {layout}",
         *([split_line(split, m.n_layers)] if split else []),

@@ -1,9 +1,16 @@
-"""Bytes each GPU sends per training step over TP, PP and DP, and the link each group uses.
+"""Bytes each GPU sends per training step over TP, PP, CP, EP and DP, and the link each group
+uses.
 
 Volumes are per GPU for ring collectives: an all-reduce of N bytes over n ranks moves
 2(n-1)/n N, an all-gather or a reduce-scatter (n-1)/n N. The TP counts are what the DTensor
 plan (models/tp_plan.py) issues in torch 2.13, counted with CommDebugMode on real gloo ranks in
 tests/launcher/test_plan.py.
+
+Expert parallelism (ep > 1) sends each token-expert pair's row to the GPU holding the expert
+and back: an all-to-all before the experts (dispatch) and one after (combine), and the mirror
+image of each in backward. Routing is taken as balanced, so (ep-1)/ep of the rows leave the
+GPU. The routed experts' gradients are then all-reduced over the dp*cp/ep GPUs holding the
+same experts (they are not FSDP-sharded); every other parameter's DP traffic is as without EP.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ ALL_REDUCES_PER_BLOCK = {"forward": 2, "backward": 5}
 # with SP: an all-gather before attention and feed-forward and a reduce-scatter after each,
 # mirrored in backward
 GATHERS_AND_SCATTERS_PER_BLOCK = {"forward": 4, "backward": 4}
+# per MoE block and microbatch: the dispatch and combine all-to-alls, forward and backward
+ALL_TO_ALLS_PER_MOE_BLOCK = {"forward": 2, "backward": 2}
 # per end (embedding, head): without SP the embedding all-reduces its output and the head its
 # input gradient; with SP each also has the mirror image in the other pass
 END_COLLECTIVES = {False: 1, True: 2}
@@ -86,6 +95,49 @@ def cp_bytes(rank: RankContext, dtype_bytes: int = ACTIVATION_BYTES) -> float:
         backward = (cp - 1) * block + cp * elements * GRAD_BYTES
     per_block = forward * (1 + (rank.recompute != "none")) + backward
     return rank.microbatches * rank.layers * per_block
+
+
+def all_to_all_bytes(
+    *,
+    tokens: int,
+    dim: int,
+    top_k: int,
+    ep: int,
+    moe_layers: int,
+    microbatches: int = 1,
+    recompute: str = "none",
+    dtype_bytes: int = ACTIVATION_BYTES,
+) -> float:
+    """EP's all-to-all bytes one GPU sends per step: per MoE block and microbatch of `tokens`
+    tokens, its top_k rows of `dim` elements per token go to the experts' GPUs (all but the
+    1/ep that stay) and come back, forward and backward; recompute repeats the forward's."""
+    if ep == 1:
+        return 0.0
+    a2a = ALL_TO_ALLS_PER_MOE_BLOCK
+    calls = a2a["forward"] * (1 + (recompute != "none")) + a2a["backward"]
+    rows = tokens * top_k * (ep - 1) / ep
+    return microbatches * moe_layers * calls * rows * dim * dtype_bytes
+
+
+def ep_bytes(rank: RankContext, dtype_bytes: int = ACTIVATION_BYTES) -> float:
+    """EP's all-to-all bytes of one GPU of the rank per step, over its MoE blocks' microbatches
+    (every TP rank sends its own: TP leaves the MoE whole)."""
+    return all_to_all_bytes(
+        tokens=rank.tokens,
+        dim=rank.args.dim,
+        top_k=rank.args.experts_per_token,
+        ep=rank.ep,
+        moe_layers=rank.moe_layers,
+        microbatches=rank.microbatches,
+        recompute=rank.recompute,
+        dtype_bytes=dtype_bytes,
+    )
+
+
+def expert_gradient_bytes(experts: float, *, replicas: int) -> float:
+    """DP bytes of one GPU per step for the `experts` routed-expert elements it holds under EP:
+    one all-reduce of their fp32 gradients over the `replicas` = dp*cp/ep GPUs holding them."""
+    return all_reduce_factor(replicas) * GRAD_BYTES * experts if replicas > 1 else 0.0
 
 
 def hsdp_bytes(

@@ -1,7 +1,9 @@
 """Model FLOPs per token (PaLM's 6N + 12·L·H·Q·T) and the device peak that MFU divides by.
 
 MFU counts the model's FLOPs only: recomputation under activation checkpointing is not
-credited, so MFU does not rise by recomputing (PaLM, appendix B).
+credited, so MFU does not rise by recomputing (PaLM, appendix B). N is the matmul parameters a
+token goes through: a Mixture-of-Experts model's active ones (its router, its k routed experts
+and the shared expert, not the E - k others), as its family counts them.
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ def non_embedding_parameters(args: ModelArgs) -> int:
     return total if args.tie_embeddings else total - model.tok_embeddings.weight.numel()
 
 
+def active_non_embedding_parameters(args: ModelArgs) -> int:
+    """The non-embedding parameters one token goes through: all of them for a dense model; a
+    MoE's less the routed experts it is not sent to (its spec's parameter_count minus its
+    active_parameter_count)."""
+    spec = model_spec(args.family)
+    unused = 0
+    if spec.active_parameter_count is not None:
+        unused = spec.parameter_count(args) - spec.active_parameter_count(args)
+    return non_embedding_parameters(args) - unused
+
+
 def forward_flops_per_token(
     matmul_parameters: float, layers: int, attention_width: float, seq_len: int
 ) -> float:
@@ -64,9 +77,13 @@ def training_flops_per_token(
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Training FLOPs per token of the whole model: 6N (matmuls) + 12·L·H·Q·T (attention)."""
+    """Training FLOPs per token of the whole model: 6N (matmuls, N the active non-embedding
+    parameters) + 12·L·H·Q·T (attention)."""
     return training_flops_per_token(
-        non_embedding_parameters(args), args.n_layers, args.n_heads * args.head_dim, seq_len
+        active_non_embedding_parameters(args),
+        args.n_layers,
+        args.n_heads * args.head_dim,
+        seq_len,
     )
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from models.args import ModelArgs
+from models.registry import model_spec
 from parallel.pipeline.registry import PipelineLayout, pipeline_layout
+
+
+def is_moe(args: ModelArgs) -> bool:
+    """True if the family's blocks have a routed Mixture-of-Experts feed-forward."""
+    return model_spec(args.family).block_feed_forward == "moe"
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,8 @@ class Layout:
     cp: int = 1  # context parallelism: each sequence split across cp GPUs
     cp_comm: str = "all_gather"  # all_gather | ring
     dp_replicate: int = 1  # HSDP: replica groups of dp (1: FSDP over all of dp)
+    # expert parallelism: a MoE's routed experts split over ep GPUs of dp x cp (1: not split)
+    ep: int = 1
 
     @property
     def gpus(self) -> int:
@@ -70,6 +78,12 @@ class RankContext:
     cp: int = 1
     cp_comm: str = "all_gather"
     recompute: str = "none"  # activation checkpointing: none | selective | full
+    ep: int = 1  # expert parallelism (GPUs of dp x cp the routed experts are split over)
+
+    @property
+    def moe_layers(self) -> int:
+        """How many of the rank's blocks have a routed MoE feed-forward (all or none)."""
+        return self.layers if is_moe(self.args) else 0
 
     @property
     def pipelined(self) -> bool:

@@ -22,13 +22,20 @@ Assumptions (mixed precision as in ZeRO and Megatron, bf16 compute on GPUs):
   divides the norms, but DTensor keeps the all-gathered norm output (h) for the linears;
 - recompute `full` keeps each block's input, `selective` (parallel/activation_checkpoint.py)
   keeps the block input plus every matmul and SDPA output; both rebuild one block at a time in
-  backward, which is added once.
+  backward, which is added once;
+- a Mixture-of-Experts feed-forward (models/moe.py) in place of SwiGLU keeps, per token of its
+  input, k rows of each kind for its k token-expert pairs: the token's sorted copy (h), the
+  expert's SwiGLU (4 f_e, as SwiGLU's 4f), the expert's output put back in token order (h)
+  and the routing weight (1); a shared expert's SwiGLU (4 f_s); and its routing state in fp32
+  and int64 whatever the activation dtype (`routing_bytes`). TP leaves it whole: every TP rank
+  keeps all of it. Under `selective` it keeps only its plain matmuls' outputs (the router's
+  logits, the shared expert's); the routed experts' grouped matmuls are not among the saved ops.
 """
 
 from __future__ import annotations
 
 from models.args import ModelArgs
-from parallel.plan.layout import RankContext
+from parallel.plan.layout import RankContext, is_moe
 
 WEIGHT_BYTES = 2
 GRAD_BYTES = 4
@@ -69,13 +76,48 @@ def block_activation_elements(
     gathered = h if sequence_parallel else 0  # the all-gathered norm output the linears keep
     if recompute == "full":
         return h / sp
+    moe = is_moe(args)
     if recompute == "selective":
         # block input; q, k, v, w1, w3 outputs (sharded); SDPA output; wo/w2 partial sums (full)
         q = args.n_heads * args.head_dim  # the width of q and of SDPA's output (Qwen3: != dim)
+        if moe:  # its feed-forward's instead of w1, w3, w2
+            return h / sp + (q + 2 * kv + q) / tp + h + moe_activation_elements(args, recompute)
         return h / sp + (q + 2 * kv + 2 * f + q) / tp + 2 * h
     if recompute != "none":
         raise ValueError(f"unknown recompute mode {recompute!r}; use none, full or selective")
+    if moe:
+        return 2 * (3 * h / sp + gathered) + 4 * h / tp + moe_activation_elements(args, recompute)
     return 2 * (3 * h / sp + gathered) + (4 * h + 4 * f) / tp
+
+
+def moe_activation_elements(args: ModelArgs, recompute: str) -> float:
+    """Elements (of the activation dtype) a MoE feed-forward keeps per token beyond its input
+    (the norm's output, counted with the norms), on every TP rank; 0 under full recompute."""
+    h, k, fe, fs = (
+        args.dim,
+        args.experts_per_token,
+        args.expert_hidden_dim,
+        args.shared_expert_ffn_dim,
+    )
+    if recompute == "full":
+        return 0.0
+    if recompute == "selective":
+        # the router's logits; the shared expert's w1, w3 and w2 outputs
+        return args.n_experts + (2 * fs + h if fs else 0)
+    # per token-expert pair: sorted copy, w1 and w3 outputs, silu, product, output, weight
+    return k * (2 * h + 4 * fe + 1) + 4 * fs
+
+
+def routing_bytes(args: ModelArgs, recompute: str) -> float:
+    """Bytes a block's MoE routing keeps per token whatever the activation dtype (0 for a dense
+    block, and under recompute): fp32 router probabilities (E) for the softmax, the top-k
+    weights and their sum (k + 1) for the renormalization, the z-loss's logits and log-sum-exp
+    (E + 1), and int64 indices: the top-k choice and the two permutations (3k)."""
+    if recompute != "none" or not is_moe(args):
+        return 0.0
+    e, k = args.n_experts, args.experts_per_token
+    fp32 = e + (k + 1 if args.norm_topk_prob else 0) + (e + 1 if args.moe_z_loss_coeff else 0)
+    return 4 * fp32 + 8 * 3 * k
 
 
 def cp_kv_buffer_elements(args: ModelArgs, tp: int, cp: int, comm: str, recompute: str) -> float:
@@ -114,7 +156,7 @@ def activation_bytes(
     args, tp, sp, rc = rank.args, rank.tp, rank.sequence_parallel, rank.recompute
     per_block = block_activation_elements(args, tp, sp, rc)
     per_block += cp_kv_buffer_elements(args, tp, rank.cp, rank.cp_comm, rc)
-    per_token = dtype_bytes * rank.layers * per_block
+    per_token = dtype_bytes * rank.layers * per_block + rank.layers * routing_bytes(args, rc)
     if rank.last_stage:
         per_token += head_activation_bytes(args, tp, sp, rank.pipelined, dtype_bytes)
     rebuilt = rebuilt_block_bytes(args, rank.tokens, tp, sp, rc, dtype_bytes)
@@ -132,4 +174,5 @@ def rebuilt_block_bytes(
     """Bytes of the one block that recompute rebuilds in full during backward (0 without it)."""
     if recompute == "none":
         return 0.0
-    return tokens * dtype_bytes * block_activation_elements(args, tp, sequence_parallel, "none")
+    elements = block_activation_elements(args, tp, sequence_parallel, "none")
+    return tokens * dtype_bytes * elements + tokens * routing_bytes(args, "none")

@@ -115,3 +115,22 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_flagged(
         assert ("runs emulated" in line) == flagged, line
     fp32 = compose_config(["model=debug", "device=cpu", "precision=fp32"])
     assert banner.compute_dtype(fp32) == "cpu, fp32"
+
+
+def test_the_banner_says_a_moe_models_active_parameters_and_ep() -> None:
+    import torch
+
+    from data import TokenSource
+    from launcher.run.banner import banner_lines
+
+    cfg = compose_config(
+        ["model=qwen3_moe_debug", "device=cpu", "parallel.dp=4", "parallel.ep=2"], 4
+    )
+    tokens = TokenSource(torch.zeros(100), torch.zeros(10), 256, list, str)
+    first, mesh = banner_lines(cfg, tokens, None, None, None)[:2]
+    # 330,560 parameters; a token goes through 2 of the 8 experts (3 x 64 x 32) of 4 layers
+    assert "0.3M parameters (0.2M active)" in first, first
+    assert "ep=2 over dp x cp (4 of 8 experts per rank)" in mesh, mesh
+    dense = compose_config(["model=debug", "device=cpu"])
+    line = banner_lines(dense, tokens, None, None, None)[0]
+    assert "active" not in line, line

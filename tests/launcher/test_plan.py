@@ -360,3 +360,45 @@ def test_the_report_pluralizes_and_says_what_dp_exposes(capsys: pytest.CaptureFi
         pipeline + exposed, rel=0.01
     )
     assert traffic == pytest.approx(hidden + exposed, rel=0.01)
+
+
+QWEN3_MOE_30B_EP8 = [
+    "model=qwen3_moe_30b_a3b",
+    "parallel.ep=8",
+    "parallel.dp=8",
+    "cluster.nodes=1",
+    "train.seq_len=4096",
+    "train.global_batch_size=8",
+    "model.activation_checkpointing=full",
+]
+
+
+def test_moe_plan_prints_expert_parallel_traffic(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(QWEN3_MOE_30B_EP8) == 0
+    out = capsys.readouterr().out
+    assert "(30.53B parameters, 3.35B active)" in out, out
+    assert "ep=8 over dp x cp" in out and "16 of 128 routed experts per GPU" in out, out
+    # one 4096-token sequence per GPU, 8 rows of 2048 per token, 7/8 sent, in bf16: 6 all-to-alls
+    # (recompute repeats the forward's two) in each of 48 layers
+    a2a = 4096 * 8 * 7 / 8 * 2048 * 2 * 6 * 48
+    assert f"EP {a2a / 1e9:.2f} GB (all-to-all)" in out, out
+    assert "no gradient all-reduce (ep = dp x cp)" in out, out
+    assert "TP+PP+EP" in out, out
+    plan = _plan(QWEN3_MOE_30B_EP8)
+    assert plan.ranks[0].ep_bytes == a2a
+
+
+def test_moe_search_tries_expert_parallel_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    overrides = ["model=qwen3_moe_debug", "cluster.nodes=1", "cluster.gpus_per_node=4"]
+    from launcher.plan import candidates
+
+    tried = {
+        (c.parallel.dp * c.parallel.cp, c.parallel.ep)
+        for c in candidates(compose_config(overrides))
+    }
+    assert {ep for _, ep in tried} == {1, 2, 4}
+    assert all(dp_cp % ep == 0 for dp_cp, ep in tried)
+    assert main(["--search", "--top", "3", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^ +# +tp +cp +pp +dp +rep +ep +schedule ", out, re.M), out
+    assert "ep: expert parallel" in out, out

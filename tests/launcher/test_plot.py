@@ -213,3 +213,18 @@ def test_a_folder_of_runs_is_refused_in_one_line(
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"{outputs}: not a run folder (no metrics.jsonl) nor a multirun"), err
     assert str(outputs / "run-abc") in err and not (outputs / "compare.png").exists()
+
+
+def test_a_moe_runs_title_names_its_active_parameters_and_ep(tmp_path: Path) -> None:
+    from launcher.plot import run_facts
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(
+        "model:\n  name: qwen3_moe_debug\n  family: qwen3_moe\n  dim: 64\n  n_layers: 4\n"
+        "  n_heads: 4\n  n_kv_heads: 2\n  head_size: 32\n  n_experts: 8\n"
+        "  experts_per_token: 2\n  moe_ffn_dim: 32\n"
+        "parallel:\n  dp: 4\n  pp: 1\n  tp: 1\n  ep: 2\n  schedule: 1f1b\n"
+    )
+    model, layout = run_facts(tmp_path)
+    assert model == "qwen3_moe_debug (331K parameters, 183K active)", model
+    assert layout == "dp=4 × pp=1 × tp=1 (ep=2)", layout

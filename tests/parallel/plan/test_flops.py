@@ -40,3 +40,17 @@ def test_peak_comes_from_the_config_or_the_gpu_name(monkeypatch: pytest.MonkeyPa
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert peak_tflops(None, gpu) == peak, name
     assert peak_tflops(100.0, gpu) == 100.0  # the config wins
+
+
+def test_moe_flops_per_token_count_the_active_parameters() -> None:
+    from launcher.run.compose import compose_config
+    from models.registry import model_spec
+
+    args = compose_config(["model=qwen3_moe_debug"]).model
+    model = model_spec(args.family).build(args)  # a real one, on the CPU
+    n = sum(p.numel() for p in model.parameters()) - model.tok_embeddings.weight.numel()
+    # a token goes through 2 of the 8 experts of each of the 4 layers, each 3 x 64 x 32
+    unused = 4 * (8 - 2) * 3 * 64 * 32
+    seq = 48
+    attention = 12 * 4 * 4 * 32 * seq  # 12 L H Q T: 4 heads of width 32
+    assert flops_per_token(args, seq) == 6 * (n - unused) + attention

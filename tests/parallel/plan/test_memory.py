@@ -63,21 +63,28 @@ def live_activation_bytes(
     return sum(alive.values()), result
 
 
-@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-def test_activation_estimate_within_20_percent_of_cpu_measurement(recompute: str) -> None:
-    torch.manual_seed(0)
-    model = Transformer(DEBUG)
+def measured_and_held(
+    model: torch.nn.Module, args: ModelArgs, recompute: str, batch: int, seq: int
+) -> tuple[int, float, torch.Tensor]:
+    """(bytes a real forward and loss keep alive on CPU in fp32, the planner's estimate of
+    them, the loss) for `model` with `recompute` applied."""
     apply_activation_checkpointing(model, recompute)
-    batch, seq = 2, 64
-    tokens = torch.randint(0, DEBUG.vocab_size, (batch, seq))
-    cos, sin = model.rope(DEBUG.max_seq_len, tokens.device)
+    tokens = torch.randint(0, args.vocab_size, (batch, seq))
+    cos, sin = model.rope(args.max_seq_len, tokens.device)
     measured, loss = live_activation_bytes(
         lambda: cross_entropy(model(tokens), tokens), [*model.parameters(), cos, sin]
     )
-    whole = RankContext(args=DEBUG, layers=DEBUG.n_layers, tokens=batch * seq, recompute=recompute)
+    whole = RankContext(args=args, layers=args.n_layers, tokens=batch * seq, recompute=recompute)
     estimate = activation_bytes(whole, in_flight=1, dtype_bytes=4)
     # after forward, nothing is being rebuilt yet: that part is a backward-time peak
-    held = estimate - rebuilt_block_bytes(DEBUG, batch * seq, 1, False, recompute, dtype_bytes=4)
+    held = estimate - rebuilt_block_bytes(args, batch * seq, 1, False, recompute, dtype_bytes=4)
+    return measured, held, loss
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_activation_estimate_within_20_percent_of_cpu_measurement(recompute: str) -> None:
+    torch.manual_seed(0)
+    measured, held, loss = measured_and_held(Transformer(DEBUG), DEBUG, recompute, 2, 64)
     assert abs(held - measured) <= 0.2 * measured, (recompute, held, measured)
     loss.backward()  # the graph was real
 
@@ -121,3 +128,88 @@ def test_fsdp_shards_model_state_and_keeps_a_working_copy() -> None:
         WEIGHT_BYTES * (n + n // dp),
         GRAD_BYTES * (n + n // dp),
     )  # unsharded between microbatches
+
+
+def _moe_args(**changes: object) -> ModelArgs:
+    from launcher.run.compose import compose_config
+
+    model = compose_config(["model=qwen3_moe_debug"]).model
+    return ModelArgs(
+        **{**{f: getattr(model, f) for f in ModelArgs.__dataclass_fields__}, **changes}
+    )
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"moe_z_loss_coeff": 0.0}, {"shared_expert_ffn_dim": 48}, {"norm_topk_prob": False}],
+)
+def test_moe_activation_estimate_matches_what_its_forward_keeps(changes: dict) -> None:
+    from models.moe import MoE
+    from parallel.plan.memory import moe_activation_elements, routing_bytes
+
+    args = _moe_args(**changes)
+    torch.manual_seed(0)
+    moe = MoE(args)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    b, s = 4, 64
+    x = torch.randn(b, s, args.dim, requires_grad=True)  # the norm's output, counted with it
+    measured, out = live_activation_bytes(lambda: moe(x), [*moe.parameters(), x])
+    measured -= out.numel() * 4  # the output, alive here because it is returned (a block adds it)
+    estimate = b * s * (4 * moe_activation_elements(args, "none") + routing_bytes(args, "none"))
+    # what is left out: per-expert counts and offsets, the balance loss's per-sequence terms
+    assert 0 <= measured - estimate <= 0.01 * measured, (measured, estimate)
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_moe_model_activation_estimate_under_recompute(recompute: str) -> None:
+    from models.registry import model_spec
+
+    args = _moe_args()
+    torch.manual_seed(0)
+    model = model_spec(args.family).build(args)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    measured, held, loss = measured_and_held(model, args, recompute, 2, 32)
+    # selective keeps the router's matmul, not the routed experts' grouped ones
+    assert abs(held - measured) <= 0.05 * measured, (recompute, held, measured)
+    loss.backward()
+
+
+@pytest.mark.parametrize("dp_shard", [False, True])
+def test_expert_parallelism_splits_exactly_the_experts_state(dp_shard: bool) -> None:
+    from parallel.plan.estimate import estimate
+    from parallel.plan.layout import Cluster, Layout
+    from parallel.plan.params import StageCounter
+
+    args = _moe_args()
+    counter = StageCounter(args)
+    cluster = Cluster(1, 8, 80, 450, 50, 989)
+
+    def plan(ep: int):
+        layout = Layout(
+            dp=2,
+            pp=1,
+            tp=1,
+            virtual_stages=1,
+            schedule="1f1b",
+            microbatches=1,
+            dp_shard=dp_shard,
+            ep=ep,
+        )
+        rank = estimate(args, layout, cluster, global_batch_size=4, seq_len=64, counter=counter)
+        return rank.ranks[0]
+
+    one, two = plan(1), plan(2)
+    whole = counter.whole()
+    experts = whole.experts  # 4 layers x 8 experts x 3 x 64 x 32
+    assert two.experts == experts // 2 and one.experts == experts
+    assert two.activations == one.activations
+    state = WEIGHT_BYTES + GRAD_BYTES + OPTIMIZER_BYTES
+    saved = (one.weights + one.grads + one.optimizer) - (two.weights + two.grads + two.optimizer)
+    if not dp_shard:  # replicated: each of the 2 GPUs holds all experts, or half under ep=2
+        assert saved == state * experts // 2
+    else:  # FSDP shards them 2 ways as ep does; ep=2 also drops them from FSDP's working copy
+        # (2 blocks' weights, one block's gradients: no pipelining, one microbatch)
+        assert one.params_local - two.params_local == 0
+        assert saved == (2 * WEIGHT_BYTES + GRAD_BYTES) * whole.block_experts
