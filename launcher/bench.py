@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     a = parser.parse_args(argv)
     if a.command == "moe":
         print(machine())
-        print(format_moe(moe_run(a.set, a.world, a.steps), None))
+        print(format_moe(moe_run(a.set, a.world, a.steps)))
     elif a.command == "ab":
         print(machine())
         print(format_ab(ab_benchmark(a.base, a.a, a.b, a.world, a.steps, a.blocks)))

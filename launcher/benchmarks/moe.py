@@ -16,11 +16,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from launcher.config import Config
 from launcher.run.build import build_trainer, load_data
 from launcher.run.compose import compose_config
 from launcher.run.ports import free_port, local_rank_env
 from parallel.expert_load import expert_load
 from parallel.expert_parallel import ExpertParallelDispatch
+from parallel.plan.comm import all_to_all_bytes
 
 # the exchanges one dispatch's rows take: dispatch and combine, in forward and in backward
 EXCHANGES = 4
@@ -35,6 +37,22 @@ class MoERun:
     bytes_sent: list[list[float]]  # [step][rank]
     load: list[float]  # [step] moe/load_max_over_mean
     aux: list[float]  # [step] moe/aux_loss
+    planned: float  # the planner's all-to-all bytes per step and rank (uniform routing)
+
+
+def planned_bytes(cfg: Config) -> float:
+    """The planner's all-to-all bytes one rank sends per step for this run's layout."""
+    par = cfg.parallel
+    return all_to_all_bytes(
+        tokens=cfg.train.global_batch_size * cfg.train.seq_len // (par.dp * par.microbatches),
+        dim=cfg.model.dim,
+        top_k=cfg.model.experts_per_token,
+        ep=par.ep,
+        moe_layers=cfg.model.n_layers // par.pp,
+        microbatches=par.microbatches,
+        recompute=cfg.model.activation_checkpointing,
+        dtype_bytes=4,  # fp32 rows here
+    )
 
 
 def _moe_rank(
@@ -64,7 +82,7 @@ def _moe_rank(
         load.append(step_load["moe/load_max_over_mean"])
         aux.append(step_load["moe/aux_loss"])
     if rank == 0:
-        queue.put(MoERun(overrides, world, sent, load, aux))
+        queue.put(MoERun(overrides, world, sent, load, aux, planned_bytes(cfg)))
     dist.destroy_process_group()
 
 
@@ -75,7 +93,7 @@ def moe_run(overrides: list[str], world: int, steps: int) -> MoERun:
     return queue.get()
 
 
-def format_moe(run: MoERun, planned_bytes: float | None) -> str:
+def format_moe(run: MoERun) -> str:
     """A markdown summary: measured a2a bytes per step and rank (median, range) against the plan,
     and the expert load at the first, middle and last steps."""
     per_rank = [b for step in run.bytes_sent for b in step]
@@ -84,12 +102,7 @@ def format_moe(run: MoERun, planned_bytes: float | None) -> str:
         f"`{' '.join(run.overrides)}` on {run.world} ranks, {len(run.load)} steps",
         f"all-to-all sent per step per rank: median {median / 1e6:.3f} MB "
         f"(range {min(per_rank) / 1e6:.3f}–{max(per_rank) / 1e6:.3f} MB)"
-        + (
-            f"; planned {planned_bytes / 1e6:.3f} MB (measured / planned "
-            f"{median / planned_bytes:.3f})"
-            if planned_bytes
-            else ""
-        ),
+        + f"; planned {run.planned / 1e6:.3f} MB (measured / planned {median / run.planned:.3f})",
         "| step | expert load (max / mean, worst layer) | aux loss |",
         "|---:|---:|---:|",
     ]
