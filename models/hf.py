@@ -4,13 +4,17 @@ tridist's attention rotates adjacent pairs (Meta's layout); Hugging Face's `Llam
 (and Qwen3's) rotates the two halves of each head, so q and k rows (and per-head QK-norm
 weights) are permuted on the way out and back. Each family names its layout in its spec
 (models/<family>/); weights are read and written with safetensors only (no pickle).
+
+A Mixture-of-Experts family stacks its experts in one tensor per projection ([E, out, in]);
+Hugging Face's files hold one tensor per expert, which `Stacked` names: import stacks them,
+export splits them.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,27 @@ class HFFormatError(ValueError):
     """A Hugging Face directory or tensor that does not fit; the message names the file."""
 
 
+@dataclass(frozen=True)
+class Stacked:
+    """A block parameter [E, ...] that Hugging Face keeps as one tensor per expert (the hub's
+    files, what `save_pretrained` writes), or whole inside transformers' in-memory fused tensor
+    (what `save_pretrained(save_original_format=False)` writes), read on import only."""
+
+    per_expert: str  # the name in a block, {e} for the expert: "mlp.experts.{e}.gate_proj.weight"
+    fused: str  # transformers' [E, parts * out, in] tensor in a block: "mlp.experts.gate_up_proj"
+    part: int = 0  # which of the fused tensor's equal chunks along dim 1 this parameter is
+    parts: int = 1
+
+    def names(self, layer: str, experts: int) -> list[str]:
+        """The Hugging Face names of the experts' tensors of block `layer`, in expert order."""
+        return [f"model.layers.{layer}.{self.per_expert.format(e=e)}" for e in range(experts)]
+
+
+def _dense_config(args: ModelArgs) -> dict[str, Any]:
+    """A dense family's feed-forward width (config.json's intermediate_size)."""
+    return {"intermediate_size": args.ffn_hidden_dim}
+
+
 @dataclass(frozen=True, kw_only=True)
 class HFLayout:
     """A family's Hugging Face model: its class, tensor names, rotary rows and config.json."""
@@ -42,6 +67,16 @@ class HFLayout:
     )
     rotary_vectors: tuple[str, ...] = ()
     config_extra: Mapping[str, Any] = field(default_factory=dict)  # family-only config.json keys
+    # parameter path in a block -> its per-expert Hugging Face tensors (an MoE's stacked experts)
+    stacked: Mapping[str, Stacked] = field(default_factory=dict)
+    # family config.json keys from the model's fields: the first are its shape, written and
+    # compared on import; the second are written only (training settings, unused widths)
+    config_compared: Callable[[ModelArgs], dict[str, Any]] = _dense_config
+    config_written: Callable[[ModelArgs], dict[str, Any]] = lambda args: {}
+    # transformers' value of a compared key that a config.json omits (or gives as null)
+    config_defaults: Callable[[Mapping[str, Any]], dict[str, Any]] = lambda config: {}
+    # ModelArgs fields the Hugging Face class has no place for (they must be 0) -> what it lacks
+    unsupported: Mapping[str, str] = field(default_factory=dict)
 
     def hf_name(self, name: str) -> str:
         """The Hugging Face name of tridist parameter `name` (`layers.3.attention.wq.weight` ->
@@ -54,6 +89,26 @@ class HFLayout:
                 f"tensor {name!r} has no Hugging Face {self.architecture} counterpart"
             )
         return f"model.layers.{match.group(1)}.{self.per_layer[match.group(2)]}.weight"
+
+    def stacked_of(self, name: str) -> tuple[str, Stacked] | None:
+        """(block index, how Hugging Face holds it) of a stacked parameter `name`; None for a
+        parameter with one Hugging Face tensor (hf_name's)."""
+        match = _BLOCK_PARAMETER.fullmatch(name)
+        if match is None or match.group(2) not in self.stacked:
+            return None
+        return match.group(1), self.stacked[match.group(2)]
+
+    def to_hf_tensors(
+        self, name: str, tensor: torch.Tensor, args: ModelArgs
+    ) -> dict[str, torch.Tensor]:
+        """Hugging Face name -> tensor of the full tridist parameter `name`: one tensor, or one
+        per expert of a stacked parameter."""
+        found = self.stacked_of(name)
+        if found is None:
+            return {self.hf_name(name): self.to_hf_tensor(name, tensor, args)}
+        layer, stacked = found
+        # copies: safetensors refuses to save tensors that share memory (slices of one stack)
+        return dict(zip(stacked.names(layer, len(tensor)), (t.clone() for t in tensor.unbind(0))))
 
     def _heads_of(self, name: str, args: ModelArgs) -> int | None:
         """Heads whose rows are rotary-permuted in this tensor (q: n_heads, k: n_kv_heads; a
@@ -83,9 +138,20 @@ class HFLayout:
         halves = tensor.reshape(heads, 2, rows // heads // 2, -1)
         return halves.transpose(1, 2).reshape(tensor.shape)
 
+    def check_args(self, args: ModelArgs) -> None:
+        """Refuse a model that the family's Hugging Face class cannot hold (a field it has no
+        place for), naming the field."""
+        for name, lacks in self.unsupported.items():
+            if value := getattr(args, name):
+                raise HFFormatError(
+                    f"model.{name}={value}: Hugging Face's {self.architecture} has {lacks}; "
+                    f"set model.{name}=0 for a model it can hold"
+                )
+
     def config(self, args: ModelArgs, dtype: torch.dtype) -> dict[str, Any]:
         """config.json for the family's `*ForCausalLM` (rope written in both the 4.x and the 5.x
-        form)."""
+        form); HFFormatError for a model it cannot hold."""
+        self.check_args(args)
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
         if args.rope_scaling:
             rope.update(
@@ -100,12 +166,13 @@ class HFLayout:
             "architectures": [self.architecture],
             "model_type": self.model_type,
             "hidden_size": args.dim,
-            "intermediate_size": args.ffn_hidden_dim,
             "num_hidden_layers": args.n_layers,
             "num_attention_heads": args.n_heads,
             "num_key_value_heads": args.kv_heads,
             "head_dim": args.head_dim,
             "vocab_size": args.vocab_size,
+            **self.config_compared(args),
+            **self.config_written(args),
             "rms_norm_eps": args.norm_eps,
             "max_position_embeddings": args.max_seq_len,
             "hidden_act": "silu",
@@ -129,13 +196,14 @@ class HFLayout:
 
     def check_config(self, config: dict[str, Any], args: ModelArgs, where: Path) -> None:
         """Refuse a Hugging Face checkpoint of another family or whose shape differs from the
-        configured model."""
+        configured model (or a model the family's Hugging Face class cannot hold)."""
         kind = config.get("model_type")
         if kind != self.model_type:
             raise HFFormatError(
                 f"{where}: a Hugging Face {kind!r} model, not {self.model_type!r}; set "
                 f"model.family to its family (or pick a {kind} model flavor)"
             )
+        self.check_args(args)
         heads = config.get("num_attention_heads")
         expected = {
             "hidden_size": args.dim,
@@ -144,10 +212,14 @@ class HFLayout:
             "num_key_value_heads": args.kv_heads,
             "head_dim": args.head_dim,
             "vocab_size": args.vocab_size,
-            "intermediate_size": args.ffn_hidden_dim,
+            **self.config_compared(args),
         }
-        defaults = {"num_key_value_heads": heads, "head_dim": _default_head_dim(config)}
-        got = {k: config.get(k, defaults.get(k)) for k in expected}
+        defaults = {
+            "num_key_value_heads": heads,
+            "head_dim": _default_head_dim(config),
+            **self.config_defaults(config),
+        }
+        got = {k: defaults.get(k) if config.get(k) is None else config[k] for k in expected}
         wrong = [f"{k}={got[k]} (model needs {v})" for k, v in expected.items() if got[k] != v]
         if wrong:
             raise HFFormatError(
@@ -162,6 +234,7 @@ _TOP_LEVEL = {
     "output.weight": "lm_head.weight",
 }
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)\.weight")
+_BLOCK_PARAMETER = re.compile(r"layers\.(\d+)\.(.+)")
 
 
 def _default_head_dim(config: dict[str, Any]) -> int | None:
@@ -219,22 +292,50 @@ class HFWeights:
 
     def __call__(self, name: str, shape: torch.Size) -> torch.Tensor:
         """The full value of tridist parameter `name`, checked against `shape`."""
+        stacked = self.layout.stacked_of(name)
+        if stacked is not None:
+            return self._stacked(name, shape, *stacked)
         key = (
             "model.embed_tokens.weight"
             if name == "output.weight" and self.args.tie_embeddings
             else self.layout.hf_name(name)
         )
-        if key not in self._file_of:
-            raise HFFormatError(f"{self.directory}: tensor {key!r} (for {name}) is missing")
-        path = self._file_of[key]
-        try:
-            with safe_open(path, "pt") as f:
-                tensor = f.get_tensor(key)
-        except Exception as err:  # safetensors raises its own types for bad files
-            raise HFFormatError(f"{path}: cannot read tensor {key!r}: {err}") from None
-        if tuple(tensor.shape) != tuple(shape):
-            raise HFFormatError(
-                f"{path}: tensor {key!r} has shape {list(tensor.shape)}, the "
-                f"model needs {list(shape)} for {name}"
-            )
+        (tensor,) = self._read([key], name, shape)
         return self.layout.from_hf_tensor(name, tensor.float(), self.args)
+
+    def _stacked(self, name: str, shape: torch.Size, layer: str, stacked: Stacked) -> torch.Tensor:
+        """An expert stack [E, ...]: from the E per-expert tensors, or from the fused one where a
+        folder has that instead."""
+        keys = stacked.names(layer, shape[0])
+        fused = f"model.layers.{layer}.{stacked.fused}"
+        if fused in self._file_of and not all(k in self._file_of for k in keys):
+            whole = torch.Size((shape[0], stacked.parts * shape[1], *shape[2:]))
+            (tensor,) = self._read([fused], name, whole)
+            return tensor.chunk(stacked.parts, dim=1)[stacked.part].float().contiguous()
+        return torch.stack(self._read(keys, name, shape[1:])).float()
+
+    def _read(self, keys: list[str], name: str, shape: torch.Size) -> list[torch.Tensor]:
+        """Hugging Face tensors `keys` (each file opened once), each checked against `shape`."""
+        missing = [k for k in keys if k not in self._file_of]
+        if missing:
+            raise HFFormatError(
+                f"{self.directory}: tensor {missing[0]!r} (for {name}) is missing"
+                + (f", and {len(missing) - 1} more" if len(missing) > 1 else "")
+            )
+        tensors: dict[str, torch.Tensor] = {}
+        for path in dict.fromkeys(self._file_of[k] for k in keys):
+            in_file = [k for k in keys if self._file_of[k] == path]
+            key = in_file[0]
+            try:
+                with safe_open(path, "pt") as f:
+                    for key in in_file:
+                        tensors[key] = f.get_tensor(key)
+            except Exception as err:  # safetensors raises its own types for bad files
+                raise HFFormatError(f"{path}: cannot read tensor {key!r}: {err}") from None
+        for key, tensor in tensors.items():
+            if tuple(tensor.shape) != tuple(shape):
+                raise HFFormatError(
+                    f"{self._file_of[key]}: tensor {key!r} has shape {list(tensor.shape)}, the "
+                    f"model needs {list(shape)} for {name}"
+                )
+        return [tensors[k] for k in keys]

@@ -1,7 +1,8 @@
-"""The Qwen3-MoE family: the model (model.py) and its spec (TP plan, expert weights, HF layout)."""
+"""The Qwen3-MoE family: the model (model.py), its Hugging Face layout (hf.py) and its spec (TP
+plan, expert weights)."""
 
-from models.qwen3 import QWEN3_HF
 from models.qwen3 import SPEC as QWEN3_SPEC
+from models.qwen3_moe.hf import QWEN3_MOE_HF
 from models.qwen3_moe.model import (
     Qwen3Moe,
     Qwen3MoeBlock,
@@ -23,7 +24,7 @@ SPEC = ModelSpec(
     active_parameter_count=active_parameter_count,
     tp_plan=TP_PLAN,
     sp_plan={},
-    hf=QWEN3_HF,  # TODO(hf): Qwen3MoeForCausalLM's layout
+    hf=QWEN3_MOE_HF,
     block_feed_forward="moe",
     expert_parameters=(
         "layers.*.feed_forward.experts.w1",
@@ -32,4 +33,4 @@ SPEC = ModelSpec(
     ),
 )
 
-__all__ = ["SPEC", "Qwen3Moe", "Qwen3MoeBlock"]
+__all__ = ["QWEN3_MOE_HF", "SPEC", "Qwen3Moe", "Qwen3MoeBlock"]

@@ -2,6 +2,7 @@
 
 Full tensors are assembled from the per-rank shards by DCP itself (`dcp.load(no_dist=True)`
 into full-size tensors), a group of tensors at a time so memory stays near one output file.
+A stacked expert tensor is written as the family's per-expert Hugging Face tensors.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
-from models.hf import INDEX, SINGLE_FILE
+from models.hf import INDEX, SINGLE_FILE, HFFormatError
 from models.registry import model_spec
 from parallel.checkpoint.backends import storage_for
 from parallel.checkpoint.format import file_problems, model_args_of, part_tensors, read_manifest
@@ -64,6 +65,10 @@ def export_to_hf(
     names = sorted(meta, key=_export_order)
     saved_dtype = meta[names[0]].properties.dtype
     dtype = dtype or saved_dtype
+    try:  # before writing anything: a model the Hugging Face class cannot hold is refused
+        config = hf.config(args, dtype)
+    except HFFormatError as err:
+        raise CheckpointError(f"cannot export {checkpoint}: {err}") from None
     sizes = {n: meta[n].size.numel() * dtype.itemsize for n in names}
     groups = _groups(sizes, max_shard_bytes)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,8 +87,9 @@ def export_to_hf(
         reader = storage_for(model_dir).dcp_reader(model_dir)
         dcp.load(full, storage_reader=reader, no_dist=True)
         tensors = {
-            hf.hf_name(n): hf.to_hf_tensor(n, t, args).to(dtype).contiguous()
-            for n, t in full.items()
+            key: t.to(dtype).contiguous()
+            for n, full_tensor in full.items()
+            for key, t in hf.to_hf_tensors(n, full_tensor, args).items()
         }
         tmp = path.with_name(f".tmp-{path.name}")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -98,7 +104,7 @@ def export_to_hf(
         (out / INDEX).write_text(json.dumps(index, indent=2))
     if not args.tie_embeddings and "lm_head.weight" not in weight_map:
         raise CheckpointError(f"{checkpoint}: no output.weight in the checkpoint")
-    (out / "config.json").write_text(json.dumps(hf.config(args, dtype), indent=2))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     return files
 
 
