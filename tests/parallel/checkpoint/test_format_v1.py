@@ -109,10 +109,12 @@ def test_v1_manifest_reads_in_the_current_shape() -> None:
     assert manifest["states"] == {"sampler": raw["sampler"], "lr_scheduler": raw["lr_scheduler"]}
     args = model_args_of(manifest)
     assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads) == (16, 2, 2, 1)
-    # build settings dropped; fields added since (family, head_size, ffn_dim) take their defaults
-    later = {"family", "head_size", "ffn_dim"}
+    # build settings dropped; fields added since (family, head_size, ffn_dim, the MoE's) take
+    # their defaults
+    moe = {f for f in ModelArgs.__dataclass_fields__ if "expert" in f or f.startswith("moe_")}
+    later = {"family", "head_size", "ffn_dim", "norm_topk_prob"} | moe
     assert set(manifest["model"]) == set(ModelArgs.__dataclass_fields__) - later
-    assert (args.family, args.head_size, args.ffn_dim) == ("llama", None, None)
+    assert (args.family, args.head_size, args.ffn_dim, args.n_experts) == ("llama", None, None, 0)
 
 
 def test_v1_checkpoint_loads_the_saved_weights_and_state(resumed: dict[str, Any]) -> None:
