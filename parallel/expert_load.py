@@ -27,9 +27,7 @@ def expert_load(chunks: Sequence[nn.Module], n_layers: int, n_experts: int) -> d
                 table[layer, :n_experts] = m.load.float()
                 table[layer, n_experts] = m.aux_sum / max(m.forwards, 1)
                 table[layer, n_experts + 1] = 1.0
-                m.load.zero_()
-                m.aux_sum.zero_()
-                m.forwards = 0
+    reset_expert_load(chunks)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(table)
     counts = table[:, :n_experts]
@@ -40,3 +38,14 @@ def expert_load(chunks: Sequence[nn.Module], n_layers: int, n_experts: int) -> d
         "moe/load_min_over_mean": (counts.min(1).values / mean).min().item(),
         "moe/aux_loss": aux.sum().item(),
     }
+
+
+def reset_expert_load(chunks: Sequence[nn.Module]) -> None:
+    """Forget the counts so far (no collective): e.g. those of a pipeline's first step, where
+    torch's metadata inference runs each stage once more on placeholder (uninitialized) inputs."""
+    for chunk in chunks:
+        for m in chunk.modules():
+            if isinstance(m, MoE) and m.load is not None and m.aux_sum is not None:
+                m.load.zero_()
+                m.aux_sum.zero_()
+                m.forwards = 0

@@ -21,6 +21,7 @@ from data.documents import document_inputs, mask_document_ends
 from launcher.config import Config
 from models.moe import set_aux_loss_scale
 from parallel.dtensor import local_part
+from parallel.expert_load import reset_expert_load
 from parallel.fault_tolerance import ReplicaGroup
 from parallel.grad_clip import clip_grad_norm
 from parallel.loss import counted_token_weight, cross_entropy, loss_context, scale_gradients
@@ -134,6 +135,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cfg)
         self._tp = self.model.mesh["tp"].size()
+        self._stepped = False  # whether a step ran (the pipeline's first infers its shapes)
         # MoE auxiliary losses weigh as each microbatch's loss does: pipelining divides the
         # gradients after backward, the loop below each microbatch's loss before it
         scale = 1.0 if self.model.schedule is not None else 1 / self.cfg.parallel.microbatches
@@ -216,6 +218,9 @@ class Trainer:
         inputs, targets = self.sampler.next_batch()
         targets, weight = self.loss_targets(inputs, targets)
         loss = self.forward_backward(inputs, targets)
+        if not self._stepped and self.model.schedule is not None:
+            reset_expert_load(self.model.chunks)  # the metadata inference's extra forwards
+        self._stepped = True
         if self.replicas is not None:
             self.replicas.finish_backward()
         if self.model.experts is not None:  # expert parallelism: the gradients FSDP leaves alone
