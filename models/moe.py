@@ -125,7 +125,9 @@ class MoE(nn.Module):
         self.load: torch.Tensor | None = None
         self.aux_sum: torch.Tensor | None = None
 
-    def route(self, tokens: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def route(
+        self, tokens: torch.Tensor, b: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(expert ids [n, k], weights [n, k], auxiliary loss) of tokens [n, dim] of b sequences."""
         logits = self.router(tokens).float()
         probs = logits.softmax(-1)
@@ -136,8 +138,12 @@ class MoE(nn.Module):
         # probability of e over the sequence, summed over experts; mean over sequences
         s = tokens.shape[0] // b
         picked = torch.zeros(b, self.n_experts, device=tokens.device)
-        picked.scatter_add_(1, chosen.view(b, -1), torch.ones_like(chosen, dtype=picked.dtype).view(b, -1))
-        balance = (picked * self.n_experts / (self.top_k * s) * probs.view(b, s, -1).mean(1)).sum(-1)
+        picked.scatter_add_(
+            1, chosen.view(b, -1), torch.ones_like(chosen, dtype=picked.dtype).view(b, -1)
+        )
+        balance = (picked * self.n_experts / (self.top_k * s) * probs.view(b, s, -1).mean(1)).sum(
+            -1
+        )
         aux = self.aux_coeff * balance.mean()
         if self.z_coeff:
             aux = aux + self.z_coeff * torch.logsumexp(logits, -1).square().mean()

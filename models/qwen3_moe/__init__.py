@@ -24,7 +24,11 @@ SPEC = ModelSpec(
     sp_plan={},
     hf=QWEN3_HF,  # TODO(hf): Qwen3MoeForCausalLM's layout
     block_feed_forward="moe",
-    expert_parameters=("layers.*.feed_forward.experts.w1", "layers.*.feed_forward.experts.w2", "layers.*.feed_forward.experts.w3"),
+    expert_parameters=(
+        "layers.*.feed_forward.experts.w1",
+        "layers.*.feed_forward.experts.w2",
+        "layers.*.feed_forward.experts.w3",
+    ),
 )
 
 __all__ = ["SPEC", "Qwen3Moe", "Qwen3MoeBlock"]
