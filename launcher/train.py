@@ -7,7 +7,9 @@ The run itself is the library in launcher/run/; nothing imports this module.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import os
 import shutil
 import sys
@@ -131,6 +133,11 @@ def main() -> None:
         register_mesh_launcher()  # hydra/launcher=submitit_slurm: each job sized to its mesh
         if not any(a.startswith("hydra/callbacks=") for a in sys.argv):
             sys.argv.append("hydra/callbacks=sweep_summary")  # <sweep dir>/summary.md at the end
+    # A cycle holding the trainer keeps its process groups and their gloo worker threads until the
+    # collector runs, at the latest in the interpreter's finalization, after Python stopped
+    # letting threads take the GIL: a worker then freeing a tensor aborts the process (SIGABRT).
+    # Collected at exit, before finalizing, the groups are destroyed while their threads still can.
+    atexit.register(gc.collect)
     _hydra_main()
 
 

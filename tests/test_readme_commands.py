@@ -7,6 +7,7 @@ Not run here: the set-up and test commands (`.ci/run` runs exactly those), and t
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -28,6 +29,10 @@ SHRINK = {
     "train.val_batches": "1",
 }
 ELSEWHERE = ("pip install", "python -m pytest", "sbatch ", "submitit_slurm")
+# the lines of a failed command's stderr that say why, and how many lines after each to keep:
+# faulthandler's dump of every thread's stack follows "Fatal Python error" (PYTHONFAULTHANDLER)
+WHY = {"Fatal Python error": 40, "terminate called": 3, "Traceback": 3, "Error": 3}
+WHY_MAX_LINES = 200
 
 
 def readme_commands() -> list[str]:
@@ -47,6 +52,35 @@ def _shrunk(argv: list[str]) -> list[str]:
         return argv
     kept = [a for a in argv if a.split("=")[0] not in SHRINK]
     return kept + [f"{k}={v}" for k, v in SHRINK.items()]
+
+
+def why_it_failed(stderr: str) -> str:
+    """The lines of a whole stderr that say why a command failed (an abort's message, errors,
+    tracebacks' starts) with the few after each, in order, gaps marked `...`; empty if none."""
+    lines = stderr.splitlines()
+    keep: set[int] = set()
+    for i, line in enumerate(lines):
+        after = max((n for word, n in WHY.items() if word in line), default=-1)
+        keep.update(range(i, min(len(lines), i + after + 1)))
+    out: list[str] = []
+    for i in sorted(keep)[:WHY_MAX_LINES]:
+        if out and i - 1 not in keep:
+            out.append("...")
+        out.append(lines[i])
+    return "\n".join(out)
+
+
+def test_why_a_command_failed_keeps_the_abort_and_the_errors_not_the_noise() -> None:
+    stderr = "\n".join(
+        ["W1202 warning", "terminate called without an active exception", "a", "b", "c", "d"]
+        + [f"noise {i}" for i in range(50)]
+        + ["Traceback (most recent call last):", '  File "x.py"', "ValueError: bad"]
+    )
+    why = why_it_failed(stderr).splitlines()
+    assert why[:4] == ["terminate called without an active exception", "a", "b", "c"]
+    assert why[4] == "..." and why[5].startswith("Traceback") and why[-1] == "ValueError: bad"
+    assert not any(line.startswith(("noise", "W1202")) for line in why)
+    assert why_it_failed("all went well") == ""
 
 
 def _placeholders(command: str, folder: Path) -> str:
@@ -80,14 +114,22 @@ def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
         elif argv[0] == "torchrun":
             argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
         start = time.perf_counter()
-        result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            argv,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # a crash dumps every thread's stack
+        )
         print(f"{time.perf_counter() - start:6.1f} s  {command}")  # pytest -s: where CI time goes
         ok = result.returncode == 0 or (
             "launcher.plan" in command and "does not fit" in result.stdout
         )
         if not ok:
             failures.append(
-                f"{command}\n  -> exit {result.returncode}: {result.stderr.strip()[-800:]}"
+                f"{command}\n  -> exit {result.returncode}; why, from the whole stderr:\n"
+                f"{why_it_failed(result.stderr)}\n  -> its end:\n{result.stderr.strip()[-800:]}"
             )
     assert not failures, "\n".join(failures)
     # the sweep ran each of its 4 jobs as its own worker group and summarized them

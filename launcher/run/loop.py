@@ -77,41 +77,48 @@ def train(cfg: Config, tokens: TokenSource, run_dir: Path | None = None) -> Trai
     stop = StopSignal()
     skipped = 0  # non-finite steps in a row
     tune_step = searched_order_step(cfg, trainer)
-    while trainer.step < t.steps and not summary.preempted:
-        observer.before_step(trainer.step + 1)  # phase times, profiler
-        if tune_step == trainer.step + 1:
-            result = tune(cfg, trainer, monitor)  # zbv, zb_1p, zb_2p: searched at measured costs
-        elif monitor.timeline_step == trainer.step + 1:
-            result = monitor.record_timeline(trainer)  # the same step, every action timed
-        else:
-            try:
-                result = trainer.train_step()
-            except LighthouseLost as err:  # fault tolerance: no quorum, so no step, any more
-                _stop_without_lighthouse(err, trainer, checkpoints, console)
-            if not result.committed:  # a replica group failed mid-step: torchft runs it again
-                continue
-        observer.after_step(trainer.step)  # every observe.interval: stragglers (a collective)
-        monitor.progress.update(trainer.step)
-        checkpoints.raise_if_failed()  # a background save that failed stops the run now
-        local_losses.append(result.loss)
-        skipped = 0 if result.applied else skipped + 1
-        if skipped:
-            _on_nonfinite(cfg, trainer, result.loss, result.grad_norm, skipped, checkpoints)
-        done = trainer.step == t.steps
-        if monitor.active and (trainer.step % t.log_interval == 0 or done):
-            _log_step(
-                trainer,
-                monitor,
-                result,
-                val,
-                summary,
-                validate=trainer.step % t.val_interval == 0 or done,
-            )
-        summary.preempted = stop.agreed()  # any rank signalled: all save and stop after this step
-        if checkpoints.due(trainer.step, done) or summary.preempted:
-            with console.phase(f"saving checkpoint step {trainer.step}"), observer.checkpoint():
-                console.say(f"  {checkpoints.save(trainer)}")
-    observer.close()  # the watchdog stops before the steps-free end (losses, sample)
+    try:
+        while trainer.step < t.steps and not summary.preempted:
+            observer.before_step(trainer.step + 1)  # phase times, profiler
+            if tune_step == trainer.step + 1:
+                # zbv, zb_1p, zb_2p: searched at measured costs
+                result = tune(cfg, trainer, monitor)
+            elif monitor.timeline_step == trainer.step + 1:
+                result = monitor.record_timeline(trainer)  # the same step, every action timed
+            else:
+                try:
+                    result = trainer.train_step()
+                except LighthouseLost as err:  # fault tolerance: no quorum, so no step, any more
+                    _stop_without_lighthouse(err, trainer, checkpoints, console)
+                if not result.committed:  # a replica group failed mid-step: torchft runs it again
+                    continue
+            observer.after_step(trainer.step)  # every observe.interval: stragglers (a collective)
+            monitor.progress.update(trainer.step)
+            checkpoints.raise_if_failed()  # a background save that failed stops the run now
+            local_losses.append(result.loss)
+            skipped = 0 if result.applied else skipped + 1
+            if skipped:
+                _on_nonfinite(cfg, trainer, result.loss, result.grad_norm, skipped, checkpoints)
+            done = trainer.step == t.steps
+            if monitor.active and (trainer.step % t.log_interval == 0 or done):
+                _log_step(
+                    trainer,
+                    monitor,
+                    result,
+                    val,
+                    summary,
+                    validate=trainer.step % t.val_interval == 0 or done,
+                )
+            # any rank signalled: all save and stop after this step
+            summary.preempted = stop.agreed()
+            if checkpoints.due(trainer.step, done) or summary.preempted:
+                with console.phase(f"saving checkpoint step {trainer.step}"), observer.checkpoint():
+                    console.say(f"  {checkpoints.save(trainer)}")
+    finally:
+        # the watchdog stops before the steps-free end (losses, sample), and on every way out of
+        # the loop, an error too: a watchdog thread still inside a torch call when the
+        # interpreter exits aborts the process
+        observer.close()
     monitor.close()
     stop.restore()
     checkpoints.close()

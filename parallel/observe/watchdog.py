@@ -11,6 +11,7 @@ scopes per restart attempt, so a restarted job never reads an old attempt's flag
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import json
 import os
@@ -31,6 +32,10 @@ HANG_EXIT_CODE = 3
 REPORT_NAME = "hang-report.json"
 GRACE_S = 5.0  # how long the reporter waits for the other ranks' states
 EXIT_DELAY_S = 1.0  # from the report to every rank's exit
+
+
+def _not_alive() -> bool:
+    return False
 
 
 def suspects(states: dict[int, dict[str, Any]], world: int) -> tuple[list[int], list[dict]]:
@@ -105,12 +110,26 @@ class Watchdog(threading.Thread):
         self.step = step
         self._progress = time.monotonic()
 
+    def start(self) -> None:
+        """Start the thread; the interpreter's exit closes it first if nothing else did."""
+        # a daemon thread still inside a torch call (the store, a group's sequence number) when
+        # the interpreter finalizes aborts the process: pybind re-takes the GIL in a noexcept
+        # destructor, Python ends the thread there, and C++ calls std::terminate (SIGABRT)
+        atexit.register(self.close)
+        super().start()
+
     def close(self) -> None:
-        """Stop watching (the end of the run, or before a long phase without steps), and wait
-        for the thread: it reads the process groups, which must outlive its last poll."""
+        """Stop watching (the end of the run, or before a long phase without steps), wait for
+        the thread (it reads the process groups, which must outlive its last poll), and let go
+        of what it watched."""
         self._stopping.set()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=10.0)
+        atexit.unregister(self.close)
+        # `alive` may hold the watched code's frame and so all its locals (the trainer, its
+        # process groups): they must be freed when that code returns, not by the collector at
+        # interpreter exit, where a gloo worker thread that still needs the GIL aborts the process
+        self.alive = _not_alive
 
     def _seqs(self) -> dict[str, int]:
         return {n: g._get_sequence_number_for_group() for n, g in self.groups().items()}

@@ -80,6 +80,31 @@ def test_a_balanced_run_names_nobody_and_raises_no_false_alarm(tmp_path: Path) -
     assert not (tmp_path / "hang-report.json").exists()
 
 
+def _trainer_freed_on_return(run_dir: str) -> bool:
+    """Train with the watchdog on and the collector off; whether dropping the summary frees the
+    trainer (a cycle would keep it, and its process groups' threads, until interpreter exit)."""
+    import gc
+    import weakref
+
+    from launcher.run.build import load_data
+    from launcher.run.compose import compose_config
+    from launcher.run.loop import train
+
+    cfg = compose_config([*TINY, "train.steps=2"], 1)
+    gc.disable()
+    summary = train(cfg, load_data(cfg), Path(run_dir))
+    trainer = weakref.ref(summary.trainer)
+    del summary
+    freed = trainer() is None
+    gc.enable()
+    return freed
+
+
+@pytest.mark.long(4)
+def test_a_finished_run_keeps_nothing_alive_through_its_watchdog(tmp_path: Path) -> None:
+    assert run_ranks(1, _trainer_freed_on_return, str(tmp_path)) == [True]
+
+
 def _profiled(run_dir: str, overrides: list[str]) -> None:
     from launcher.run.build import load_data
     from launcher.run.compose import compose_config
