@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[3]
 
 # poll_s=0: the thread is nearly always inside a store or sequence-number call when main exits
@@ -24,6 +26,7 @@ sys.exit(7)  # as a run that failed before closing it
 """
 
 
+@pytest.mark.long(4)
 def test_an_unclosed_watchdog_does_not_abort_the_exit() -> None:
     result = subprocess.run(
         [sys.executable, "-c", LEFT_RUNNING],
