@@ -157,7 +157,9 @@ class MoE(nn.Module):
         chosen, weights, aux = self.route(tokens, b)
         flat = chosen.flatten()
         order = flat.argsort(stable=True)  # token-expert pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.n_experts)
+        # rows per expert (bincount would read its size off the device: a sync on CUDA)
+        counts = torch.zeros(self.n_experts, dtype=flat.dtype, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
         routed = self.dispatch(tokens[order // self.top_k], counts, self.experts)
         per_choice = routed[order.argsort()].view(-1, self.top_k, dim)
         out = (per_choice * weights.unsqueeze(-1).to(per_choice.dtype)).sum(1)
